@@ -1,0 +1,1 @@
+"""hidiff: HiDiffusion for diffusers Stable Diffusion pipelines."""
