@@ -1,0 +1,113 @@
+"""The one options object of hidiff."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional
+
+from .schedule import PRESETS
+
+WindowShift = Literal["seeded", "reference", "none"]
+AtNative = Literal["skip", "apply"]
+ControlNetMode = Literal["native", "resize"]
+
+
+@dataclass(frozen=True)
+class HiDiffusionConfig:
+    """Options of :func:`hidiff.apply_hidiffusion`; every field can be passed as a keyword.
+
+    Attributes:
+        raunet: run RAU-Net (the resolution-aware down/up sampling in the early steps).
+        window_attn: run MSW-MSA (shifted 2x2 window self-attention at the top stage).
+        preset: a name from :data:`hidiff.PRESETS`, or None to choose one per call from
+            the family, the requested size relative to the native one, the step count
+            and the task, as the published code does.
+        t1_ratio, t2_ratio: override the chosen preset's T1/T2 ratios (in [0, 1],
+            T2 <= T1). T = int(steps * ratio).
+        aggressive: SDXL below 4x native: True runs the strided conv for the first
+            ``aggressive_step_ratio`` of the steps and then pools until T1 (published
+            default for text-to-image); False pools from step 0 (published for
+            inpainting and Playground). None: chosen from the model.
+        aggressive_step_ratio: where the aggressive SDXL schedule switches from conv to
+            pool (8/50, as published).
+        window_shift: "seeded" (default) draws the window shifts from a private generator
+            seeded from the run's initial latents (so the pipeline's own generator makes
+            a run reproducible, and the global RNG is never touched); "reference" draws
+            one ``torch.rand(1)`` from the global RNG per windowed block call, exactly as
+            the published code; "none" never shifts.
+        window_seed: with "seeded", a fixed seed instead of one taken from the latents.
+        at_native: "skip" (default) leaves calls at or below the native resolution
+            untouched; "apply" acts at every size, as the published code does.
+        controlnet: "native" (default, as published) runs ControlNets at the model's
+            native size for the first ``controlnet_steps_ratio`` of the steps and
+            resizes their residuals, then skips them; "resize" runs them at full size at
+            every step and resizes their residuals to the U-Net's features.
+        controlnet_steps_ratio: the share of steps in which ControlNets run under "native".
+    """
+
+    raunet: bool = True
+    window_attn: bool = True
+    preset: Optional[str] = None
+    t1_ratio: Optional[float] = None
+    t2_ratio: Optional[float] = None
+    aggressive: Optional[bool] = None
+    aggressive_step_ratio: float = 8 / 50
+    window_shift: WindowShift = "seeded"
+    window_seed: Optional[int] = None
+    at_native: AtNative = "skip"
+    controlnet: ControlNetMode = "native"
+    controlnet_steps_ratio: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in ("raunet", "window_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.aggressive is not None and not isinstance(self.aggressive, bool):
+            raise TypeError(f"aggressive must be True, False or None, got {self.aggressive!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} or None (automatic)")
+        for name in ("t1_ratio", "t2_ratio", "aggressive_step_ratio", "controlnet_steps_ratio"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        _check_choice("window_shift", self.window_shift, ("seeded", "reference", "none"))
+        _check_choice("at_native", self.at_native, ("skip", "apply"))
+        _check_choice("controlnet", self.controlnet, ("native", "resize"))
+        if self.window_seed is not None and (isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)):
+            raise TypeError(f"window_seed must be an int or None, got {self.window_seed!r}")
+        candidates = [PRESETS[self.preset]] if self.preset else list(PRESETS.values())
+        for preset in candidates:
+            t1, t2 = self.ratios(preset)
+            if t2 > t1:
+                raise ValueError(
+                    f"T2 ratio {t2} exceeds T1 ratio {t1} (preset {preset.name}): T2 must not be larger than T1; "
+                    "pass both t1_ratio and t2_ratio, with t2_ratio <= t1_ratio"
+                )
+
+    def ratios(self, preset: Any) -> tuple[float, float]:
+        """(T1, T2) ratios of ``preset`` after this config's overrides."""
+        t1 = preset.t1_ratio if self.t1_ratio is None else float(self.t1_ratio)
+        t2 = preset.t2_ratio if self.t2_ratio is None else float(self.t2_ratio)
+        return t1, t2
+
+    @classmethod
+    def from_options(cls, base: Optional["HiDiffusionConfig"] = None, **options: Any) -> "HiDiffusionConfig":
+        """A config from keywords (unknown ones are refused), on top of ``base``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
+        return dataclasses.replace(base or cls(), **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -1,0 +1,96 @@
+"""Pure tensor operations of HiDiffusion. Nothing here knows about diffusers.
+
+Token maps are (B, N, C) sequences of an H x W grid in row-major order, as the
+transformer blocks of a Stable Diffusion U-Net see them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+#: Geometry of the resolution-aware conv downsampler: the stock 3x3 stride-2 conv
+#: re-run with stride 4, padding 2 and dilation 2 (same weights), so that a side of
+#: n becomes ceil(n / 4) instead of ceil(n / 2).
+RAU_CONV_GEOMETRY = {"stride": (4, 4), "padding": (2, 2), "dilation": (2, 2)}
+
+
+def conv_out_side(n: int, stride: int, padding: int, dilation: int, kernel: int = 3) -> int:
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def rau_pool(x: torch.Tensor) -> torch.Tensor:
+    """Halve a (B, C, H, W) map, odd sides rounded up."""
+    return F.avg_pool2d(x, kernel_size=(2, 2), ceil_mode=True)
+
+
+def rau_unpool(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grow a map pooled by :func:`rau_pool` back to ``size`` (bicubic, as published)."""
+    return F.interpolate(x, size=size, mode="bicubic")
+
+
+def window_sides(h: int, w: int) -> tuple[int, int]:
+    """Sides of each window of the 2x2 grid over an h x w map (the last row/column may be short)."""
+    return math.ceil(h / 2), math.ceil(w / 2)
+
+
+def shift_from_uniform(u: float, h: int, w: int) -> tuple[int, int]:
+    """The published shift rule: u in [0, 1] picks 0, 1, 2 or 3 quarters of a window side."""
+    wh, ww = window_sides(h, w)
+    quarters = 0 if u <= 0.25 else 1 if u <= 0.5 else 2 if u <= 0.75 else 3
+    return (wh // 4) * quarters, (ww // 4) * quarters
+
+
+class Windows(NamedTuple):
+    """What :func:`window_partition` returns: the windows and what undoes them."""
+
+    tokens: torch.Tensor  # (4B, wh*ww, C), batch-major: window k of sample b is row 4*b + k
+    key_bias: Optional[torch.Tensor]  # (4B, 1, wh*ww) additive mask over padded keys, or None
+    batch: int
+    height: int
+    width: int
+    shift: tuple[int, int]
+
+
+def window_partition(x: torch.Tensor, height: int, width: int, shift: tuple[int, int] = (0, 0)) -> Windows:
+    """Cut the (B, H*W, C) token map into a 2x2 grid of windows after a cyclic shift.
+
+    Odd sides give uneven windows (ceil and floor halves); they are padded to the
+    larger size and ``key_bias`` masks the padding, so attention inside each window
+    is exact: no resampling of the map.
+    """
+    b, n, c = x.shape
+    if n != height * width:
+        raise ValueError(f"token count {n} does not match a {height}x{width} map")
+    wh, ww = window_sides(height, width)
+    grid = x.view(b, height, width, c)
+    if shift[0] or shift[1]:
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    pad_h, pad_w = 2 * wh - height, 2 * ww - width
+    key_bias = None
+    if pad_h or pad_w:
+        grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
+        valid = torch.zeros(2 * wh, 2 * ww, dtype=torch.bool, device=x.device)
+        valid[:height, :width] = True
+        valid = valid.view(2, wh, 2, ww).permute(0, 2, 1, 3).reshape(4, wh * ww)
+        bias = torch.zeros(4, wh * ww, dtype=x.dtype, device=x.device)
+        bias.masked_fill_(~valid, torch.finfo(x.dtype).min)
+        key_bias = bias.repeat(b, 1).unsqueeze(1)
+    tokens = grid.view(b, 2, wh, 2, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, wh * ww, c)
+    return Windows(tokens, key_bias, b, height, width, shift)
+
+
+def window_merge(tokens: torch.Tensor, windows: Windows) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (4B, wh*ww, C) back to (B, H*W, C)."""
+    b, h, w, shift = windows.batch, windows.height, windows.width, windows.shift
+    wh, ww = window_sides(h, w)
+    c = tokens.shape[-1]
+    grid = tokens.view(b, 2, 2, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * wh, 2 * ww, c)
+    if 2 * wh != h or 2 * ww != w:
+        grid = grid[:, :h, :w]
+    if shift[0] or shift[1]:
+        grid = torch.roll(grid, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return grid.reshape(b, h * w, c)
