@@ -193,7 +193,8 @@ class Patch:
     def _make_upsample_sizer(self, stage: int) -> Any:
         def land_on_skip(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
             rec = self.record
-            size = rec.skip_sizes.get(stage) if rec is not None else None
+            # Only while RAU-Net shrinks a stage: otherwise the U-Net's own sizes are right.
+            size = rec.skip_sizes.get(stage) if rec is not None and (rec.conv or rec.pool) else None
             if size is None:
                 return None
             if len(args) > 1:
