@@ -60,13 +60,18 @@ class Layout:
             names[f"down_blocks.{self.pool_stage}.attentions.0"] = "output avg-pooled 2x2 (ceil), size recorded"
             names[f"up_blocks.{self.up_index(self.pool_stage)}.attentions.1"] = "output resized back (bicubic)"
             for k in range(self.num_stages - 1):
+                if k != self.conv_stage:
+                    names[f"down_blocks.{k}.downsamplers.0"] = "input size recorded (read only)"
                 names[f"up_blocks.{k}.upsamplers.0"] = "output size forced to its skip connection"
         if window_attn:
             for block in (f"down_blocks.{self.window_stage}", f"up_blocks.{self.up_index(self.window_stage)}"):
                 if unet is None:
+                    names[f"{block}.attentions.*"] = "token map size recorded (read only)"
                     names[f"{block}.attentions.*.transformer_blocks.*.attn1"] = "self-attention in shifted 2x2 windows"
                     continue
                 for name, _ in unet.get_submodule(block).named_modules():
+                    if name.count(".") == 1 and name.startswith("attentions."):
+                        names[f"{block}.{name}"] = "token map size recorded (read only)"
                     if name.endswith(".attn1") and ".transformer_blocks." in name:
                         names[f"{block}.{name}"] = "self-attention in shifted 2x2 windows"
         return names

@@ -101,37 +101,40 @@ class StepTracker:
     """
 
     def __init__(self) -> None:
-        self._key: Any = None
+        self._run: Any = None  # the timesteps tensor of the current run (held, so its id cannot be reused)
         self._start = 0
         self._last = -1
 
     def reset(self) -> None:
-        self._key = None
+        self._run = None
 
     def locate(self, timestep: Any, scheduler: Any, fallback_total: int = 1000) -> Progress:
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
         t = _as_float(timestep)
         if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 1 and len(timesteps) > 0:
-            key = (id(timesteps), timesteps.data_ptr(), len(timesteps))
-            last = self._last if key == self._key else -1
+            same_run = timesteps is self._run
+            last = self._last if same_run else -1
             pos = _position(t, timesteps, scheduler, last)
             if pos is not None:
-                new_run = key != self._key or pos < last
+                new_run = not same_run or pos < last
                 if new_run:
-                    self._key, self._start = key, pos
+                    self._run, self._start = timesteps, pos
                 self._last = pos
-                span = len(timesteps) - self._start
+                # PNDM's PLMS mode spends two calls on its first step (its timesteps
+                # repeat one entry to make room for the second).
+                extra = 1 if _plms_warmup(scheduler) else 0
+                span = max(1, len(timesteps) - self._start - extra)
                 order = max(1, int(getattr(scheduler, "order", 1) or 1))
                 total = max(1, math.ceil(span / order))
-                index = min(total - 1, (pos - self._start) * total // span)
+                index = min(total - 1, max(0, pos - self._start - extra) * total // span)
                 return Progress(index, total, new_run)
         # No schedule to place the call in (a bare U-Net, or a timestep from elsewhere):
         # read progress off the timestep value on the training range.
         train = float(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
         frac = min(max(1.0 - t / train, 0.0), 1.0)
         index = min(fallback_total - 1, int(frac * fallback_total))
-        new_run = self._key != "value" or index < self._last
-        self._key, self._last = "value", index
+        new_run = not isinstance(self._run, str) or index < self._last
+        self._run, self._last = "value", index
         return Progress(index, fallback_total, new_run)
 
 
@@ -140,6 +143,8 @@ def _position(t: float, timesteps: torch.Tensor, scheduler: Any, last: int) -> O
     """Index of timestep ``t`` in ``timesteps``: the scheduler's own step index where it
     agrees, else the first match at or after the last position of this run."""
     step_index = getattr(scheduler, "_step_index", None)
+    if step_index is None and _plms_warmup(scheduler):
+        step_index = scheduler.counter  # PNDM counts its calls; it tells the repeated entries apart
     if isinstance(step_index, int) and 0 <= step_index < len(timesteps):
         if _close(float(timesteps[step_index]), t):
             return step_index
@@ -150,6 +155,12 @@ def _position(t: float, timesteps: torch.Tensor, scheduler: Any, last: int) -> O
         return None
     later = [c for c in candidates if c >= last]
     return later[0] if later else candidates[0]
+
+
+def _plms_warmup(scheduler: Any) -> bool:
+    return isinstance(getattr(scheduler, "counter", None), int) and bool(
+        getattr(getattr(scheduler, "config", None), "skip_prk_steps", False)
+    )
 
 
 def _as_float(timestep: Any) -> float:

@@ -1,0 +1,217 @@
+"""The ``hidiff`` command: ``info`` (a dry run of what HiDiffusion would do) and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+FAMILY_NAMES = ("sd15", "sd21", "sd21-768", "sdxl")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit code 2."""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HiDiffusion options (see hidiff.HiDiffusionConfig)")
+    group.add_argument("--no-raunet", action="store_true", help="turn RAU-Net off")
+    group.add_argument("--no-window-attn", action="store_true", help="turn MSW-MSA off")
+    group.add_argument("--preset", help="force a preset instead of the automatic choice")
+    group.add_argument("--t1", type=float, dest="t1_ratio", help="T1 ratio override, in [0, 1]")
+    group.add_argument("--t2", type=float, dest="t2_ratio", help="T2 ratio override, in [0, 1]")
+    group.add_argument("--window-shift", choices=("seeded", "reference", "none"), help="window shift mode")
+    group.add_argument("--at-native", choices=("skip", "apply"), help="behaviour at or below native size")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import HiDiffusionConfig
+
+    options: dict[str, Any] = {}
+    if args.no_raunet:
+        options["raunet"] = False
+    if args.no_window_attn:
+        options["window_attn"] = False
+    for name in ("preset", "t1_ratio", "t2_ratio", "window_shift", "at_native"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    try:
+        return HiDiffusionConfig.from_options(**options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def load_unet_skeleton(model: str):
+    """A U-Net with no weights (meta device) for a family name or a local model folder."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .testing import FULL_UNET_CONFIGS
+
+    if model in FULL_UNET_CONFIGS:
+        config = dict(FULL_UNET_CONFIGS[model])
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise UsageError(
+                f"--model {model!r} is neither a family name ({', '.join(FAMILY_NAMES)}) nor a local diffusers folder"
+            )
+        sub = "unet" if (path / "unet" / "config.json").exists() else None
+        try:
+            config = UNet2DConditionModel.load_config(str(path), subfolder=sub)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read a U-Net config in {path}: {error}") from None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def describe(model: str, height: int, width: int, steps: int, config) -> dict[str, Any]:
+    """What ``apply_hidiffusion`` would do for one call, without running anything."""
+    from .adapter import Patch
+    from .families import detect_layout
+
+    unet = load_unet_skeleton(model)
+    layout = detect_layout(unet)
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise UsageError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    latent = (height // 8, width // 8)
+    patch = Patch(unet, None, layout, config, None)
+    plans = [patch.plan(latent, i, steps) for i in range(steps)]
+    preset = plans[0][0]
+    info: dict[str, Any] = {
+        "model": model,
+        "family": layout.family,
+        "layout": layout.kind,
+        "inpainting": layout.inpainting,
+        "native": [8 * layout.native[0], 8 * layout.native[1]],
+        "size": [height, width],
+        "steps": steps,
+        "preset": preset.name if preset else None,
+        "why": _why(layout, latent, steps, config, preset),
+        "modules": layout.module_names(config.raunet, config.window_attn, unet=unet) if preset else {},
+        "conv_steps": [i for i, p in enumerate(plans) if p[1]],
+        "pool_steps": [i for i, p in enumerate(plans) if p[2]],
+        "window_steps": [i for i, p in enumerate(plans) if p[3] and p[0] is not None],
+        "config": config.to_dict(),
+    }
+    return info
+
+
+def _why(layout, latent, steps, config, preset) -> str:
+    if preset is None:
+        return f"{8 * latent[0]}x{8 * latent[1]} is at or below native; at_native='skip' leaves it untouched"
+    if config.preset:
+        return "forced by --preset"
+    return f"{preset.note} (latent {latent[0]}x{latent[1]}, native {layout.native[0]}x{layout.native[1]}, {steps} steps)"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    info = describe(args.model, args.height, args.width, args.steps, config)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"model     {info['model']}")
+    print(f"family    {info['family']} (layout {info['layout']}{', inpainting' if info['inpainting'] else ''})")
+    print(f"native    {info['native'][1]}x{info['native'][0]}")
+    print(f"size      {args.width}x{args.height}, {args.steps} steps")
+    print(f"preset    {info['preset']}: {info['why']}")
+    print("modules")
+    for name, what in info["modules"].items():
+        print(f"  {name}: {what}")
+    for key in ("conv_steps", "pool_steps", "window_steps"):
+        print(f"{key:<13} {_ranges(info[key])}")
+    return EXIT_OK
+
+
+def _ranges(steps: list) -> str:
+    if not steps:
+        return "none"
+    spans, start = [], steps[0]
+    for prev, cur in zip(steps, steps[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import hidiff
+
+    from .testing import tiny_pipeline
+
+    family = args.family
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    native = 8 * pipe.unet.config.sample_size
+    height = width = args.scale * native
+    print(f"tiny random-weight {family} pipeline (native {native}x{native}), {width}x{height}, {args.steps} steps")
+    print("random weights: the images are noise; this shows HiDiffusion acting and its cost, not quality")
+
+    def run():
+        start = time.perf_counter()
+        out = pipe("one red circle", height=height, width=width, num_inference_steps=args.steps,
+                   generator=torch.Generator().manual_seed(args.seed), output_type="latent")
+        return out.images, time.perf_counter() - start
+
+    pipe("warm-up", height=native, width=native, num_inference_steps=1, output_type="latent")
+    plain, plain_s = run()
+    hidiff.apply_hidiffusion(pipe)
+    ours, ours_s = run()
+    rec = hidiff.last_call(pipe)
+    hidiff.remove_hidiffusion(pipe)
+    print(f"preset {rec.preset}; windowed self-attention calls per step {rec.window_calls}")
+    print(f"plain    {plain_s:7.2f} s")
+    print(f"hidiff   {ours_s:7.2f} s   ({plain_s / ours_s:.2f}x)")
+    print(f"outputs  same shape {tuple(plain.shape) == tuple(ours.shape)}; "
+          f"mean abs difference {float((plain - ours).abs().mean()):.3f}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="dry run: what HiDiffusion would change for a model and size")
+    info.add_argument("--model", required=True, help=f"a family name ({', '.join(FAMILY_NAMES)}) or a local diffusers folder")
+    info.add_argument("--width", type=int, required=True)
+    info.add_argument("--height", type=int, required=True)
+    info.add_argument("--steps", type=int, default=50)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_flags(info)
+    info.set_defaults(run=cmd_info)
+
+    demo = sub.add_parser("demo", help="offline demo on a tiny random-weight pipeline (CPU, seconds)")
+    demo.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    demo.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="size as a multiple of native")
+    demo.add_argument("--steps", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"hidiff {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # an error the user can read, not a traceback
+        from .families import UnsupportedModelError
+
+        code = EXIT_USAGE if isinstance(error, UnsupportedModelError) else EXIT_FAILURE
+        print(f"hidiff {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""hidiff with window_shift="reference" equals the published hidiffusion 0.1.10.
+
+The reference runs in its own virtual environment (diffusers 0.27.2, built by
+``.ci/run``; override with HIDIFF_REFERENCE_PYTHON) on the same saved random-weight
+models and inputs, in one subprocess for all cases. Sizes: SD 1.5 layout at 1024x1024
+and 1024x2048 (preset "1024"), SDXL layout at 2048x2048 (aggressive "2048", the
+inpainting/Playground "2048" variant and Turbo), DDIM and Euler, 10 steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+import hidiff
+from hidiff.testing import make_unet, tiny_unet_config, tiny_vae
+
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+from common import build_pipeline, run_case  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).parent / "reference" / "run_reference.py"
+TOLERANCE = 1e-4
+
+SD_NAME = "runwayml/stable-diffusion-v1-5"
+SDXL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
+
+# (id, family, height, width, scheduler, guidance, name the reference sees, hidiff options)
+CASES = [
+    ("sd-1024-ddim-cfg", "sd", 1024, 1024, "ddim", 7.5, SD_NAME, {}),
+    ("sd-1024-euler", "sd", 1024, 1024, "euler", 1.0, SD_NAME, {}),
+    ("sd-1024x2048-ddim", "sd", 1024, 2048, "ddim", 1.0, SD_NAME, {}),
+    ("sd-1024x2048-euler", "sd", 1024, 2048, "euler", 1.0, SD_NAME, {}),
+    ("sdxl-2048-aggressive-ddim", "sdxl", 2048, 2048, "ddim", 1.0, SDXL_NAME, {}),
+    ("sdxl-2048-aggressive-euler", "sdxl", 2048, 2048, "euler", 1.0, SDXL_NAME, {}),
+    # The published code takes the non-aggressive schedule for models named "inpainting".
+    ("sdxl-2048-gentle-euler", "sdxl", 2048, 2048, "euler", 1.0,
+     "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", {"aggressive": False}),
+    ("sdxl-turbo-ddim", "sdxl", 2048, 2048, "ddim", 1.0, "stabilityai/sdxl-turbo", {"preset": "sdxl-turbo"}),
+]
+STEPS = 10
+
+
+def _reference_python():
+    path = os.environ.get("HIDIFF_REFERENCE_PYTHON") or str(ROOT / ".venv-ref" / "bin" / "python")
+    if not Path(path).exists():
+        pytest.fail(
+            f"no reference Python at {path}: build it with `bash scripts/setup.sh` "
+            "(or point HIDIFF_REFERENCE_PYTHON at a Python with hidiffusion==0.1.10 and diffusers 0.27.2)"
+        )
+    return path
+
+
+def _save_model(family, folder):
+    config = tiny_unet_config("sdxl" if family == "sdxl" else "sd15")
+    make_unet(config, seed=1).save_pretrained(folder / "unet")
+    tiny_vae(seed=1).save_pretrained(folder / "vae")
+    text_dim = config["cross_attention_dim"]
+    sizes = {(c[2], c[3]) for c in CASES if c[1] == family}
+    g = torch.Generator().manual_seed(7)
+    for h, w in sizes:
+        inputs = {
+            "latents": torch.randn(1, 4, h // 8, w // 8, generator=g),
+            "prompt_embeds": torch.randn(1, 77, text_dim, generator=g),
+            "negative_prompt_embeds": torch.randn(1, 77, text_dim, generator=g),
+        }
+        if family == "sdxl":
+            inputs["pooled_prompt_embeds"] = torch.randn(1, 32, generator=g)
+            inputs["negative_pooled_prompt_embeds"] = torch.randn(1, 32, generator=g)
+        torch.save(inputs, folder / f"inputs_{h}x{w}.pt")
+
+
+def _case_dict(case, tmp):
+    cid, family, h, w, scheduler, guidance, name, _ = case
+    return dict(
+        id=cid, family=family, height=h, width=w, scheduler=scheduler, guidance=guidance,
+        name_or_path=name, steps=STEPS, seed=1234, model_dir=str(tmp / family), out=str(tmp / f"ref-{cid}.pt"),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exactness")
+    for family in ("sd", "sdxl"):
+        _save_model(family, tmp / family)
+    spec = {"threads": torch.get_num_threads(), "cases": [_case_dict(c, tmp) for c in CASES]}
+    spec_path = tmp / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [_reference_python(), str(RUNNER), str(spec_path)], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert proc.returncode == 0, f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return tmp, {c["id"]: c for c in spec["cases"]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_equals_published_hidiffusion(reference, case):
+    tmp, cases = reference
+    spec = cases[case[0]]
+    expected = torch.load(spec["out"])
+    pipe = build_pipeline(diffusers, spec["model_dir"], spec)
+    inputs = torch.load(Path(spec["model_dir"]) / f"inputs_{spec['height']}x{spec['width']}.pt")
+    stock = run_case(pipe, spec, inputs)
+    hidiff.apply_hidiffusion(pipe, window_shift="reference", **case[7])
+    ours = run_case(pipe, spec, inputs)
+    assert ours.shape == expected.shape == stock.shape
+    # HiDiffusion must have changed the result, or the comparison says nothing.
+    assert (expected - stock).abs().max() > 100 * TOLERANCE
+    diff = (ours - expected).abs().max().item()
+    assert diff <= TOLERANCE, f"{case[0]}: max abs difference {diff:.3g} to the published hidiffusion"
