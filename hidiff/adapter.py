@@ -146,7 +146,7 @@ class Patch:
         pool = cfg.raunet and in_range(preset.pool, step, total, t1, t2, a)
         return preset, conv, pool, cfg.window_attn
 
-    def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         latent = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -165,6 +165,47 @@ class Patch:
         )
         self._maps.clear()
         self._restore_convs()
+        if conv or pool:
+            return self._fit_residuals(latent, conv, pool, args, kwargs)
+        return None
+
+    # ------------------------------------------------------------------ residuals
+    def feature_sizes(self, latent: tuple[int, int], conv: bool, pool: bool) -> tuple[list, tuple, list]:
+        """Feature sizes under a RAU-Net state: (skip features in ControlNet residual order,
+        the mid block's, and where each down block takes a T2I-Adapter residual)."""
+        lay = self.layout
+        size, skips, adapter = latent, [latent], []
+        for k, block in enumerate(self.unet.down_blocks):
+            for j in range(len(block.resnets)):
+                if pool and k == lay.pool_stage and j == 0:
+                    size = (-(-size[0] // 2), -(-size[1] // 2))
+                skips.append(size)
+            stage_out = size
+            if getattr(block, "downsamplers", None):
+                side = ops.rau_conv_side if conv and k == lay.conv_stage else ops.stock_downsample_side
+                size = (side(size[0]), side(size[1]))
+                skips.append(size)
+            # Blocks with attention add the adapter residual inside, after their last pair;
+            # the others after their downsampler.
+            adapter.append(stage_out if getattr(block, "attentions", None) else size)
+        return skips, size, adapter
+
+    def _fit_residuals(self, latent: tuple, conv: bool, pool: bool, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """Resize ControlNet / T2I-Adapter residuals, computed at full size, to the shrunk features."""
+        names = ("down_block_additional_residuals", "mid_block_additional_residual",
+                 "down_intrablock_additional_residuals")
+        if all(kwargs.get(name) is None for name in names):
+            return None
+        skips, mid, adapter = self.feature_sizes(latent, conv, pool)
+        kwargs = dict(kwargs)
+        if kwargs.get(names[0]) is not None:
+            kwargs[names[0]] = tuple(ops.resize_to(r, s) for r, s in zip(kwargs[names[0]], skips))
+        if kwargs.get(names[1]) is not None:
+            kwargs[names[1]] = ops.resize_to(kwargs[names[1]], mid)
+        if kwargs.get(names[2]) is not None:
+            # the U-Net pop()s from this list: hand it a new one
+            kwargs[names[2]] = [ops.resize_to(r, s) for r, s in zip(kwargs[names[2]], adapter)]
+        return args, kwargs
 
     def _on_unet_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._restore_convs()
@@ -360,6 +401,7 @@ def apply_hidiffusion(
         if value is not None
     }
     cfg = HiDiffusionConfig.from_options(config, **switches, **options)
+    cfg.check_ratios(layout.kind)
     remove_hidiffusion(unet)
     patch = Patch(unet, pipe, layout, cfg, scheduler)
     try:

@@ -80,7 +80,16 @@ class HiDiffusionConfig:
         _check_choice("controlnet", self.controlnet, ("native", "resize"))
         if self.window_seed is not None and (isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)):
             raise TypeError(f"window_seed must be an int or None, got {self.window_seed!r}")
-        candidates = [PRESETS[self.preset]] if self.preset else list(PRESETS.values())
+        self.check_ratios()
+
+    def check_ratios(self, layout: Optional[str] = None) -> None:
+        """Refuse T2 > T1 for every preset this config can run with (on a ``layout`` when known)."""
+        if self.preset:
+            candidates = [PRESETS[self.preset]]
+        else:
+            candidates = [p for p in PRESETS.values() if layout is None or p.layout == layout]
+            if layout is None and (self.t1_ratio is None) != (self.t2_ratio is None):
+                return  # one override alone: checked against the model's presets by apply_hidiffusion
         for preset in candidates:
             t1, t2 = self.ratios(preset)
             if t2 > t1:

@@ -101,6 +101,13 @@ def _unwrap(module: Any) -> Any:
     return getattr(module, "_orig_mod", module)
 
 
+def _has_cross_attention(block: Any) -> bool:
+    """Whether a U-Net block holds transformer blocks (self- and cross-attention) in ``attentions``."""
+    return any(
+        hasattr(m, "attn1") and hasattr(m, "attn2") for a in getattr(block, "attentions", None) or () for m in a.modules()
+    )
+
+
 def detect_layout(unet: Any) -> Layout:
     """Read the layout from the blocks; raise :class:`UnsupportedModelError` naming what was found."""
     name = type(unet).__name__
@@ -112,7 +119,14 @@ def detect_layout(unet: Any) -> Layout:
             f"{name} has no down_blocks/up_blocks: it is not a Stable Diffusion U-Net "
             "(UNet2DConditionModel); HiDiffusion cannot be applied to it."
         )
-    attention_stages = [k for k, block in enumerate(down) if getattr(block, "attentions", None)]
+    attention_stages = [k for k, block in enumerate(down) if _has_cross_attention(block)]
+    self_attention_only = [k for k, block in enumerate(down) if getattr(block, "attentions", None)]
+    if not attention_stages and self_attention_only:
+        k = self_attention_only[0]
+        raise UnsupportedModelError(
+            f"{name}: down_blocks.{k} ({type(down[k]).__name__}) has self-attention only, no cross-attention "
+            "transformer: this is not a text-conditioned Stable Diffusion U-Net, which HiDiffusion needs."
+        )
     for rule in LAYOUTS:
         if len(down) == rule.num_stages and attention_stages[:1] == [rule.first_attention_stage]:
             break
@@ -131,14 +145,14 @@ def detect_layout(unet: Any) -> Layout:
             f"{name}: down_blocks.{conv_stage} has no 3x3 stride-2 conv downsampler for RAU-Net "
             f"(found {type(conv).__name__ if conv is not None else 'none'})."
         )
-    if not getattr(down[pool_stage], "attentions", None):
+    if not _has_cross_attention(down[pool_stage]):
         raise UnsupportedModelError(f"{name}: down_blocks.{pool_stage} has no attention, RAU-Net pools after it.")
     up_pool = up[rule.num_stages - 1 - pool_stage]
     if len(getattr(up_pool, "attentions", None) or ()) < 2:
         raise UnsupportedModelError(
             f"{name}: up_blocks.{rule.num_stages - 1 - pool_stage} needs two attention layers to undo RAU-Net's pooling."
         )
-    if not getattr(up[rule.num_stages - 1 - first], "attentions", None):
+    if not _has_cross_attention(up[rule.num_stages - 1 - first]):
         raise UnsupportedModelError(f"{name}: up_blocks.{rule.num_stages - 1 - first} has no attention for MSW-MSA.")
     sample_size = getattr(config, "sample_size", None) or rule.default_native
     native = (sample_size, sample_size) if isinstance(sample_size, int) else (int(sample_size[0]), int(sample_size[1]))

@@ -27,9 +27,25 @@ def rau_pool(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, kernel_size=(2, 2), ceil_mode=True)
 
 
-def rau_unpool(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Grow a map pooled by :func:`rau_pool` back to ``size`` (bicubic, as published)."""
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a (B, C, H, W) map to ``size`` bicubically (as published); no-op when it fits."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
     return F.interpolate(x, size=size, mode="bicubic")
+
+
+#: Grow a map pooled by :func:`rau_pool` back to its recorded size.
+rau_unpool = resize_to
+
+
+def stock_downsample_side(n: int) -> int:
+    """Side after a stock 3x3 stride-2 padding-1 downsampler: ceil(n / 2)."""
+    return conv_out_side(n, 2, 1, 1)
+
+
+def rau_conv_side(n: int) -> int:
+    g = RAU_CONV_GEOMETRY
+    return conv_out_side(n, g["stride"][0], g["padding"][0], g["dilation"][0])
 
 
 def window_sides(h: int, w: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ Range = tuple[str, str]
 @dataclass(frozen=True)
 class Preset:
     name: str
+    layout: str  # "sd" or "sdxl": the U-Net layout the automatic choice gives it to
     t1_ratio: float
     t2_ratio: float
     conv: Range  # steps in which the conv downsampler runs with stride 4
@@ -32,13 +33,13 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("sd-1024", 0.4, 0.0, ("0", "T1"), ("0", "T2"), "SD 1.x/2.x, either side below 4x native"),
-        Preset("sd-2048", 0.7, 0.3, ("0", "T1"), ("0", "T2"), "SD 1.x/2.x, both sides at 4x native or more"),
-        Preset("sdxl-2048", 0.4, 0.0, ("0", "A"), ("A", "T1"), "SDXL below 4x native: conv first, then pool"),
-        Preset("sdxl-2048-gentle", 0.4, 0.0, ("0", "T2"), ("0", "T1"), "SDXL inpainting / EDM (Playground)"),
-        Preset("sdxl-2048-controlnet", 0.5, 0.0, ("0", "A"), ("A", "T1"), "SDXL text-to-image ControlNet"),
-        Preset("sdxl-4096", 0.7, 0.3, ("0", "T2"), ("0", "T1"), "SDXL, both sides at 4x native or more"),
-        Preset("sdxl-turbo", 0.5, 0.0, ("0", "0"), ("0", "T1"), "SDXL few-step (Turbo) use"),
+        Preset("sd-1024", "sd", 0.4, 0.0, ("0", "T1"), ("0", "T2"), "SD 1.x/2.x, either side below 4x native"),
+        Preset("sd-2048", "sd", 0.7, 0.3, ("0", "T1"), ("0", "T2"), "SD 1.x/2.x, both sides at 4x native or more"),
+        Preset("sdxl-2048", "sdxl", 0.4, 0.0, ("0", "A"), ("A", "T1"), "SDXL below 4x native: conv first, then pool"),
+        Preset("sdxl-2048-gentle", "sdxl", 0.4, 0.0, ("0", "T2"), ("0", "T1"), "SDXL inpainting / EDM (Playground)"),
+        Preset("sdxl-2048-controlnet", "sdxl", 0.5, 0.0, ("0", "A"), ("A", "T1"), "SDXL text-to-image ControlNet"),
+        Preset("sdxl-4096", "sdxl", 0.7, 0.3, ("0", "T2"), ("0", "T1"), "SDXL, both sides at 4x native or more"),
+        Preset("sdxl-turbo", "sdxl", 0.5, 0.0, ("0", "0"), ("0", "T1"), "SDXL few-step (Turbo) use"),
     )
 }
 

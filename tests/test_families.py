@@ -169,6 +169,16 @@ def run(pipe, height, width, steps, seed=0, **kwargs):
     return out.images, records
 
 
+def run_probed(pipe, height, width, steps, **kwargs):
+    """``run`` with a :class:`Probe` on the U-Net: latents, records, observed (conv, pool, windows)."""
+    probe = Probe(pipe.unet, detect_layout(pipe.unet))
+    try:
+        latents, records = run(pipe, height, width, steps, **kwargs)
+    finally:
+        probe.remove()
+    return latents, records, probe.phases()
+
+
 def windowed_attn1_count(config) -> int:
     """Self-attentions of the highest-resolution attention stage, down and up, from the config."""
     down_types = list(config.down_block_types)
@@ -346,12 +356,7 @@ def test_above_native_follows_preset(case):
     pipe = tiny_pipeline(family, sample_size=native)
     assert apply_hidiffusion(pipe) is pipe
     assert is_patched(pipe) and is_patched(pipe.unet)
-    layout = detect_layout(pipe.unet)
-    probe = Probe(pipe.unet, layout)
-    try:
-        latents, records = run(pipe, side, side, steps)
-    finally:
-        probe.remove()
+    latents, records, observed = run_probed(pipe, side, side, steps)
     expected = expected_phases(preset, steps)
     # The chosen step counts exercise both states of some path, or the test proves little.
     assert any(c for c, _ in expected) and not all(c for c, _ in expected)
@@ -362,9 +367,9 @@ def test_above_native_follows_preset(case):
     assert all(r.total == steps and r.preset == preset and r.latent == (side // 8, side // 8) for r in records)
     assert [(r.conv, r.pool) for r in records] == expected
     assert all(r.windows for r in records)
-    assert all(r.window_calls == len(probe.windowed_attn1) for r in records)
+    assert all(r.window_calls == windowed_attn1_count(pipe.unet.config) for r in records)
     # The features really had those sizes.
-    assert probe.phases() == [(c, p, True) for c, p in expected]
+    assert observed == [(c, p, True) for c, p in expected]
 
 
 def test_apply_to_pipeline_or_to_its_unet_is_the_same():
@@ -433,23 +438,27 @@ def test_playground_style_edm_scheduler_gets_gentle_preset(scheduler_name):
     apply_hidiffusion(pipe)
     # Swapped in after apply: the pipeline's current scheduler is the one that counts.
     pipe.scheduler = getattr(diffusers, scheduler_name)()
-    latents, records = run(pipe, 192, 192, steps)
+    latents, records, observed = run_probed(pipe, 192, 192, steps)
     assert latents.shape == (1, 4, 24, 24)
     assert [r.step for r in records] == list(range(steps))
     assert all(r.preset == "sdxl-2048-gentle" and r.total == steps for r in records)
-    assert [(r.conv, r.pool) for r in records] == expected_phases("sdxl-2048-gentle", steps)
-    assert any(r.pool for r in records)
+    expected = expected_phases("sdxl-2048-gentle", steps)
+    assert any(p for _, p in expected)
+    assert [(r.conv, r.pool) for r in records] == expected
+    assert observed == [(c, p, True) for c, p in expected]
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_sdxl_few_steps_gets_turbo_preset(steps):
     pipe = tiny_pipeline("sdxl", sample_size=XL_NATIVE)
     apply_hidiffusion(pipe)
-    latents, records = run(pipe, 192, 192, steps, guidance_scale=0.0)
+    latents, records, observed = run_probed(pipe, 192, 192, steps, guidance_scale=0.0)
     assert latents.shape == (1, 4, 24, 24)
     assert len(records) == steps
     assert all(r.preset == "sdxl-turbo" and r.total == steps for r in records)
-    assert [(r.conv, r.pool) for r in records] == expected_phases("sdxl-turbo", steps)
+    expected = expected_phases("sdxl-turbo", steps)
+    assert [(r.conv, r.pool) for r in records] == expected
+    assert observed == [(c, p, True) for c, p in expected]
 
 
 def test_sdxl_five_steps_is_not_turbo():
@@ -468,10 +477,13 @@ def test_sdxl_inpaint_pipeline_gets_gentle_preset():
     image = torch.rand(1, 3, side, side, generator=g)
     mask = torch.zeros(1, 1, side, side)
     mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1.0
-    latents, records = run(pipe, side, side, steps, image=image, mask_image=mask, strength=1.0)
+    latents, records, observed = run_probed(pipe, side, side, steps, image=image, mask_image=mask, strength=1.0)
     assert latents.shape == (1, 4, side // 8, side // 8)
+    assert [r.step for r in records] == list(range(steps))
     assert all(r.preset == "sdxl-2048-gentle" and r.total == steps for r in records)
-    assert [(r.conv, r.pool) for r in records] == expected_phases("sdxl-2048-gentle", steps)
+    expected = expected_phases("sdxl-2048-gentle", steps)
+    assert [(r.conv, r.pool) for r in records] == expected
+    assert observed == [(c, p, True) for c, p in expected]
 
 
 # --------------------------------------------------------------------------- refusals

@@ -10,15 +10,19 @@ SIZE = 640  # latent 80: above the tiny SD model's native 64, so HiDiffusion act
 
 
 def hook_state(module):
-    """Every hook dict of every submodule, plus classes and the settings hidiff may touch."""
+    """Hook counts of every submodule, plus classes and the settings hidiff may touch.
+
+    Counts, not handle ids: ids grow with every registration, so two equal patches differ in ids.
+    """
     state = []
     for name, m in module.named_modules():
         state.append((
             name,
             type(m),
-            tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-            tuple(m._forward_hooks_with_kwargs), tuple(m._forward_pre_hooks_with_kwargs),
-            tuple(m._forward_hooks_always_called),
+            len(m._forward_hooks), len(m._forward_pre_hooks),
+            len(m._forward_hooks_with_kwargs), len(m._forward_pre_hooks_with_kwargs),
+            len(m._forward_hooks_always_called),
+            len(m._backward_hooks), len(m._state_dict_hooks), len(m._load_state_dict_pre_hooks),
             getattr(m, "stride", None), getattr(m, "padding", None), getattr(m, "dilation", None),
             type(getattr(m, "processor", None)),
         ))
