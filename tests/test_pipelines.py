@@ -36,9 +36,8 @@ def _records(pipe, **call):
 @pytest.mark.parametrize("task", ["text2img", "img2img", "inpaint"])
 def test_task_acts_and_keeps_shape(family, task):
     pipe = tiny_pipeline(family, task)
-    scale = 2 if family == "sd15" else 1.25  # SD: 1024 px; SDXL: 1280 px (native 1024)
-    side = int(8 * pipe.unet.config.sample_size * scale)
-    call = dict(height=side, width=side, num_inference_steps=10)
+    side = int(8 * pipe.unet.config.sample_size * 1.25)  # SD: 640 px, SDXL: 1280 px (above native)
+    call = dict(height=side, width=side, num_inference_steps=10, guidance_scale=1.0)
     if task != "text2img":
         call.update(image=_image((side, side)), strength=0.6)
     if task == "inpaint":
@@ -88,18 +87,26 @@ def test_every_size_with_both_rau_paths_and_windows(family, sizes):
     added = None
     if family == "sdxl":
         added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[2048.0, 2048, 0, 0, 2048, 2048]])}
-    stage = 0 if family == "sd15" else 1
+    up = lambda n, d: -(-n // d)  # noqa: E731  (ceil division)
     for height, width in sizes:
         out = _unet_call(unet, height, width, unet.config.cross_attention_dim, added)
         rec = hidiff.last_call(unet)
-        assert out.shape == (1, 4, height // 8, width // 8), (height, width)
+        h, w = height // 8, width // 8
+        assert out.shape == (1, 4, h, w), (height, width)
         assert torch.isfinite(out).all()
         assert rec.conv and rec.pool and rec.windows, (height, width)
-        # the windowed maps are the stage's true size, odd or even: nothing was resized
-        side = lambda n: -(-n // 2 ** stage)  # noqa: E731
-        assert set(rec.window_maps) == {(side(height // 8), side(width // 8))}
-        # the strided conv quartered the stage after it: ceil(n / 4)
-        assert rec.skip_sizes[stage + 1] == (-(-side(height // 8) // 4), -(-side(width // 8) // 4))
+        # windowed maps are the stages' true sizes, odd or even (nothing resized)
+        if family == "sd15":
+            # stage 0 windows at full size; the strided conv quarters stage 1, then it is pooled
+            assert set(rec.window_maps) == {(h, w)}
+            assert rec.skip_sizes[1] == (up(up(h, 4), 2), up(up(w, 4), 2))
+        else:
+            # stage 1 windows at half size, and at its pooled size after the first pair,
+            # which is what its (strided) downsampler then receives
+            s1 = (up(h, 2), up(w, 2))
+            pooled = (up(s1[0], 2), up(s1[1], 2))
+            assert set(rec.window_maps) == {s1, pooled}
+            assert rec.pooled_from == s1 and rec.skip_sizes[1] == pooled
 
 
 def test_odd_window_map_is_handled_without_resize(sd_pipe):

@@ -53,13 +53,13 @@ def test_patched_then_removed_equals_never_patched(sd_pipe):
 
 def test_sdxl_patched_then_removed_equals_never_patched(sdxl_pipe):
     before_state = hook_state(sdxl_pipe.unet)
-    stock = latents_of(sdxl_pipe, 1152, 1152, steps=6)
+    stock = latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0)
     hidiff.apply_hidiffusion(sdxl_pipe)
-    patched = latents_of(sdxl_pipe, 1152, 1152, steps=6)
+    patched = latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0)
     assert not torch.equal(patched, stock)
     hidiff.remove_hidiffusion(sdxl_pipe)
     assert hook_state(sdxl_pipe.unet) == before_state
-    assert torch.equal(latents_of(sdxl_pipe, 1152, 1152, steps=6), stock)
+    assert torch.equal(latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0), stock)
 
 
 def test_apply_twice_equals_apply_once(sd_pipe):
@@ -146,7 +146,8 @@ def test_context_manager_removes_on_exit_and_on_error(sd_pipe):
     with hidiff.hidiffusion(sd_pipe, window_attn=False) as p:
         assert p is sd_pipe and hidiff.is_patched(sd_pipe)
         latents_of(sd_pipe, SIZE, SIZE)
-        assert hidiff.last_call(sd_pipe).conv
+        rec = hidiff.last_call(sd_pipe)
+        assert rec.preset == "sd-1024" and rec.window_calls == 0
     assert hook_state(sd_pipe.unet) == before
     with pytest.raises(Stop):
         with hidiff.hidiffusion(sd_pipe):
