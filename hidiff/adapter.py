@@ -93,6 +93,8 @@ class Patch:
             self._handles.append(conv_module.register_forward_hook(self._on_conv_end, always_call=True))
             self._handles.append(down[lay.pool_stage].attentions[0].register_forward_hook(self._on_pool))
             self._handles.append(up[lay.up_index(lay.pool_stage)].attentions[1].register_forward_hook(self._on_unpool))
+        for controlnet in _controlnets(self._pipe() if self._pipe is not None else None):
+            self._hook_pre(controlnet, self._on_controlnet_call)
         if self.config.window_attn:
             for block in (down[lay.window_stage], up[lay.up_index(lay.window_stage)]):
                 for transformer in block.attentions:
@@ -150,9 +152,7 @@ class Patch:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         latent = (int(sample.shape[-2]), int(sample.shape[-1]))
-        progress = self.tracker.locate(timestep, self.scheduler)
-        if progress.new_run or self._shift_rng is None:
-            self._shift_rng = random.Random(self._run_seed(sample))
+        progress = self._locate(sample, timestep)
         preset, conv, pool, windows = self.plan(latent, progress.index, progress.total)
         self.record = CallRecord(
             step=progress.index,
@@ -165,9 +165,51 @@ class Patch:
         )
         self._maps.clear()
         self._restore_convs()
-        if conv or pool:
-            return self._fit_residuals(latent, conv, pool, args, kwargs)
-        return None
+        if preset is None:
+            return None
+        if self._controlnet_mode() == "native" and not self._controlnet_active(progress):
+            kwargs = {**kwargs, "down_block_additional_residuals": None, "mid_block_additional_residual": None}
+        return self._fit_residuals(latent, conv, pool, args, kwargs)
+
+    def _locate(self, sample: torch.Tensor, timestep: Any) -> Any:
+        """The step of this call; a new run reseeds the window shifts. The ControlNet of a
+        step is called before the U-Net, so whichever comes first starts the run."""
+        progress = self.tracker.locate(timestep, self.scheduler)
+        if progress.new_run or self._shift_rng is None:
+            self._shift_rng = random.Random(self._run_seed(sample))
+        return progress
+
+    # ------------------------------------------------------------------ ControlNet
+    def _controlnet_mode(self) -> str:
+        if self.config.controlnet is not None:
+            return self.config.controlnet
+        return "native" if self.layout.kind == "sdxl" and self._controlnet_text2img else "resize"
+
+    def _controlnet_active(self, progress: Any) -> bool:
+        return progress.index < progress.total * self.config.controlnet_steps_ratio
+
+    def _on_controlnet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """Under "native", run the ControlNet at the model's native size (published treatment)."""
+        if self._controlnet_mode() != "native":
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        latent = (int(sample.shape[-2]), int(sample.shape[-1]))
+        progress = self._locate(sample, timestep)
+        if self.plan(latent, progress.index, progress.total)[0] is None:
+            return None
+        factor = max(latent[0] / self.layout.native[0], latent[1] / self.layout.native[1])
+        if factor <= 1:
+            return None
+        small = tuple(max(8, int(side / factor) // 8 * 8) for side in latent)
+        sample = torch.nn.functional.interpolate(sample, size=small, mode="nearest")
+        args, kwargs = _replace_arg(args, kwargs, 0, "sample", sample)
+        cond = args[3] if len(args) > 3 else kwargs.get("controlnet_cond")
+        if isinstance(cond, torch.Tensor):
+            cond = torch.nn.functional.interpolate(cond, size=(8 * small[0], 8 * small[1]), mode="bilinear",
+                                                   antialias=True)
+            args, kwargs = _replace_arg(args, kwargs, 3, "controlnet_cond", cond)
+        return args, kwargs
 
     # ------------------------------------------------------------------ residuals
     def feature_sizes(self, latent: tuple[int, int], conv: bool, pool: bool) -> tuple[list, tuple, list]:
@@ -332,6 +374,12 @@ class Patch:
         return ops.window_merge(output, win)
 
 
+def _replace_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > index:
+        return args[:index] + (value,) + args[index + 1 :], kwargs
+    return args, {**kwargs, name: value}
+
+
 def _first(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -347,6 +395,14 @@ def _replace_first(output: Any, x: torch.Tensor) -> Any:
         return (x,) + tuple(output[1:])
     output.sample = x
     return output
+
+
+def _controlnets(pipe: Any) -> list:
+    """The ControlNet models of a pipeline (one, or each of a MultiControlNetModel)."""
+    root = getattr(pipe, "controlnet", None)
+    if not isinstance(root, nn.Module):
+        return []
+    return [m for m in root.modules() if hasattr(m, "controlnet_cond_embedding")]
 
 
 def _is_edm(scheduler: Any) -> bool:

@@ -39,10 +39,13 @@ class HiDiffusionConfig:
         window_seed: with "seeded", a fixed seed instead of one taken from the latents.
         at_native: "skip" (default) leaves calls at or below the native resolution
             untouched; "apply" acts at every size, as the published code does.
-        controlnet: "native" (default, as published) runs ControlNets at the model's
-            native size for the first ``controlnet_steps_ratio`` of the steps and
-            resizes their residuals, then skips them; "resize" runs them at full size at
-            every step and resizes their residuals to the U-Net's features.
+        controlnet: how ControlNets of a ControlNet pipeline run while HiDiffusion acts.
+            "native" (the published treatment): at the model's native size for the first
+            ``controlnet_steps_ratio`` of the steps, their residuals resized to the
+            U-Net's features, and ignored after that; "resize": at full size at every
+            step, residuals resized to the (RAU-Net-shrunk) features. None (default):
+            "native" for SDXL text-to-image ControlNet pipelines, where the published
+            code uses it, "resize" elsewhere.
         controlnet_steps_ratio: the share of steps in which ControlNets run under "native".
     """
 
@@ -56,7 +59,7 @@ class HiDiffusionConfig:
     window_shift: WindowShift = "seeded"
     window_seed: Optional[int] = None
     at_native: AtNative = "skip"
-    controlnet: ControlNetMode = "native"
+    controlnet: Optional[ControlNetMode] = None
     controlnet_steps_ratio: float = 0.6
 
     def __post_init__(self) -> None:
@@ -77,7 +80,8 @@ class HiDiffusionConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         _check_choice("window_shift", self.window_shift, ("seeded", "reference", "none"))
         _check_choice("at_native", self.at_native, ("skip", "apply"))
-        _check_choice("controlnet", self.controlnet, ("native", "resize"))
+        if self.controlnet is not None:
+            _check_choice("controlnet", self.controlnet, ("native", "resize"))
         if self.window_seed is not None and (isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)):
             raise TypeError(f"window_seed must be an int or None, got {self.window_seed!r}")
         self.check_ratios()

@@ -47,9 +47,11 @@ def build_pipeline(diffusers, model_dir, case):
     return pipe
 
 
-def run_case(pipe, case, inputs):
-    """The final latents of one text-to-image call; the global RNG is seeded first
-    because the published window shifts (and Euler's noise) draw from it."""
+def run_case(pipe, case, inputs, **extra):
+    """The final latents of one text-to-image call. The global RNG is seeded first
+    because the published window shifts draw from it. The scheduler gets its own
+    generator: diffusers 0.27's Euler draws (unused) noise at every step and 0.42's does
+    not, so with the global RNG the two diffusers versions would see different shifts."""
     kwargs = dict(
         height=case["height"],
         width=case["width"],
@@ -58,6 +60,7 @@ def run_case(pipe, case, inputs):
         latents=inputs["latents"].clone(),
         prompt_embeds=inputs["prompt_embeds"],
         output_type="latent",
+        generator=torch.Generator().manual_seed(case["seed"] + 1),
     )
     if case["guidance"] > 1:
         kwargs["negative_prompt_embeds"] = inputs["negative_prompt_embeds"]
@@ -67,4 +70,4 @@ def run_case(pipe, case, inputs):
             kwargs["negative_pooled_prompt_embeds"] = inputs["negative_pooled_prompt_embeds"]
     torch.manual_seed(case["seed"])
     with torch.no_grad():
-        return pipe(**kwargs).images
+        return pipe(**kwargs, **extra).images
