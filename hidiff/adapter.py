@@ -169,7 +169,7 @@ class Patch:
             return None
         if self._controlnet_mode() == "native" and not self._controlnet_active(progress):
             kwargs = {**kwargs, "down_block_additional_residuals": None, "mid_block_additional_residual": None}
-        return self._fit_residuals(latent, conv, pool, args, kwargs)
+        return args, self._fit_residuals(latent, conv, pool, kwargs)
 
     def _locate(self, sample: torch.Tensor, timestep: Any) -> Any:
         """The step of this call; a new run reseeds the window shifts. The ControlNet of a
@@ -232,12 +232,12 @@ class Patch:
             adapter.append(stage_out if getattr(block, "attentions", None) else size)
         return skips, size, adapter
 
-    def _fit_residuals(self, latent: tuple, conv: bool, pool: bool, args: tuple, kwargs: dict) -> Optional[tuple]:
-        """Resize ControlNet / T2I-Adapter residuals, computed at full size, to the shrunk features."""
+    def _fit_residuals(self, latent: tuple, conv: bool, pool: bool, kwargs: dict) -> dict:
+        """Resize ControlNet / T2I-Adapter residuals (computed at full or native size) to the U-Net's features."""
         names = ("down_block_additional_residuals", "mid_block_additional_residual",
                  "down_intrablock_additional_residuals")
         if all(kwargs.get(name) is None for name in names):
-            return None
+            return kwargs
         skips, mid, adapter = self.feature_sizes(latent, conv, pool)
         kwargs = dict(kwargs)
         if kwargs.get(names[0]) is not None:
@@ -247,7 +247,7 @@ class Patch:
         if kwargs.get(names[2]) is not None:
             # the U-Net pop()s from this list: hand it a new one
             kwargs[names[2]] = [ops.resize_to(r, s) for r, s in zip(kwargs[names[2]], adapter)]
-        return args, kwargs
+        return kwargs
 
     def _on_unet_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._restore_convs()

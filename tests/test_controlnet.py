@@ -41,7 +41,8 @@ class Probe:
         self.unet_residual_sizes.append(None if res is None else [tuple(r.shape[-2:]) for r in res])
 
     def on_controlnet(self, module, args, kwargs):
-        self.controlnet_sizes.append(tuple(args[0].shape[-2:]))
+        sample = args[0] if args else kwargs["sample"]
+        self.controlnet_sizes.append(tuple(sample.shape[-2:]))
 
 
 def _run(pipe, side, images, **extra):
