@@ -24,6 +24,20 @@ def sdxl_pipe():
     return pipe
 
 
+def run_recorded(pipe, height, width, steps, seed=0, **kwargs):
+    """Final latents and hidiff's record of every step (``hidiff.last_call`` at each step end)."""
+    import hidiff
+
+    records = []
+
+    def on_step_end(p, i, t, callback_kwargs):
+        records.append(hidiff.last_call(p))
+        return callback_kwargs
+
+    images = latents_of(pipe, height, width, seed=seed, steps=steps, callback_on_step_end=on_step_end, **kwargs)
+    return images, records
+
+
 def latents_of(pipe, height, width, seed=0, steps=2, **kwargs):
     """Run ``pipe`` to the final latents with a seeded generator."""
     out = pipe(
@@ -36,3 +50,43 @@ def latents_of(pipe, height, width, seed=0, steps=2, **kwargs):
         **kwargs,
     )
     return out.images
+
+
+def snapshot(module):
+    """Everything of a module that applying HiDiffusion could change."""
+    from torch import nn
+
+    procs = getattr(module, "attn_processors", None) if hasattr(type(module), "attn_processors") else None
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "convs": {
+            n: (tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+            for n, m in module.named_modules()
+            if isinstance(m, nn.Conv2d)
+        },
+        "classes": {n: type(m) for n, m in module.named_modules()},
+        "procs": {k: type(v) for k, v in procs.items()} if procs else None,
+        "num_upsamplers": getattr(module, "num_upsamplers", None),
+    }
+
+
+def assert_same_state(module, before):
+    after = snapshot(module)
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    for key in ("convs", "classes", "procs", "num_upsamplers"):
+        assert after[key] == before[key], key
+
+
+def assert_untouched(module, before):
+    """No hook left anywhere, nothing changed, not patched."""
+    import hidiff
+
+    for name, m in module.named_modules():
+        assert not m._forward_hooks, f"forward hook left on {name or 'the model'}"
+        assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'the model'}"
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert_same_state(module, before)
+    assert hidiff.is_patched(module) is False

@@ -8,6 +8,8 @@ import re
 
 import pytest
 import torch
+
+from conftest import assert_same_state, assert_untouched, run_recorded, snapshot
 from torch import nn
 
 import hidiff
@@ -30,19 +32,6 @@ GOOD = dict(t1_ratio=0.7, window_seed=3)  # T1 = int(3 * 0.7) = 2: RAU-Net acts 
 
 
 # --------------------------------------------------------------------------- helpers
-def snapshot(module: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "convs": {
-            n: (tuple(m.stride), tuple(m.padding), tuple(m.dilation))
-            for n, m in module.named_modules()
-            if isinstance(m, nn.Conv2d)
-        },
-        "procs": {k: type(v) for k, v in module.attn_processors.items()},
-        "num_upsamplers": module.num_upsamplers,
-    }
-
-
 def hook_counts(module: nn.Module) -> dict:
     return {
         name: (len(m._forward_hooks), len(m._forward_pre_hooks))
@@ -51,42 +40,8 @@ def hook_counts(module: nn.Module) -> dict:
     }
 
 
-def assert_same_state(module: nn.Module, before: dict) -> None:
-    after = snapshot(module)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-    assert after["convs"] == before["convs"]
-    assert after["procs"] == before["procs"]
-    assert after["num_upsamplers"] == before["num_upsamplers"]
-
-
-def assert_untouched(module: nn.Module, before: dict) -> None:
-    assert hook_counts(module) == {}, "hooks left on the model"
-    assert not torch.nn.modules.module._global_forward_hooks
-    assert not torch.nn.modules.module._global_forward_pre_hooks
-    assert_same_state(module, before)
-    assert is_patched(module) is False
-
-
 def run(pipe, height=SIDE, width=SIDE, steps=STEPS, seed=0, **kwargs):
-    records = []
-
-    def on_step_end(p, i, t, callback_kwargs):
-        records.append(last_call(p))
-        return callback_kwargs
-
-    out = pipe(
-        "one red circle",
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        callback_on_step_end=on_step_end,
-        **kwargs,
-    )
-    return out.images, records
+    return run_recorded(pipe, height, width, steps, seed, **kwargs)
 
 
 def record_key(r):

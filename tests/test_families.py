@@ -13,6 +13,8 @@ import re
 
 import pytest
 import torch
+
+from conftest import assert_untouched, run_recorded, snapshot
 from torch import nn
 
 import hidiff
@@ -24,39 +26,6 @@ XL_NATIVE = 16  # latent side of the tiny SDXL pipelines (128 px)
 
 
 # --------------------------------------------------------------------------- helpers
-def snapshot(module: nn.Module) -> dict:
-    """Everything of a module that applying HiDiffusion could change."""
-    procs = getattr(module, "attn_processors", None) if hasattr(type(module), "attn_processors") else None
-    return {
-        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "convs": {
-            n: (tuple(m.stride), tuple(m.padding), tuple(m.dilation))
-            for n, m in module.named_modules()
-            if isinstance(m, nn.Conv2d)
-        },
-        "classes": {n: type(m) for n, m in module.named_modules()},
-        "procs": {k: type(v) for k, v in procs.items()} if procs else None,
-        "num_upsamplers": getattr(module, "num_upsamplers", None),
-    }
-
-
-def assert_untouched(module: nn.Module, before: dict) -> None:
-    for name, m in module.named_modules():
-        assert not m._forward_hooks, f"forward hook left on {name or 'the model'}"
-        assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'the model'}"
-    assert not torch.nn.modules.module._global_forward_hooks
-    assert not torch.nn.modules.module._global_forward_pre_hooks
-    after = snapshot(module)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-    assert after["convs"] == before["convs"]
-    assert after["classes"] == before["classes"]
-    assert after["procs"] == before["procs"]
-    assert after["num_upsamplers"] == before["num_upsamplers"]
-    assert is_patched(module) is False
-
-
 def expected_phases(preset: str, n: int) -> list[tuple[bool, bool]]:
     """(conv active, pool active) per step, written from the schedule table of REFERENCE.md."""
     ratios = {
@@ -149,24 +118,7 @@ class Probe:
 
 
 def run(pipe, height, width, steps, seed=0, **kwargs):
-    """Final latents and hidiff's record of every step (one U-Net call per step here)."""
-    records = []
-
-    def on_step_end(p, i, t, callback_kwargs):
-        records.append(last_call(p))
-        return callback_kwargs
-
-    out = pipe(
-        "one red circle",
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        callback_on_step_end=on_step_end,
-        **kwargs,
-    )
-    return out.images, records
+    return run_recorded(pipe, height, width, steps, seed, **kwargs)
 
 
 def run_probed(pipe, height, width, steps, **kwargs):
