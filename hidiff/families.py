@@ -140,6 +140,7 @@ def detect_layout(unet: Any) -> Layout:
     conv_stage, pool_stage = first + rule.conv_offset, first + rule.pool_offset
     downsamplers = getattr(down[conv_stage], "downsamplers", None)
     conv = getattr(downsamplers[0], "conv", None) if downsamplers else None
+    conv = getattr(conv, "base_layer", conv)  # a PEFT LoRA wraps the conv it adapts
     if not isinstance(conv, torch.nn.Conv2d) or tuple(conv.stride) != (2, 2) or tuple(conv.kernel_size) != (3, 3):
         raise UnsupportedModelError(
             f"{name}: down_blocks.{conv_stage} has no 3x3 stride-2 conv downsampler for RAU-Net "

@@ -1,0 +1,104 @@
+"""LoRA (PEFT, on the strided conv too), FreeU and PAG keep working under hidiff."""
+
+import pytest
+import torch
+
+import diffusers
+import hidiff
+from conftest import run_recorded
+from hidiff.testing import tiny_components, tiny_pipeline
+
+SIDE = 640  # latent 80 > the tiny SD native 64
+STEPS = 5  # sd-1024: the strided conv acts in steps 0 and 1
+
+
+def _lora(pipe, seed=0):
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "down_blocks.0.downsamplers.0.conv"],
+    )
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(config)
+    return pipe
+
+
+def test_lora_on_the_strided_conv_follows_rau_net():
+    """An unfused PEFT LoRA under RAU-Net equals the same LoRA fused into the weights."""
+    pipe = _lora(tiny_pipeline("sd15"))
+    conv = pipe.unet.down_blocks[0].downsamplers[0].conv
+    assert hasattr(conv, "lora_A")  # the LoRA really wraps the conv RAU-Net strides
+    hidiff.apply_hidiffusion(pipe)
+    unfused, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    assert records[0].conv and records[0].skip_sizes[1] == (20, 20)
+    # strides restored after each call, LoRA layers included
+    assert {tuple(m.stride) for m in conv.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)} == {(2, 2)}
+    hidiff.remove_hidiffusion(pipe)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in pipe.unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    hidiff.apply_hidiffusion(pipe)
+    fused, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_is_not_ignored_under_rau_net():
+    base = tiny_pipeline("sd15")
+    hidiff.apply_hidiffusion(base)
+    plain, _ = run_recorded(base, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    with_lora = _lora(tiny_pipeline("sd15"))
+    hidiff.apply_hidiffusion(with_lora)
+    lora_out, _ = run_recorded(with_lora, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    assert (plain - lora_out).abs().max() > 1e-3
+
+
+def test_freeu_works_and_hidiff_removes_cleanly():
+    pipe = tiny_pipeline("sd15")
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    freeu_stock, _ = run_recorded(pipe, SIDE, SIDE, STEPS)
+    hidiff.apply_hidiffusion(pipe)
+    ours, records = run_recorded(pipe, SIDE, SIDE, STEPS)
+    assert ours.shape == (1, 4, 80, 80) and torch.isfinite(ours).all()
+    assert records[0].conv and all(r.window_calls == 5 for r in records)
+    hidiff.remove_hidiffusion(pipe)
+    again, _ = run_recorded(pipe, SIDE, SIDE, STEPS)
+    assert torch.equal(again, freeu_stock)
+    pipe.disable_freeu()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_pag_pipeline_keeps_its_step_and_windows(family):
+    cls = "StableDiffusionXLPAGPipeline" if family == "sdxl" else "StableDiffusionPAGPipeline"
+    components = tiny_components(family)
+    pipe = getattr(diffusers, cls)(**components, pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    side = SIDE if family == "sd15" else 1280
+    hidiff.apply_hidiffusion(pipe)
+    out, records = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)
+    assert out.shape == (1, 4, side // 8, side // 8) and torch.isfinite(out).all()
+    assert [r.step for r in records] == list(range(STEPS))
+    windows = 5 if family == "sd15" else 10
+    assert all(r.window_calls == windows for r in records)
+
+
+def test_several_unet_calls_per_step_share_the_step():
+    """Split classifier-free guidance (as modular pipelines do): two U-Net calls per step."""
+    pipe = tiny_pipeline("sd15")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    hidiff.apply_hidiffusion(pipe)
+    scheduler.set_timesteps(STEPS)
+    x = torch.randn(1, 4, 80, 80, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.randn(2, 1, 77, 32, generator=torch.Generator().manual_seed(1))
+    seen = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            e_c = unet(x, t, encoder_hidden_states=cond).sample
+            seen.append(hidiff.last_call(pipe).step)
+            e_u = unet(x, t, encoder_hidden_states=uncond).sample
+            seen.append((hidiff.last_call(pipe).step, hidiff.last_call(pipe).conv))
+            x = scheduler.step(e_u + 5 * (e_c - e_u), t, x).prev_sample
+    t1 = int(STEPS * 0.4)
+    assert seen == [v for i in range(STEPS) for v in (i, (i, i < t1))]
