@@ -82,7 +82,7 @@ class Patch:
     def attach(self) -> None:
         unet, lay = self.unet, self.layout
         self._hook_pre(unet, self._on_unet_call)
-        self._handles.append(unet.register_forward_hook(self._on_unet_done, always_call=True))
+        self._handles.append(unet.register_forward_hook(_eager(self._on_unet_done), always_call=True))
         down, up = unet.down_blocks, unet.up_blocks
         if self.config.raunet:
             for k in range(lay.num_stages - 1):
@@ -90,26 +90,26 @@ class Patch:
                 self._hook_pre(up[k].upsamplers[0], self._make_upsample_sizer(lay.num_stages - 2 - k))
             conv_module = down[lay.conv_stage].downsamplers[0]
             self._hook_pre(conv_module, self._on_conv_start)
-            self._handles.append(conv_module.register_forward_hook(self._on_conv_end, always_call=True))
-            self._handles.append(down[lay.pool_stage].attentions[0].register_forward_hook(self._on_pool))
-            self._handles.append(up[lay.up_index(lay.pool_stage)].attentions[1].register_forward_hook(self._on_unpool))
+            self._handles.append(conv_module.register_forward_hook(_eager(self._on_conv_end), always_call=True))
+            self._handles.append(down[lay.pool_stage].attentions[0].register_forward_hook(_eager(self._on_pool)))
+            self._handles.append(up[lay.up_index(lay.pool_stage)].attentions[1].register_forward_hook(_eager(self._on_unpool)))
         for controlnet in _controlnets(self._pipe() if self._pipe is not None else None):
             self._hook_pre(controlnet, self._on_controlnet_call)
         if self.config.window_attn:
             for block in (down[lay.window_stage], up[lay.up_index(lay.window_stage)]):
                 for transformer in block.attentions:
-                    self._handles.append(transformer.register_forward_pre_hook(self._on_map))
+                    self._handles.append(transformer.register_forward_pre_hook(_eager(self._on_map)))
                     for sub in transformer.modules():
                         attn1 = getattr(sub, "attn1", None)
                         if isinstance(attn1, nn.Module) and hasattr(sub, "attn2"):
                             self._map_of[id(attn1)] = id(transformer)
                             self._hook_pre(attn1, self._on_attn_start)
                             self._handles.append(
-                                attn1.register_forward_hook(self._on_attn_end, with_kwargs=True, always_call=True)
+                                attn1.register_forward_hook(_eager(self._on_attn_end), with_kwargs=True, always_call=True)
                             )
 
     def _hook_pre(self, module: nn.Module, fn: Any) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(_eager(fn), with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -372,6 +372,12 @@ class Patch:
         if not isinstance(output, torch.Tensor):
             return None
         return ops.window_merge(output, win)
+
+
+def _eager(hook: Any) -> Any:
+    """Run a hook outside torch.compile: its decisions (step, shift draws, conv geometry)
+    are Python state that a traced graph would freeze into constants."""
+    return torch.compiler.disable(hook)
 
 
 def _replace_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:

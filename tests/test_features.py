@@ -102,3 +102,45 @@ def test_several_unet_calls_per_step_share_the_step():
             x = scheduler.step(e_u + 5 * (e_c - e_u), t, x).prev_sample
     t1 = int(STEPS * 0.4)
     assert seen == [v for i in range(STEPS) for v in (i, (i, i < t1))]
+
+
+def test_torch_compile_runs_and_stops_compiling():
+    """A compiled U-Net (dynamo, eager backend: no C compiler needed) follows the schedule
+    and, once both RAU-Net phases have been seen, compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline("sd15")
+    hidiff.apply_hidiffusion(pipe)
+    eager, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    try:
+        for _ in range(2):
+            compiled, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+        graphs = counters["stats"]["unique_graphs"]
+        again, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+    assert [r.conv for r in records] == [i < int(STEPS * 0.4) for i in range(STEPS)]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, compiled)
+
+
+@pytest.mark.parametrize("order", ["offload-first", "apply-first"])
+def test_model_cpu_offload_before_or_after_apply(order):
+    pipe = tiny_pipeline("sd15")
+    stock, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    if order == "offload-first":
+        pipe.enable_model_cpu_offload(device="cpu")
+        hidiff.apply_hidiffusion(pipe)
+    else:
+        hidiff.apply_hidiffusion(pipe)
+        pipe.enable_model_cpu_offload(device="cpu")
+    ours, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    assert records[0].conv and all(r.window_calls == 5 for r in records)
+    assert not torch.equal(ours, stock)
+    hidiff.remove_hidiffusion(pipe)
+    assert hasattr(pipe.unet, "_hf_hook")  # accelerate's offload hook survives the removal
+    back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    assert torch.equal(back, stock)
