@@ -144,3 +144,53 @@ def test_model_cpu_offload_before_or_after_apply(order):
     assert hasattr(pipe.unet, "_hf_hook")  # accelerate's offload hook survives the removal
     back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     assert torch.equal(back, stock)
+
+
+def _ip_adapter_state_dict(unet, clip_dim=16, seed=0):
+    """A random IP-Adapter checkpoint in the published layout (image projection + to_k_ip/to_v_ip)."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": 0.1 * torch.randn(4 * cross, clip_dim, generator=g),
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip, key_id = {}, 1
+    channels = unet.config.block_out_channels
+    for name in unet.attn_processors:
+        if not name.endswith("attn1.processor"):
+            if name.startswith("mid_block"):
+                hidden = channels[-1]
+            elif name.startswith("up_blocks"):
+                hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+            else:
+                hidden = channels[int(name[len("down_blocks.")])]
+            ip[f"{key_id}.to_k_ip.weight"] = 0.1 * torch.randn(hidden, cross, generator=g)
+            ip[f"{key_id}.to_v_ip.weight"] = 0.1 * torch.randn(hidden, cross, generator=g)
+            key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+@pytest.mark.parametrize("order", ["ip-adapter-first", "apply-first"])
+def test_ip_adapter_loaded_before_or_after_apply(order):
+    pipe = tiny_pipeline("sd15")
+    embeds = [torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3))]
+    without_ip, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    if order == "ip-adapter-first":
+        pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
+        ip_stock, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0, ip_adapter_image_embeds=embeds)
+        hidiff.apply_hidiffusion(pipe)
+    else:
+        hidiff.apply_hidiffusion(pipe)
+        pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
+    assert "IPAdapter" in type(pipe.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]).__name__
+    ours, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0, ip_adapter_image_embeds=embeds)
+    assert ours.shape == (1, 4, 80, 80) and torch.isfinite(ours).all()
+    assert records[0].conv and all(r.window_calls == 5 for r in records)
+    hidiff.remove_hidiffusion(pipe)
+    back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0, ip_adapter_image_embeds=embeds)
+    assert not torch.equal(back, without_ip)  # the image prompt acts
+    assert not torch.equal(back, ours)  # and so did HiDiffusion
+    if order == "ip-adapter-first":
+        assert torch.equal(back, ip_stock)
