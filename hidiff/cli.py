@@ -175,6 +175,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import MODES, format_table, run_bench
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    modes = tuple(args.modes.split(",")) if args.modes else tuple(MODES)
+    try:
+        result = run_bench(
+            family=args.family, height=args.height, width=args.width, steps=args.steps, batch=args.batch,
+            repeats=args.repeats, warmup=args.warmup, modes=modes, device=args.device, dtype=args.dtype,
+            tiny=args.tiny,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
+
+    bench = sub.add_parser("bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only side by side")
+    bench.add_argument("--family", choices=FAMILY_NAMES, default="sd15")
+    bench.add_argument("--width", type=int, default=1024)
+    bench.add_argument("--height", type=int, default=1024)
+    bench.add_argument("--steps", type=int, default=4)
+    bench.add_argument("--batch", type=int, default=2, help="U-Net batch (classifier-free guidance doubles it)")
+    bench.add_argument("--repeats", type=int, default=1)
+    bench.add_argument("--warmup", type=int, default=1, help="one-step warm-up runs per mode")
+    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    bench.add_argument("--threads", type=int, help="torch CPU threads")
+    bench.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
