@@ -134,7 +134,7 @@ def _ranges(steps: list) -> str:
         return "none"
     spans, start = [], steps[0]
     for prev, cur in zip(steps, steps[1:] + [None]):
-        if cur != prev + 1 if cur is not None else True:
+        if cur is None or cur != prev + 1:
             spans.append(f"{start}" if start == prev else f"{start}-{prev}")
             start = cur
     return ", ".join(spans)
