@@ -19,29 +19,35 @@ class UsageError(Exception):
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("HiDiffusion options (see hidiff.HiDiffusionConfig)")
-    group.add_argument("--no-raunet", action="store_true", help="turn RAU-Net off")
-    group.add_argument("--no-window-attn", action="store_true", help="turn MSW-MSA off")
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--raunet", action=on_off, help="RAU-Net on or off (default on)")
+    group.add_argument("--window-attn", action=on_off, help="MSW-MSA on or off (default on)")
     group.add_argument("--preset", help="force a preset instead of the automatic choice")
     group.add_argument("--t1", type=float, dest="t1_ratio", help="T1 ratio override, in [0, 1]")
     group.add_argument("--t2", type=float, dest="t2_ratio", help="T2 ratio override, in [0, 1]")
+    group.add_argument("--aggressive", action=on_off, help="SDXL below 4x native: strided conv first, then pool")
+    group.add_argument("--aggressive-step-ratio", type=float, help="where the aggressive schedule switches to pool")
     group.add_argument("--window-shift", choices=("seeded", "reference", "none"), help="window shift mode")
+    group.add_argument("--window-seed", type=int, help="fixed seed for 'seeded' window shifts")
     group.add_argument("--at-native", choices=("skip", "apply"), help="behaviour at or below native size")
+    group.add_argument("--controlnet-mode", choices=("native", "resize"), help="how ControlNets run under HiDiffusion")
+    group.add_argument("--controlnet-steps-ratio", type=float, help="share of steps ControlNets run in 'native' mode")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, base: Any = None):
+    """The HiDiffusionConfig of the flags given, on top of ``base`` (a config, or the defaults)."""
     from .config import HiDiffusionConfig
 
     options: dict[str, Any] = {}
-    if args.no_raunet:
-        options["raunet"] = False
-    if args.no_window_attn:
-        options["window_attn"] = False
-    for name in ("preset", "t1_ratio", "t2_ratio", "window_shift", "at_native"):
+    for name in ("raunet", "window_attn", "preset", "t1_ratio", "t2_ratio", "aggressive", "aggressive_step_ratio",
+                 "window_shift", "window_seed", "at_native", "controlnet_steps_ratio"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.controlnet_mode is not None:
+        options["controlnet"] = args.controlnet_mode
     try:
-        return HiDiffusionConfig.from_options(**options)
+        return HiDiffusionConfig.from_options(base, **options)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
 
@@ -195,6 +201,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import main as generate_main
+
+    return generate_main(args)
+
+
+def _add_generate_parser(sub: Any) -> None:
+    from .generate import SCHEDULERS
+
+    gen = sub.add_parser(
+        "generate", help="generate images with HiDiffusion; every PNG carries what re-runs it",
+        description="Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
+        "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
+        "model's native size (or the input image's size). Exit codes: 0 done, 2 bad usage, 1 failure.",
+    )
+    model = gen.add_argument_group("model and inputs")
+    model.add_argument("--model", help="hub id, local diffusers folder, or a single .safetensors/.ckpt file")
+    model.add_argument("--config", dest="config_folder", metavar="FOLDER",
+                       help="a local diffusers folder of the same family, for a single-file --model offline")
+    model.add_argument("--image", help="init image: img2img (with --mask: inpaint)")
+    model.add_argument("--mask", help="inpainting mask (white is repainted); needs --image")
+    model.add_argument("--strength", type=float, help="img2img/inpaint strength, in (0, 1]")
+    model.add_argument("--controlnet", metavar="MODEL", help="ControlNet hub id or local diffusers folder")
+    model.add_argument("--control-image", metavar="FILE", help="the ControlNet conditioning image")
+    model.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale")
+    model.add_argument("--from-image", metavar="PNG", help="re-run a PNG written by hidiff generate (flags override)")
+    run = gen.add_argument_group("generation")
+    run.add_argument("--prompt")
+    run.add_argument("--negative-prompt")
+    run.add_argument("--width", type=int)
+    run.add_argument("--height", type=int)
+    run.add_argument("--steps", type=int)
+    run.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    run.add_argument("--seed", type=int, help="image k of a batch uses seed + k (default: random, recorded)")
+    run.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="default: the model's own")
+    run.add_argument("--batch", type=int, help="images per run")
+    run.add_argument("--cfgpp", type=float, metavar="LAMBDA", help="CFG++ guidance (needs --scheduler ddim, euler, "
+                     "euler-a or dpmpp-2m)")
+    run.add_argument("--hidiff", action=argparse.BooleanOptionalAction, help="HiDiffusion on (default) or off")
+    run.add_argument("--compare", action="store_true", help="same seed without and with HiDiffusion: both images, "
+                     "a side-by-side PNG and both times")
+    run.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    run.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                     help="auto (default): float16 on GPUs, float32 on CPU")
+    run.add_argument("--vae-tiling", choices=("auto", "on", "off"),
+                     help="auto (default): on when decoding in one piece would not fit in free memory")
+    run.add_argument("--out", help="output PNG (default hidiff-SEED.png; batches add -K, --compare adds "
+                     "-plain/-hidiff/-compare)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(gen)
+    gen.set_defaults(run=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     _add_config_flags(info)
     info.set_defaults(run=cmd_info)
+
+    _add_generate_parser(sub)
 
     demo = sub.add_parser("demo", help="offline demo on a tiny random-weight pipeline (CPU, seconds)")
     demo.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")

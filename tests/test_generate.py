@@ -1,0 +1,332 @@
+"""`hidiff generate`: PNGs that re-run to the same pixels, the pipeline picked from the inputs,
+single-file checkpoints, --compare, and errors a user can act on (exit 2 usage, 1 failure)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hidiff.generate as generate
+from hidiff import HiDiffusionConfig
+from hidiff.cli import main
+from hidiff.testing import tiny_pipeline
+
+NATIVE = 8  # latent side of the saved tiny models: 64 px, so 128x96 is above native and HiDiffusion acts
+SIZE = ["--width", "128", "--height", "96", "--steps", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared, busy CPU makes OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny SD 1.5-layout pipeline and a ControlNet for it, saved as diffusers folders."""
+    from diffusers import ControlNetModel
+
+    root = tmp_path_factory.mktemp("models")
+    pipe = tiny_pipeline("sd15", sample_size=NATIVE)
+    pipe.save_pretrained(root / "sd")
+    tiny_pipeline("sdxl", sample_size=NATIVE).save_pretrained(root / "sdxl")
+    tiny_pipeline("sd15", "inpaint", sample_size=NATIVE, in_channels=9).save_pretrained(root / "sd-inpainting")
+    torch.manual_seed(1)
+    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 16)).save_pretrained(root / "cn")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(root / "photo.png")
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[:, 64:] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    return {"root": root, "pipe": pipe, "sd": str(root / "sd"), "sdxl": str(root / "sdxl"),
+            "sd-inpainting": str(root / "sd-inpainting"), "cn": str(root / "cn"),
+            "photo": str(root / "photo.png"), "mask": str(root / "mask.png")}
+
+
+def gen(*argv):
+    return main(["generate", "--quiet", *map(str, argv)])
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def meta(path):
+    with Image.open(path) as image:
+        return image.text["parameters"], json.loads(image.text["hidiff"])
+
+
+def test_png_metadata_reruns_to_the_same_pixels(models, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert gen("--model", models["sd"], "--prompt", "one red circle", "--negative-prompt", "blur", *SIZE,
+               "--seed", 7, "--scheduler", "euler-a", "--batch", 2, "--out", out) == 0
+    captured = capsys.readouterr()
+    summary = captured.out
+    assert "100%" not in captured.err  # --quiet: no progress bar
+    assert re.search(r"2 image\(s\) 128x96, 2 steps, hidiff sd-1024: [\d.]+ s, peak memory \d+ MiB", summary)
+    first, second = tmp_path / "a-0.png", tmp_path / "a-1.png"
+    assert not np.array_equal(pixels(first), pixels(second))  # image k has seed + k
+
+    parameters, data = meta(second)
+    prompt, negative, line = parameters.split("\n")
+    assert prompt == "one red circle" and negative == "Negative prompt: blur"
+    for part in ("Steps: 2", "Sampler: Euler a", "Seed: 8", "Size: 128x96", "Model: sd", "HiDiffusion: sd-1024"):
+        assert part in line.split(", ")
+    assert data["request"]["seed"] == 7 and data["request"]["batch"] == 2 and data["index"] == 1
+    assert data["request"]["hidiff_config"] == HiDiffusionConfig().to_dict()
+    assert data["run"]["pipeline"] == "StableDiffusionPipeline"
+    assert data["run"]["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert data["run"]["vae_tiling"] is False
+
+    # the stochastic sampler and the seeded window shifts both follow the recorded seed
+    assert gen("--from-image", second, "--out", tmp_path / "b.png") == 0
+    assert np.array_equal(pixels(tmp_path / "b-1.png"), pixels(second))
+    assert not (tmp_path / "b-0.png").exists()  # only the image that was asked for
+
+
+def test_flags_given_with_from_image_override_its_metadata(models, tmp_path):
+    out = tmp_path / "a.png"
+    assert gen("--model", models["sd"], "--prompt", "one red circle", *SIZE, "--seed", 3, "--t1", 0.6,
+               "--out", out) == 0
+    assert gen("--from-image", out, "--seed", 4, "--no-window-attn", "--out", tmp_path / "b.png") == 0
+    _, data = meta(tmp_path / "b.png")
+    assert data["request"]["seed"] == 4 and data["request"]["prompt"] == "one red circle"
+    assert data["request"]["hidiff_config"]["window_attn"] is False
+    assert data["request"]["hidiff_config"]["t1_ratio"] == 0.6  # kept from the source image
+    assert not np.array_equal(pixels(out), pixels(tmp_path / "b.png"))
+
+
+def test_compare_writes_both_runs_side_by_side_with_their_times(models, tmp_path, capsys):
+    out = tmp_path / "c.png"
+    assert main(["generate", "--model", models["sd"], "--prompt", "x", *SIZE, "--seed", "1", "--compare",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"plain [\d.]+ s, hidiff [\d.]+ s: [\d.]+x", captured.out)
+    assert "plain: 100%" in captured.err and "hidiff: 100%" in captured.err  # a bar over the steps
+    plain, ours, both = (pixels(tmp_path / f"c-{s}.png") for s in ("plain", "hidiff", "compare"))
+    assert not np.array_equal(plain, ours)  # HiDiffusion acted in one run only
+    assert np.array_equal(both[:, :128], plain) and np.array_equal(both[:, 128:], ours)
+    assert meta(tmp_path / "c-plain.png")[1]["request"]["hidiff"] is False
+    assert "HiDiffusion: off" in meta(tmp_path / "c-plain.png")[0]
+    with Image.open(tmp_path / "c-compare.png") as image:
+        times = json.loads(image.text["hidiff-compare"])
+    assert times["plain_s"] > 0 and times["hidiff_s"] > 0
+
+
+@pytest.mark.parametrize("task,inputs,pipeline", [
+    ("img2img", ["--image", "photo", "--strength", 0.7], "StableDiffusionImg2ImgPipeline"),
+    ("inpaint", ["--image", "photo", "--mask", "mask"], "StableDiffusionInpaintPipeline"),
+    ("controlnet", ["--controlnet", "cn", "--control-image", "photo"], "StableDiffusionControlNetPipeline"),
+    ("controlnet-inpaint", ["--controlnet", "cn", "--control-image", "photo", "--image", "photo", "--mask", "mask"],
+     "StableDiffusionControlNetInpaintPipeline"),
+])
+def test_inputs_choose_the_pipeline_and_rerun(models, tmp_path, task, inputs, pipeline):
+    argv = [models.get(a, a) for a in inputs]
+    out = tmp_path / "t.png"
+    # no --width/--height: the size is the input image's (128x96)
+    assert gen("--model", models["sd"], "--prompt", "x", "--steps", 3, "--seed", 5, *argv, "--out", out) == 0
+    parameters, data = meta(out)
+    assert data["run"]["pipeline"] == pipeline and "Size: 128x96" in parameters
+    assert data["run"]["preset"] == "sd-1024"
+    if "--strength" in argv:
+        assert data["request"]["strength"] == 0.7 and "Denoising strength: 0.7" in parameters
+    assert gen("--from-image", out, "--out", tmp_path / "r.png") == 0
+    assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
+
+
+@pytest.mark.parametrize("inputs,pipeline", [
+    ([], "StableDiffusionXLPipeline"),
+    (["--image", "photo", "--mask", "mask"], "StableDiffusionXLInpaintPipeline"),
+])
+def test_sdxl_is_detected_from_the_unet_and_reruns(models, tmp_path, inputs, pipeline):
+    out = tmp_path / "x.png"
+    argv = [models.get(a, a) for a in inputs]
+    # 6 steps: with 4 or fewer SDXL gets the few-step (Turbo) preset
+    assert gen("--model", models["sdxl"], "--prompt", "x", *SIZE, "--steps", 6, "--seed", 1, *argv, "--out", out) == 0
+    data = meta(out)[1]
+    assert data["run"]["pipeline"] == pipeline
+    assert data["run"]["preset"] == ("sdxl-2048-gentle" if inputs else "sdxl-2048")
+    assert gen("--from-image", out, "--out", tmp_path / "r.png") == 0
+    assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
+
+
+def test_inpainting_model_without_a_mask_exits_2(models, tmp_path, capsys):
+    assert gen("--model", models["sd-inpainting"], "--prompt", "x", *SIZE, "--out", tmp_path / "o.png") == 2
+    assert "inpainting model (9-channel U-Net): pass --image and --mask" in capsys.readouterr().err
+
+
+def test_single_file_checkpoint_loads_like_its_folder(models, tmp_path):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "tiny-sd15.safetensors"
+    save_file(ldm_state_dict(models["pipe"]), str(checkpoint))
+    assert generate.single_file_kind(generate.checkpoint_keys(str(checkpoint))) == "sd"
+    common = ["--prompt", "x", *SIZE, "--seed", 2]
+    assert gen("--model", checkpoint, "--config", models["sd"], *common, "--out", tmp_path / "file.png") == 0
+    assert gen("--model", models["sd"], *common, "--out", tmp_path / "folder.png") == 0
+    assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "folder.png"))
+    assert meta(tmp_path / "file.png")[1]["request"]["config_folder"] == models["sd"]
+
+
+def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
+    sdxl = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+            "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"]
+    assert generate.single_file_kind(sdxl) == "sdxl"
+    assert generate.single_file_kind(["model.diffusion_model.input_blocks.0.0.weight"]) == "sd"
+    with pytest.raises(generate.UsageError, match="no Stable Diffusion U-Net"):
+        generate.single_file_kind(["transformer_blocks.0.attn.to_q.weight"])
+
+
+def test_vae_tiling_turns_on_when_a_one_piece_decode_would_not_fit(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 10**6)  # 1 MB free
+    assert gen("--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 1, "--out", tmp_path / "v.png") == 0
+    assert re.search(r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ GB, 0.0 GB free\)",
+                     capsys.readouterr().out)
+    assert meta(tmp_path / "v.png")[1]["run"]["vae_tiling"] is True
+
+
+def test_cfgpp_flag_runs_cfgpp_with_the_named_sampler(models, tmp_path):
+    out = tmp_path / "g.png"
+    common = ["--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 1, "--scheduler", "ddim"]
+    assert gen(*common, "--cfgpp", 0.4, "--out", out) == 0
+    assert gen(*common, "--out", tmp_path / "plain.png") == 0
+    parameters, data = meta(out)
+    assert data["request"]["cfgpp"] == 0.4 and "CFG++: 0.4" in parameters
+    assert data["run"]["scheduler"] != "DDIMScheduler"  # CFG++'s own DDIM subclass ran
+    assert not np.array_equal(pixels(out), pixels(tmp_path / "plain.png"))
+    assert gen("--from-image", out, "--out", tmp_path / "r.png") == 0
+    assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--image", "notes.txt"], "is not an image"),
+    (["--width", "100", "--height", "96"], "multiples of 8"),
+    (["--mask", "mask"], "--mask needs --image"),
+    (["--controlnet", "cn"], "--controlnet needs --control-image"),
+    (["--controlnet", "cn", "--control-image", "missing.png"], "no such file"),
+    (["--cfgpp", "0.5"], "--cfgpp needs --scheduler"),
+    (["--scheduler", "ddim", "--cfgpp", "1.5"], "lambda in [0, 1]"),
+    (["--strength", "0"], "--strength must lie in (0, 1]"),
+])
+def test_bad_usage_exits_2_before_loading(models, tmp_path, capsys, argv, needle):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    paths = {"notes.txt": tmp_path / "notes.txt", "missing.png": tmp_path / "missing.png"}
+    argv = [paths.get(a, models.get(a, a)) for a in argv]
+    assert gen("--model", models["sd"], "--prompt", "x", *argv, "--out", tmp_path / "o.png") == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("model,needle", [
+    ("missing/dir/model.safetensors", "no such file or folder"),
+    ("unet-only", "without model_index.json"),
+])
+def test_bad_model_paths_exit_2(models, tmp_path, capsys, model, needle):
+    (tmp_path / "unet-only").mkdir()
+    assert gen("--model", tmp_path / model, "--prompt", "x", "--out", tmp_path / "o.png") == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_from_image_without_hidiff_metadata_exits_2(models, capsys):
+    assert gen("--from-image", models["photo"]) == 2
+    assert "no 'hidiff' metadata" in capsys.readouterr().err
+
+
+def test_unreachable_hub_model_exits_1_and_says_how_to_pass_a_local_path(tmp_path, capsys):
+    assert gen("--model", "hidiff-tests/no-such-model", "--prompt", "x", "--out", tmp_path / "o.png") == 1
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub could not provide it" in err and "pass a local path" in err
+
+
+def test_single_file_without_configs_offline_exits_1_naming_config(models, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(ldm_state_dict(models["pipe"]), str(checkpoint))
+    assert gen("--model", checkpoint, "--prompt", "x", *SIZE, "--out", tmp_path / "o.png") == 1
+    assert "--config FOLDER" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ an original-layout (LDM) checkpoint
+# Written from the diffusers module names of an SD 1.x pipeline: the layout a .safetensors
+# file from the original Stable Diffusion code (or A1111 / civitai) has.
+RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_TOP_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+VAE_ATTENTION_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet_ldm(prefix, rest):
+    name, _, param = rest.rpartition(".")
+    return f"{prefix}.{RESNET_LDM.get(name, name)}.{param}"
+
+
+def unet_key_ldm(key, layers, up_has_attention):
+    """LDM name of a diffusers U-Net tensor: stage i, layer j sits in input block 1 + (layers + 1) i + j."""
+    per_stage = layers + 1  # the resnet/attention layers, then the downsampler's own block
+    for name, ldm in UNET_TOP_LDM.items():
+        if key.startswith(name + "."):
+            return ldm + key[len(name):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        block = f"input_blocks.{1 + per_stage * int(m[1]) + int(m[3])}"
+        return _resnet_ldm(f"{block}.0", m[4]) if m[2] == "resnets" else f"{block}.1.{m[4]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{per_stage * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return _resnet_ldm(f"middle_block.{2 * int(m[1])}", m[2])
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        block = f"output_blocks.{per_stage * int(m[1]) + int(m[3])}"
+        return _resnet_ldm(f"{block}.0", m[4]) if m[2] == "resnets" else f"{block}.1.{m[4]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])  # the upsampler follows the last layer's resnet (and attention, if any)
+        return f"output_blocks.{per_stage * i + layers}.{2 if up_has_attention[i] else 1}.conv.{m[2]}"
+    raise KeyError(f"no LDM name for U-Net tensor {key}")
+
+
+def vae_key_ldm(key, num_up_blocks):
+    coder, _, rest = key.partition(".")
+    if coder not in ("encoder", "decoder"):
+        return key  # quant_conv, post_quant_conv
+    rest = rest.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    flipped = lambda i: num_up_blocks - 1 - int(i)  # noqa: E731 - LDM numbers decoder stages from the bottom
+    rules = [
+        (r"down_blocks\.(\d+)\.resnets\.(.*)", lambda m: f"down.{m[1]}.block.{m[2]}"),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.(.*)", lambda m: f"down.{m[1]}.downsample.{m[2]}"),
+        (r"up_blocks\.(\d+)\.resnets\.(.*)", lambda m: f"up.{flipped(m[1])}.block.{m[2]}"),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", lambda m: f"up.{flipped(m[1])}.upsample.{m[2]}"),
+        (r"mid_block\.resnets\.(\d+)\.(.*)", lambda m: f"mid.block_{int(m[1]) + 1}.{m[2]}"),
+        (r"mid_block\.attentions\.0\.(.*)\.(weight|bias)", lambda m: f"mid.attn_1.{VAE_ATTENTION_LDM[m[1]]}.{m[2]}"),
+    ]
+    for pattern, rename in rules:
+        if m := re.fullmatch(pattern, rest):
+            return f"{coder}.{rename(m)}"
+    return f"{coder}.{rest}"
+
+
+def ldm_state_dict(pipe):
+    unet, vae = pipe.unet, pipe.vae
+    up_has_attention = [bool(getattr(block, "attentions", None)) for block in unet.up_blocks]
+    state = {}
+    for key, value in unet.state_dict().items():
+        state["model.diffusion_model." + unet_key_ldm(key, unet.config.layers_per_block, up_has_attention)] = value
+    for key, value in vae.state_dict().items():
+        name = vae_key_ldm(key, len(vae.decoder.up_blocks))
+        if ".attn_1." in name and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention projections are 1x1 convs
+        state["first_stage_model." + name] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 dropped the level
+        state["cond_stage_model.transformer." + key] = value
+    return {k: v.contiguous() for k, v in state.items()}
