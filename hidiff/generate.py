@@ -266,6 +266,17 @@ def single_file_kind(keys: list[str]) -> str:
                      "(model.diffusion_model.input_blocks.*); pass an SD 1.x/2.x/SDXL checkpoint or a diffusers folder")
 
 
+def single_file_takes_config() -> bool:
+    """Whether this diffusers' ``from_single_file`` takes ``config=`` (a local diffusers folder for the configs).
+
+    It came with the single-file loaders shared by every model class (``FromOriginalModelMixin``);
+    before them, configs came only from the original LDM YAML files.
+    """
+    import diffusers.loaders
+
+    return hasattr(diffusers.loaders, "FromOriginalModelMixin")
+
+
 def load_base_pipeline(request: Request, dtype: torch.dtype) -> Any:
     """The model as diffusers loads it (its own pipeline class)."""
     import diffusers
@@ -276,6 +287,13 @@ def load_base_pipeline(request: Request, dtype: torch.dtype) -> Any:
         cls = getattr(diffusers, pipeline_class_name(kind, "text2img", False))
         kwargs: dict[str, Any] = {"torch_dtype": dtype}
         if request.config_folder:
+            if not single_file_takes_config():
+                raise ModelLoadError(
+                    f"this diffusers ({diffusers.__version__}) builds single-file pipelines only from the original "
+                    "LDM YAML configs, fetched online, and ignores a local diffusers folder: --config needs a newer "
+                    "diffusers (with the single-file loaders of FromOriginalModelMixin). Upgrade diffusers, or convert "
+                    "the checkpoint to a diffusers folder once while online and pass that folder as --model."
+                )
             kwargs["config"] = request.config_folder
         try:
             return cls.from_single_file(request.model, **kwargs)
