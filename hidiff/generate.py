@@ -14,8 +14,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import math
+import os
 import random
 import time
 import warnings
@@ -486,7 +486,9 @@ def prepare(request: Request) -> tuple[Request, Any, Any, dict, torch.device]:
         except (TypeError, ValueError) as error:  # a model or scheduler CFG++ cannot run on
             raise UsageError(f"--cfgpp: {error}") from None
     pipe.to(device)
-    needed = vae_decode_bytes(pipe.vae, request.width, request.height, request.batch, pipe.vae.dtype)
+    # SDXL's VAE config asks the pipelines to decode in float32 whatever the model's dtype
+    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) else pipe.vae.dtype
+    needed = vae_decode_bytes(pipe.vae, request.width, request.height, request.batch, vae_dtype)
     free = free_memory_bytes(device)
     if decide_vae_tiling(request.vae_tiling, needed, free):
         pipe.vae.enable_tiling()
