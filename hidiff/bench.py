@@ -2,24 +2,32 @@
 
 Random-weight U-Nets built from the published configs (speed does not depend on the
 weight values) run the denoising loop (U-Net + DDIM step) in each mode, interleaved
-(baseline, hidiff, raunet, msw, baseline, ...) so that machine drift hits every mode
-alike. Per mode: median seconds per step in each phase (RAU-Net active or not), total
-time, speed-up over baseline, peak memory, and the FLOP count of the same schedule
-(counted per phase with torch's FlopCounterMode on a weightless copy of the model), so
-that the measured speed-up stands next to the FLOP bound.
+(baseline, hidiff, raunet, msw, published, baseline, ...) so that machine drift hits
+every mode alike. Per mode: median seconds per step in each phase (RAU-Net active or
+not), total time, speed-up over baseline, peak memory, and the FLOP count of the same
+schedule (counted per step with torch's FlopCounterMode on a weightless copy of the
+model), so that the measured speed-up stands next to the FLOP bound.
+
+The ``published`` mode runs the published ``hidiffusion`` package in another Python
+(``--reference-python``; it needs diffusers 0.27.x) on the same saved weights and
+inputs, timed by the same loop code (``_timing.py``), in a subprocess that stays alive
+and runs one repetition whenever its turn in the interleaving comes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-import threading
-import time
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from . import adapter
+from ._timing import REPLY_PREFIX, loop_flops, move, timed_loop
 from .testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
 
 #: Mode name -> apply_hidiffusion options (None: stock U-Net).
@@ -29,111 +37,137 @@ MODES: dict[str, Optional[dict]] = {
     "raunet": {"window_attn": False},
     "msw": {"raunet": False},
 }
+#: The published package, run by ``--reference-python``.
+PUBLISHED = "published"
+
+#: The hub name the published package is shown for each family: it picks its preset from it.
+PUBLISHED_NAMES = {
+    "sd15": "runwayml/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1-base",
+    "sd21-768": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+_RUNNER = Path(__file__).with_name("_reference_bench.py")
 
 
-def _inputs(config: dict, batch: int, latent: tuple[int, int], device: Any, dtype: Any) -> dict:
+def _inputs(config: dict, batch: int, latent: tuple[int, int]) -> dict:
+    """The loop's inputs, on the CPU in float32 (saved as such for the published mode)."""
     g = torch.Generator().manual_seed(0)
-    kwargs = {
-        "encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
-    }
+    inputs = {"sample": torch.randn(batch, config.get("in_channels", 4), *latent, generator=g)}
+    inputs["encoder_hidden_states"] = torch.randn(batch, 77, config["cross_attention_dim"], generator=g)
     if config.get("addition_embed_type") == "text_time":
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         h, w = 8 * latent[0], 8 * latent[1]
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
-            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=dtype, device=device),
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=torch.float32),
         }
-    sample = torch.randn(batch, config.get("in_channels", 4), *latent, generator=g).to(device, dtype)
-    return {"sample": sample, **kwargs}
-
-
-class _PeakMemory:
-    """Peak memory while a block runs: max allocated on CUDA, sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "_PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = _rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the process's peak so far
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _run_loop(unet: Any, scheduler: Any, inputs: dict, steps: int) -> tuple[list, list]:
-    """One denoising loop; (seconds per step, RAU-Net active per step)."""
-    scheduler.set_timesteps(steps)
-    x = inputs["sample"]
-    extra = {k: v for k, v in inputs.items() if k != "sample"}
-    times, phases = [], []
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            eps = unet(x, t, **extra).sample
-            x = scheduler.step(eps, t, x).prev_sample
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            rec = adapter.last_call(unet) if adapter.is_patched(unet) else None
-            phases.append(bool(rec and (rec.conv or rec.pool)))
-    return times, phases
+    return inputs
 
 
 def count_flops(config: dict, options: Optional[dict], batch: int, latent: tuple[int, int], steps: int) -> dict:
-    """FLOPs of one loop under a mode: one weightless (meta) U-Net call per distinct phase."""
+    """FLOPs of one loop under a mode: one weightless (meta) U-Net call per distinct phase.
+
+    ``by_module`` has each step's count per module path (``"down_blocks.0.downsamplers.0"``;
+    ``""`` is the whole U-Net call), ``per_step`` the whole calls, ``total`` their sum.
+    """
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    inputs = _inputs(config, batch, latent, "meta", torch.float32)
     scheduler = DDIMScheduler()
-    scheduler.set_timesteps(steps)
+
+    def phase_key(t: Any) -> Any:
+        patch = adapter.get_patch(unet)
+        if patch is None:
+            return "stock"
+        progress = patch.tracker.locate(t, scheduler)
+        return patch.plan(latent, progress.index, progress.total)[1:3]  # (conv, pool)
+
     if options is not None:
         # window shifts do not change the count; a fixed seed avoids reading meta values
         adapter.apply_hidiffusion(unet, scheduler=scheduler, window_seed=0, **options)
-    per_step, cache = [], {}
-    extra = {k: v for k, v in inputs.items() if k != "sample"}
-    for t in scheduler.timesteps:
-        patch = adapter.get_patch(unet)
-        progress = patch.tracker.locate(t, scheduler) if patch else None
-        key = patch.plan(latent, progress.index, progress.total)[1:3] if patch else None
-        if key not in cache:
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                unet(inputs["sample"], t, **extra)
-            cache[key] = counter.get_total_flops()
-        per_step.append(cache[key])
-    return {"total": sum(per_step), "per_step": per_step}
+    by_module = loop_flops(unet, scheduler, move(_inputs(config, batch, latent), "meta"), steps, phase_key)
+    per_step = [step[""] for step in by_module]
+    return {"total": sum(per_step), "per_step": per_step, "by_module": by_module}
+
+
+class PublishedRunner:
+    """The published package in another Python, alive across repetitions.
+
+    The U-Net is saved once with ``save_pretrained`` and loaded there with
+    ``from_pretrained``; the inputs travel as a saved tensor file.
+    """
+
+    def __init__(self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="hidiff-bench-")
+        self._proc: Optional[subprocess.Popen] = None
+        try:
+            self._start(python, family, unet, inputs, steps, device, dtype, Path(self._tmp.name))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str,
+               tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet")
+        torch.save(inputs, tmp / "inputs.pt")
+        spec = {
+            "model_dir": str(tmp / "unet"), "inputs": str(tmp / "inputs.pt"), "name_or_path": PUBLISHED_NAMES[family],
+            "steps": steps, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+        }
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        self._log = open(tmp / "stderr.txt", "w+")
+        self._proc = subprocess.Popen(
+            [python, str(_RUNNER), str(tmp / "spec.json")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=_reference_env(),
+        )
+        self.info = self._read()
+        self.info.pop("ready")
+        self.info["python"] = python
+
+    def _read(self) -> dict:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(REPLY_PREFIX):
+                return json.loads(line[len(REPLY_PREFIX):])
+        self._proc.wait()
+        self._log.seek(0)
+        tail = self._log.read()[-3000:]
+        raise RuntimeError(
+            f"the published hidiffusion run in {self._proc.args[0]} stopped (exit code {self._proc.returncode}); "
+            f"--reference-python needs a Python with hidiffusion==0.1.10 and diffusers 0.27.x "
+            f"(bash scripts/setup.sh builds .venv-ref). Its output:\n{tail}"
+        )
+
+    def run(self, steps: int) -> dict:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()  # end of input: the runner exits
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "PublishedRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _reference_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
 
 
 def run_bench(
@@ -144,90 +178,182 @@ def run_bench(
     batch: int = 2,
     repeats: int = 1,
     warmup: int = 1,
-    modes: tuple = tuple(MODES),
+    modes: Optional[tuple] = None,
     device: str = "cpu",
     dtype: str = "float32",
     tiny: bool = False,
+    reference_python: Optional[str] = None,
 ) -> dict:
-    """Time each mode side by side; the result is what ``hidiff bench --json`` prints."""
+    """Time each mode side by side; the result is what ``hidiff bench --json`` prints.
+
+    ``modes`` defaults to every mode (``published`` only with ``reference_python``).
+    """
     from diffusers import DDIMScheduler
 
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    if "baseline" not in modes:
-        modes = ("baseline",) + tuple(modes)
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-    if family not in FULL_UNET_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FULL_UNET_CONFIGS)}")
+    modes = _check(family, height, width, steps, modes, reference_python)
     config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
     dev, dt = torch.device(device), getattr(torch, dtype)
     unet = make_unet(config, dtype=dt).to(dev)
     latent = (height // 8, width // 8)
-    inputs = _inputs(config, batch, latent, dev, dt)
+    cpu_inputs = _inputs(config, batch, latent)
+    inputs = move(cpu_inputs, dev, dt)
     scheduler = DDIMScheduler()
-    samples: dict[str, list] = {m: [] for m in modes}
-    for m in modes:  # warm-up: first calls pay for allocation and kernel selection
-        for _ in range(warmup):
-            _timed(unet, scheduler, inputs, 1, MODES[m], dev)
-    for _ in range(repeats):
-        for m in modes:
-            samples[m].append(_timed(unet, scheduler, inputs, steps, MODES[m], dev))
+    published = None
+    if PUBLISHED in modes:
+        assert reference_python is not None
+        published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
+    try:
+        runs = {m: (published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs)) for m in modes}
+        for m in modes:  # warm-up: first calls pay for allocation and kernel selection
+            for _ in range(warmup):
+                runs[m](1)
+        samples: dict[str, list] = {m: [] for m in modes}
+        for _ in range(repeats):
+            for m in modes:
+                samples[m].append(runs[m](steps))
+    finally:
+        if published is not None:
+            published.close()
     results = {}
     for m in modes:
-        totals = [sum(s["times"]) for s in samples[m]]
-        phases = samples[m][0]["phases"]
-        per_phase = {}
-        for name, active in (("rau", True), ("plain", False)):
-            values = [t for s in samples[m] for t, p in zip(s["times"], s["phases"]) if p == active]
-            per_phase[name] = statistics.median(values) if values else None
-        flops = count_flops(config, MODES[m], batch, latent, steps)
-        results[m] = {
-            "total_s": statistics.median(totals),
-            "step_s": per_phase,
-            "rau_steps": sum(phases),
-            "peak_memory_bytes": max(s["peak"] for s in samples[m]),
-            "flops": flops["total"],
-        }
+        flops = (published.info["flops_per_step"] if m == PUBLISHED
+                 else count_flops(config, MODES[m], batch, latent, steps)["per_step"])
+        results[m] = _summary(samples[m], flops)
     base = results["baseline"]
     for r in results.values():
         r["speedup"] = base["total_s"] / r["total_s"]
         r["flop_speedup"] = base["flops"] / r["flops"]
-    return {
+    result = {
         "family": family, "tiny": tiny, "height": height, "width": width, "steps": steps, "batch": batch,
-        "repeats": repeats, "device": str(dev), "dtype": dtype, "threads": torch.get_num_threads(),
+        "repeats": repeats, "warmup": warmup, "device": str(dev), "dtype": dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "modes": results,
     }
+    if published is not None:
+        result["published"] = {**published.info, "unet_calls": [s["unet_calls"] for s in samples[PUBLISHED]]}
+    return result
 
 
-def _timed(unet: Any, scheduler: Any, inputs: dict, steps: int, options: Optional[dict], dev: Any) -> dict:
-    if options is not None:
-        adapter.apply_hidiffusion(unet, scheduler=scheduler, window_seed=0, **options)
-    try:
-        with _PeakMemory(dev) as memory:
-            times, phases = _run_loop(unet, scheduler, inputs, steps)
-    finally:
-        adapter.remove_hidiffusion(unet)
-    return {"times": times, "phases": phases, "peak": memory.peak}
+def _check(family: str, height: int, width: int, steps: int, modes: Optional[tuple],
+           reference_python: Optional[str]) -> tuple:
+    """The modes to run, baseline first; ValueError for input the user has to fix."""
+    if family not in FULL_UNET_CONFIGS:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FULL_UNET_CONFIGS)}")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if modes is None:
+        modes = tuple(MODES) + ((PUBLISHED,) if reference_python else ())
+    unknown = [m for m in modes if m not in MODES and m != PUBLISHED]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}, {PUBLISHED}")
+    if PUBLISHED in modes:
+        if not reference_python:
+            raise ValueError(f"mode {PUBLISHED!r} needs --reference-python PATH, a Python with hidiffusion installed")
+        if not (os.path.isfile(reference_python) and os.access(reference_python, os.X_OK)):
+            raise ValueError(f"--reference-python {reference_python!r} is not an executable file")
+        # before minutes of model building: does that Python have the package at all?
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hidiffusion') is None)"
+        if subprocess.run([reference_python, "-c", probe], env=_reference_env()).returncode != 0:
+            raise ValueError(
+                f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
+                "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"
+            )
+    return ("baseline",) + tuple(m for m in dict.fromkeys(modes) if m != "baseline")
+
+
+def _local_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
+    options = MODES[mode]
+
+    def run(steps: int) -> dict:
+        if options is not None:
+            adapter.apply_hidiffusion(unet, scheduler=scheduler, window_seed=0, **options)
+        try:
+            return timed_loop(unet, scheduler, inputs, steps)
+        finally:
+            adapter.remove_hidiffusion(unet)
+
+    return run
+
+
+def _summary(samples: list, flops_per_step: list) -> dict:
+    per_phase = {}
+    for name, active in (("rau", True), ("plain", False)):
+        values = [t for s in samples for t, p in zip(s["times"], s["phases"]) if p == active]
+        per_phase[name] = statistics.median(values) if values else None
+    return {
+        "total_s": statistics.median(sum(s["times"]) for s in samples),
+        "step_s": per_phase,
+        "rau_steps": sum(samples[0]["phases"]),
+        "peak_memory_bytes": max(s["peak"] for s in samples),
+        "flops": sum(flops_per_step),
+    }
 
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{result['family']}{' (tiny)' if result['tiny'] else ''} {result['width']}x{result['height']}, "
-        f"batch {result['batch']}, {result['steps']} steps, {result['device']} {result['dtype']}, "
-        f"{result['threads']} threads, median of {result['repeats']}",
+        f"{_title(result)}, median of {result['repeats']}",
         f"{'mode':<9} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
-        f"{'FLOP bound':>11} {'GFLOP':>9} {'peak MB':>9}",
+        f"{'FLOP bound':>11} {'of bound':>9} {'GFLOP':>9} {'peak MB':>9}",
     ]
     for name, r in result["modes"].items():
         rau, rest = r["step_s"]["rau"], r["step_s"]["plain"]
         lines.append(
             f"{name:<9} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
-            f"{r['flop_speedup']:10.2f}x {r['flops'] / 1e9:9.0f} {r['peak_memory_bytes'] / 2**20:9.0f}"
+            f"{r['flop_speedup']:10.2f}x {r['speedup'] / r['flop_speedup']:8.0%} {r['flops'] / 1e9:9.1f} "
+            f"{r['peak_memory_bytes'] / 2**20:9.0f}"
+        )
+    ref = result.get("published")
+    if ref is not None:
+        ratio = result["modes"][PUBLISHED]["total_s"] / result["modes"]["hidiff"]["total_s"]
+        lines.append(
+            f"published: hidiffusion {ref['hidiffusion']} on diffusers {ref['diffusers']} ({ref['python']}); "
+            f"hidiff takes {1 / ratio:.2f}x its time"
         )
     return "\n".join(lines)
 
 
+def _title(result: dict) -> str:
+    return (
+        f"{result['family']}{' (tiny)' if result['tiny'] else ''} {result['width']}x{result['height']}, "
+        f"batch {result['batch']}, {result['steps']} steps, {result['device']} {result['dtype']}, "
+        f"{result['threads']} threads"
+    )
+
+
 def _f(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def write_plot(result: dict, path: str) -> None:
+    """A PNG: total time per mode, and measured speed-up next to the FLOP bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["modes"])
+    modes = [result["modes"][n] for n in names]
+    x = range(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.bar_label(left.bar(x, [m["total_s"] for m in modes], color="#4c72b0"), fmt="%.1f", fontsize=8)
+    left.set_ylabel("seconds (denoising loop)")
+    left.set_title("total time")
+    width = 0.38
+    right.bar([i - width / 2 for i in x], [m["speedup"] for m in modes], width, label="measured", color="#4c72b0")
+    right.bar([i + width / 2 for i in x], [m["flop_speedup"] for m in modes], width, label="FLOP bound",
+              color="#dd8452")
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set_ylabel("speed-up over baseline")
+    right.set_title("speed-up")
+    for bars in right.containers:
+        right.bar_label(bars, fmt="%.2fx", fontsize=8)
+    right.set_ylim(0, 1.25 * max(max(m["speedup"], m["flop_speedup"]) for m in modes))
+    right.legend(loc="upper left")
+    for ax in (left, right):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names)
+    fig.suptitle(f"hidiff bench: {_title(result)}")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)

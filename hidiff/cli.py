@@ -182,22 +182,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import MODES, format_table, run_bench
+    from .bench import format_table, run_bench, write_plot
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of timing, not after)
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'hidiff[bench]'") from None
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    modes = tuple(args.modes.split(",")) if args.modes else tuple(MODES)
+    modes = tuple(args.modes.split(",")) if args.modes else None
     try:
         result = run_bench(
             family=args.family, height=args.height, width=args.width, steps=args.steps, batch=args.batch,
             repeats=args.repeats, warmup=args.warmup, modes=modes, device=args.device, dtype=args.dtype,
-            tiny=args.tiny,
+            tiny=args.tiny, reference_python=args.reference_python,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.plot:
+        write_plot(result, args.plot)
+        print(f"chart written to {args.plot}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -276,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
 
-    bench = sub.add_parser("bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only side by side")
+    bench = sub.add_parser(
+        "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"
+    )
     bench.add_argument("--family", choices=FAMILY_NAMES, default="sd15")
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--height", type=int, default=1024)
@@ -284,12 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=2, help="U-Net batch (classifier-free guidance doubles it)")
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--warmup", type=int, default=1, help="one-step warm-up runs per mode")
-    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw")
+    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw,published")
+    bench.add_argument(
+        "--reference-python", metavar="PATH",
+        help="a Python with the published hidiffusion (and diffusers 0.27.x): adds the mode 'published'",
+    )
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     bench.add_argument("--threads", type=int, help="torch CPU threads")
     bench.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--plot", metavar="FILE.png", help="also write a chart of the times and speed-ups")
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -10,6 +10,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from hidiff.testing import tiny_pipeline  # noqa: E402
 
 
+def reference_python():
+    """The Python with the published hidiffusion==0.1.10 (diffusers 0.27.2) that the tests compare against."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.environ.get("HIDIFF_REFERENCE_PYTHON") or str(root / ".venv-ref" / "bin" / "python")
+    if not Path(path).exists():
+        pytest.fail(
+            f"no reference Python at {path}: build it with `bash scripts/setup.sh` "
+            "(or point HIDIFF_REFERENCE_PYTHON at a Python with hidiffusion==0.1.10 and diffusers 0.27.2)"
+        )
+    return path
+
+
 @pytest.fixture
 def sd_pipe():
     pipe = tiny_pipeline("sd15")

@@ -1,13 +1,12 @@
-"""`hidiff bench`: every reported field is there, and its FLOP counts agree with a hand count."""
+"""`hidiff bench`: every reported field is there, the published package really runs side by
+side, and the FLOP counts agree with hand counts."""
 
 import json
 
-import pytest
-
-from hidiff.bench import count_flops, run_bench
+from conftest import reference_python
+from hidiff.bench import count_flops
 from hidiff.cli import main
 from hidiff.testing import tiny_unet_config
-
 
 def test_window_attention_flops_match_a_hand_count():
     """MSW-MSA only changes the attention scores of the windowed attn1 layers:
@@ -23,28 +22,88 @@ def test_window_attention_flops_match_a_hand_count():
     assert base - msw == layers * (full - windowed)
 
 
-def test_bench_json_has_every_field(capsys):
-    code = main(["bench", "--tiny", "--width", "640", "--height", "640", "--steps", "5", "--batch", "1",
-                 "--warmup", "0", "--json"])
+def test_raunet_flops_match_a_hand_count():
+    """The strided conv: a 3x3 conv costs 2*B*Cin*Cout*9 per output pixel; with stride 4 it
+    has a quarter of the stock outputs (80 -> 20 instead of 40 per side), and so has the next
+    stage. The avg-pool (sd-2048, steps < T2) quarters the map once more after the first
+    attention of down_blocks.1."""
+    config = tiny_unet_config("sd15")
+    c0, c1 = config["block_out_channels"][:2]
+    batch, steps = 2, 5  # sd-2048 at 5 steps: conv in steps 0-2 (T1 = 3), pool in step 0 (T2 = 1)
+    base = count_flops(config, None, batch, (80, 80), steps)["by_module"]
+    rau = count_flops(config, {"window_attn": False, "preset": "sd-2048"}, batch, (80, 80), steps)["by_module"]
+
+    def conv3x3(cin, cout, side):
+        return 2 * batch * cin * cout * 9 * side * side
+
+    down = "down_blocks.0.downsamplers.0"
+    assert base[0][down] == conv3x3(c0, c0, 40)
+    assert [step[down] for step in rau] == [conv3x3(c0, c0, 20)] * 3 + [conv3x3(c0, c0, 40)] * 2
+    # the stage after the conv: its first conv before the pool, its second one after it
+    first, second = "down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.1.conv1"
+    assert base[0][first] == conv3x3(c0, c1, 40) and base[0][second] == conv3x3(c1, c1, 40)
+    assert rau[0][first] == conv3x3(c0, c1, 20) and rau[0][second] == conv3x3(c1, c1, 10)
+    assert rau[1][first] == conv3x3(c0, c1, 20) and rau[1][second] == conv3x3(c1, c1, 20)
+    assert rau[4] == base[4]  # the stock U-Net after T1
+    # the JSON's per-mode count is the sum of these whole-call counts
+    assert count_flops(config, None, batch, (80, 80), steps)["total"] == sum(step[""] for step in base)
+
+
+def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
+    chart = tmp_path / "bench.png"
+    code = main(["bench", "--tiny", "--width", "576", "--height", "576", "--steps", "3", "--batch", "1",
+                 "--warmup", "0", "--threads", "1", "--json", "--reference-python", reference_python(),
+                 "--plot", str(chart)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("family", "height", "width", "steps", "batch", "repeats", "device", "dtype", "threads", "modes"):
+    for key in ("family", "height", "width", "steps", "batch", "repeats", "warmup", "device", "dtype", "threads",
+                "torch", "modes", "published"):
         assert key in result
-    assert set(result["modes"]) == {"baseline", "hidiff", "raunet", "msw"}
-    for name, mode in result["modes"].items():
+    modes = result["modes"]
+    assert list(modes) == ["baseline", "hidiff", "raunet", "msw", "published"]
+    for name, mode in modes.items():
         assert set(mode) == {"total_s", "step_s", "rau_steps", "peak_memory_bytes", "flops", "speedup", "flop_speedup"}
         assert mode["total_s"] > 0 and mode["peak_memory_bytes"] > 0 and mode["flops"] > 0
         assert set(mode["step_s"]) == {"rau", "plain"}
-    modes = result["modes"]
     assert modes["baseline"]["speedup"] == 1.0 and modes["baseline"]["rau_steps"] == 0
-    # sd-1024 at 5 steps: the strided conv acts in steps 0 and 1
-    assert modes["hidiff"]["rau_steps"] == 2 and modes["raunet"]["rau_steps"] == 2 and modes["msw"]["rau_steps"] == 0
+    # sd-1024 at 3 steps: the strided conv acts in step 0 only (T1 = int(1.2) = 1)
+    assert modes["hidiff"]["rau_steps"] == modes["raunet"]["rau_steps"] == 1 and modes["msw"]["rau_steps"] == 0
+    assert modes["hidiff"]["step_s"]["rau"] is not None and modes["msw"]["step_s"]["rau"] is None
     assert modes["hidiff"]["flops"] < modes["msw"]["flops"] < modes["baseline"]["flops"]
     assert modes["raunet"]["flops"] < modes["baseline"]["flops"]
 
+    # The published code ran: its own classes replaced the U-Net's modules, its call
+    # counter saw every step, its RAU-Net shrank the deep stage in step 0 (seen by the
+    # same probe), and its FLOPs, counted in the other Python, equal hidiff's.
+    ref = result["published"]
+    assert ref["hidiffusion"] == "0.1.10" and ref["diffusers"].startswith("0.27")
+    assert "down_blocks.0.downsamplers.0.conv" in ref["replaced_modules"]
+    assert "down_blocks.0.attentions.0.transformer_blocks.0" in ref["replaced_modules"]
+    assert ref["unet_calls"] == [3]
+    assert modes["published"]["rau_steps"] == 1
+    assert modes["published"]["flops"] == modes["hidiff"]["flops"]
 
-def test_bench_rejects_bad_input(capsys):
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(chart).size[0] >= 800
+
+
+def test_bench_rejects_bad_input(capsys, tmp_path):
     assert main(["bench", "--tiny", "--width", "641", "--height", "640"]) == 2
     assert "multiples of 8" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--modes", "hidiff,fast"]) == 2
     assert "unknown mode" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--modes", "hidiff,published"]) == 2
+    assert "--reference-python" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--reference-python", str(tmp_path / "python")]) == 2
+    assert "not an executable file" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_reference_python_without_hidiffusion(capsys):
+    """This Python has diffusers 0.42 and no hidiffusion: refused before any model is built."""
+    import sys
+
+    assert main(["bench", "--tiny", "--reference-python", sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert "has no hidiffusion package" in err and "scripts/setup.sh" in err

@@ -22,8 +22,8 @@ from hidiff.testing import make_unet, tiny_unet_config, tiny_vae
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from common import build_pipeline, run_case  # noqa: E402
+from conftest import reference_python  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).parent / "reference" / "run_reference.py"
 TOLERANCE = 1e-4
 
@@ -44,16 +44,6 @@ CASES = [
     ("sdxl-turbo-ddim", "sdxl", 2048, 2048, "ddim", 1.0, "stabilityai/sdxl-turbo", {"preset": "sdxl-turbo"}),
 ]
 STEPS = 10
-
-
-def _reference_python():
-    path = os.environ.get("HIDIFF_REFERENCE_PYTHON") or str(ROOT / ".venv-ref" / "bin" / "python")
-    if not Path(path).exists():
-        pytest.fail(
-            f"no reference Python at {path}: build it with `bash scripts/setup.sh` "
-            "(or point HIDIFF_REFERENCE_PYTHON at a Python with hidiffusion==0.1.10 and diffusers 0.27.2)"
-        )
-    return path
 
 
 def _save_model(family, folder):
@@ -93,7 +83,7 @@ def reference(tmp_path_factory):
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [_reference_python(), str(RUNNER), str(spec_path)], capture_output=True, text=True, timeout=900, env=env
+        [reference_python(), str(RUNNER), str(spec_path)], capture_output=True, text=True, timeout=900, env=env
     )
     assert proc.returncode == 0, f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return tmp, {c["id"]: c for c in spec["cases"]}

@@ -1,0 +1,93 @@
+"""Times the published ``hidiffusion`` package for ``hidiff bench --reference-python``.
+
+Runs in the other Python (hidiffusion 0.1.10 needs diffusers 0.27.x), as a script:
+``python _reference_bench.py SPEC.json``. It never imports hidiff; the timed loop is
+``_timing.py`` beside it, the same code hidiff's own modes are timed with.
+
+Protocol, one JSON object per line on stdout, each prefixed with ``REPLY_PREFIX`` (library
+output on stdout is ignored): after loading the saved U-Net and applying the published
+HiDiffusion it answers ``{"ready": ...}`` with its versions, how many modules the package
+replaced and the FLOPs of each step; then each line ``{"steps": N}`` on stdin runs one
+timed loop of N steps and answers with its times; end of input ends it. Staying alive
+between repetitions lets them interleave with hidiff's modes, so machine drift cancels.
+"""
+
+import json
+import os
+import sys
+from importlib.metadata import version
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing  # noqa: E402
+
+
+def reply(message):
+    print(_timing.REPLY_PREFIX + json.dumps(message), flush=True)
+
+
+def published_pipeline(diffusers, unet, name_or_path):
+    """The published package only patches pipelines: a bare pipeline around the U-Net,
+    named like the hub model whose preset it should pick. It reads the step count of the
+    current run from ``_num_timesteps``, which the pipeline's ``__call__`` would set."""
+    from hidiffusion import apply_hidiffusion
+
+    pipe = diffusers.DiffusionPipeline()
+    pipe.register_modules(unet=unet)
+    pipe.register_to_config(_name_or_path=name_or_path)
+    apply_hidiffusion(pipe)
+    return pipe
+
+
+def run_steps(pipe, scheduler, inputs, steps):
+    pipe._num_timesteps = steps
+    result = _timing.timed_loop(pipe.unet, scheduler, inputs, steps)
+    # The published code counts U-Net calls and wraps at _num_timesteps: a loop with
+    # any other number of calls would leave its schedule off for the next repetition.
+    if result["unet_calls"] != steps:
+        raise RuntimeError(f"{result['unet_calls']} U-Net calls in a {steps}-step loop")
+    return result
+
+
+def count_flops(diffusers, spec, inputs):
+    """FLOPs of each step of the published schedule, on a weightless (meta) copy."""
+    config = diffusers.UNet2DConditionModel.load_config(spec["model_dir"])
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(config)
+    pipe = published_pipeline(diffusers, unet, spec["name_or_path"])
+    pipe._num_timesteps = spec["steps"]
+    per_step = _timing.loop_flops(unet, diffusers.DDIMScheduler(), _timing.move(inputs, "meta"), spec["steps"])
+    return [step[""] for step in per_step]
+
+
+def main(spec_path):
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(spec["threads"])
+    import diffusers
+
+    dtype = getattr(torch, spec["dtype"])
+    inputs = torch.load(spec["inputs"])
+    flops = count_flops(diffusers, spec, inputs)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(spec["model_dir"], torch_dtype=dtype).to(spec["device"]).eval()
+    pipe = published_pipeline(diffusers, unet, spec["name_or_path"])
+    replaced = sorted(name for name, m in unet.named_modules() if type(m).__module__.startswith("hidiffusion"))
+    inputs = _timing.move(inputs, spec["device"], dtype)
+    scheduler = diffusers.DDIMScheduler()
+    reply({
+        "ready": True,
+        "hidiffusion": version("hidiffusion"),
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "replaced_modules": replaced,
+        "flops_per_step": flops,
+    })
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply(run_steps(pipe, scheduler, inputs, request["steps"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
