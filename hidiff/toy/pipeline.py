@@ -1,0 +1,198 @@
+"""The toy model: an SD 1.5-layout U-Net in pixel space, a word-embedding text encoder, and its pipeline.
+
+The U-Net is a ``UNet2DConditionModel`` with Stable Diffusion 1.5's blocks, module names
+and 768-wide cross-attention at a small width, denoising 3-channel pixels directly (no
+VAE). The text encoder is a learned embedding per word of the fixed vocabulary plus a
+learned position embedding. :class:`ToyPipeline` is a ``DiffusionPipeline``: it saves
+and loads with diffusers' ``save_pretrained`` / ``from_pretrained`` and HiDiffusion
+patches it like any SD 1.5 pipeline (its U-Net is found and classified by structure).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up in this module)
+from torch import nn
+
+from ..testing import SD15_UNET
+from .shapes import VOCABULARY
+
+#: Native size in pixels: the U-Net's ``sample_size`` (pixel space, so no factor 8).
+NATIVE = 16
+
+#: Stable Diffusion 1.5's U-Net config (blocks, module names, two layers per block,
+#: 768-wide cross-attention, so family detection reads it as SD 1.x) at a small width.
+TOY_UNET_CONFIG: dict[str, Any] = dict(
+    SD15_UNET,
+    sample_size=NATIVE,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32, 64, 64),
+    attention_head_dim=1,  # SD configs name the head count this way: one head
+    norm_num_groups=8,
+)
+
+#: The sampler the toy model is trained for: v-prediction on a cosine schedule.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    prediction_type="v_prediction",
+    clip_sample=True,
+    set_alpha_to_one=True,
+    timestep_spacing="trailing",
+)
+
+PAD = "<pad>"
+
+
+class ToyTextEncoder(ModelMixin, ConfigMixin):
+    """Prompt -> (B, max_words, 768) hidden states: one learned vector per word and per position.
+
+    The empty prompt (all ``<pad>``) is the unconditional input of classifier-free guidance.
+    """
+
+    @register_to_config
+    def __init__(self, vocabulary: Sequence[str] = VOCABULARY, max_words: int = 5, hidden_size: int = 768) -> None:
+        super().__init__()
+        self.words = [PAD, *vocabulary]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.token_embedding = nn.Embedding(len(self.words), hidden_size)
+        self.position_embedding = nn.Parameter(torch.zeros(max_words, hidden_size))
+        nn.init.normal_(self.token_embedding.weight, std=0.5)
+        nn.init.normal_(self.position_embedding, std=0.1)
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Word ids, padded to ``max_words``; a clear error for unknown words or long prompts."""
+        rows = []
+        for prompt in prompts:
+            words = prompt.lower().split()
+            unknown = [w for w in words if w not in self.index or w == PAD]
+            if unknown:
+                raise ValueError(f"prompt {prompt!r} has words outside the toy vocabulary: {unknown}; "
+                                 f"known words: {self.words[1:]}")
+            if len(words) > self.config.max_words:
+                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the toy model reads at most "
+                                 f"{self.config.max_words}")
+            rows.append([self.index[w] for w in words] + [0] * (self.config.max_words - len(words)))
+        return torch.tensor(rows, dtype=torch.long, device=self.token_embedding.weight.device)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(token_ids) + self.position_embedding
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self(self.tokenize(prompts))
+
+
+def toy_components(seed: int = 0) -> dict[str, Any]:
+    """Freshly initialised (untrained) components: what training starts from, and tests use."""
+    torch.manual_seed(seed)
+    return dict(
+        unet=UNet2DConditionModel(**TOY_UNET_CONFIG),
+        text_encoder=ToyTextEncoder(),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+class ToyPipeline(DiffusionPipeline):
+    """Text-to-image (and, given ``image``, image-to-image) sampling of the toy model in pixel space."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: ToyTextEncoder, scheduler: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generator: Optional[torch.Generator] = None,
+        image: Optional[torch.Tensor] = None,
+        strength: float = 0.6,
+        output_type: str = "pil",
+        callback_on_step_end: Optional[Callable] = None,
+        return_dict: bool = True,
+    ) -> Any:
+        """Sample images of ``prompt`` at ``height`` x ``width`` (default: native).
+
+        ``image`` (B x 3 x H x W in [0, 1], or a PIL image) switches to image-to-image:
+        it is noised to ``strength`` of the schedule and denoised from there.
+        ``output_type``: ``"pil"``, ``"pt"`` (B x 3 x H x W in [0, 1]) or ``"np"``.
+        ``callback_on_step_end(pipe, i, t, {})`` runs after every step, as in diffusers.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if image is not None and not isinstance(image, torch.Tensor):
+            image = _pil_to_tensor(image)
+        if image is not None:
+            image = image if image.ndim == 4 else image[None]
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+        height = height or self.native_size
+        width = width or self.native_size
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        if output_type not in ("pil", "pt", "np"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        device, dtype = self.unet.device, self.unet.dtype
+        cond = self.text_encoder.encode(prompts).to(dtype)
+        guided = guidance_scale > 1
+        if guided:
+            cond = torch.cat([self.text_encoder.encode([""] * len(prompts)).to(dtype), cond])
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        shape = (len(prompts), 3, height, width)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        if image is None:
+            x = noise * self.scheduler.init_noise_sigma
+        else:
+            keep = max(1, min(num_inference_steps, int(round(num_inference_steps * strength))))
+            timesteps = timesteps[num_inference_steps - keep:]
+            start = image.to(device, dtype).expand(len(prompts), -1, -1, -1) * 2 - 1
+            x = self.scheduler.add_noise(start, noise, timesteps[:1].repeat(len(prompts)))
+        extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            out = self.unet(model_in, t, encoder_hidden_states=cond).sample
+            if guided:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance_scale * (text - uncond)
+            x = self.scheduler.step(out, t, x, **extra).prev_sample
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, t, {})
+        images = ((x.float() + 1) / 2).clamp(0, 1).cpu()
+        if output_type == "np":
+            images = images.permute(0, 2, 3, 1).numpy()
+        elif output_type == "pil":
+            images = [_tensor_to_pil(img) for img in images]
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _tensor_to_pil(image: torch.Tensor) -> Any:
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def _pil_to_tensor(image: Any) -> torch.Tensor:
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
