@@ -209,6 +209,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import main as eval_main
+
+    try:
+        eval_main(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    return EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import main as generate_main
 
@@ -283,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
+
+    from .eval import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser("eval", help="duplication metric on the shipped toy model: methods x sizes, counted objects")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
 
     bench = sub.add_parser(
         "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"

@@ -1,0 +1,299 @@
+"""``hidiff eval``: does a method stop the toy model from duplicating objects above its native size?
+
+The shipped toy model (:mod:`hidiff.toy`) generates K samples of each prompt at 1x, 2x
+and 4x its native size with each method, from the same seeds (the same initial noise
+for every method that starts from noise at full size), and the counter
+(:mod:`hidiff.toy.count`) reads every picture. Per method and size: the duplication
+rate (share of pictures with more than one object), the share with exactly one object
+of the prompt's shape and colour, the share with none, and the time.
+
+Methods:
+
+* ``baseline``: the stock model at the requested size;
+* ``hidiff``: HiDiffusion (RAU-Net + MSW-MSA); ``raunet`` / ``msw``: one part only;
+* ``deepshrink``: a Deep Shrink-style baseline (Kohya's "Deep Shrink", ComfyUI's
+  PatchModelAddDownscale): for the first 35% of the steps, the output of the first
+  stage's downsampler is shrunk bicubically by size / native, so the deep stages see
+  native-size maps, and the first up stage's output is resized back bicubically to the
+  full-size skip connection; forward hooks of this module, removed after the run;
+* ``hiresfix``: native-size generation, bicubic upscale, then image-to-image at
+  strength 0.5 (its time includes both passes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .toy.count import count_objects, summarize
+
+METHODS = ("baseline", "hidiff", "raunet", "msw", "deepshrink", "hiresfix")
+#: apply_hidiffusion options of the HiDiffusion methods.
+HIDIFF_OPTIONS = {"hidiff": {}, "raunet": {"window_attn": False}, "msw": {"raunet": False}}
+DEEP_SHRINK_END = 0.35
+HIRES_STRENGTH = 0.5
+
+
+def load_toy_pipeline(path: Optional[str] = None) -> Any:
+    """The toy pipeline from a saved folder (default: the weights shipped in the package), in float32."""
+    from .toy.pipeline import ToyPipeline
+
+    folder = Path(path) if path else Path(__file__).with_name("toy") / "weights"
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"no toy model in {folder} (model_index.json missing); pass --model with a folder written by "
+            "scripts/train_toy.py --export, or reinstall hidiff with its package data"
+        )
+    pipe = ToyPipeline.from_pretrained(str(folder)).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def deep_shrink(pipe: Any, factor: int, end_ratio: float = DEEP_SHRINK_END) -> Iterator[list]:
+    """Deep Shrink hooks on ``pipe.unet`` inside the block; yields the list of shrunk sizes (one per shrunk call)."""
+    from .schedule import StepTracker
+
+    unet = pipe.unet
+    tracker, state, shrunk = StepTracker(), {"on": False, "full": None}, []
+
+    def on_call(module, args, kwargs):
+        progress = tracker.locate(args[1] if len(args) > 1 else kwargs["timestep"], pipe.scheduler)
+        state["on"] = factor > 1 and progress.index < int(progress.total * end_ratio)
+
+    def record_full(module, args):
+        state["full"] = tuple(args[0].shape[-2:])
+
+    def shrink(module, args, output):
+        if state["on"]:
+            size = tuple(max(1, s // factor) for s in output.shape[-2:])
+            shrunk.append(size)
+            return F.interpolate(output, size=size, mode="bicubic", align_corners=False)
+        return None
+
+    def grow(module, args, output):
+        if state["on"] and tuple(output.shape[-2:]) != state["full"]:
+            return F.interpolate(output, size=state["full"], mode="bicubic", align_corners=False)
+        return None
+
+    down, up = unet.down_blocks[0].downsamplers[0], unet.up_blocks[-2].upsamplers[0]
+    handles = [
+        unet.register_forward_pre_hook(on_call, with_kwargs=True),
+        down.register_forward_pre_hook(record_full),
+        down.register_forward_hook(shrink),
+        up.register_forward_hook(grow),
+    ]
+    try:
+        yield shrunk
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def generate(pipe: Any, method: str, prompts: list[str], size: int, steps: int, seed: int,
+             guidance: float) -> torch.Tensor:
+    """All pictures of one method at one size (B x 3 x size x size in [0, 1])."""
+    import hidiff
+
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
+
+    def sample(height: int, **extra: Any) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return pipe(prompts, height=height, width=height, generator=gen, **kwargs, **extra).images
+
+    if method == "baseline":
+        return sample(size)
+    if method in HIDIFF_OPTIONS:
+        with hidiff.hidiffusion(pipe, **HIDIFF_OPTIONS[method]):
+            return sample(size)
+    if method == "deepshrink":
+        with deep_shrink(pipe, factor=max(1, size // pipe.native_size)):
+            return sample(size)
+    if method == "hiresfix":
+        small = sample(pipe.native_size)
+        if size == pipe.native_size:
+            return small
+        big = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return sample(size, image=big, strength=HIRES_STRENGTH)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequence[int] = (1, 2, 4),
+             methods: Sequence[str] = METHODS, steps: int = 20, seed: int = 0, guidance: float = 3.0,
+             log: Any = None) -> dict[str, Any]:
+    """The eval table (a dict; see :func:`format_table`) and, under ``"images"``, every picture."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    bad_scales = [s for s in scales if not isinstance(s, int) or s < 1]
+    if bad_scales:
+        raise ValueError(f"scales must be whole multiples of the native size (1, 2, 4, ...), got {bad_scales}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    batch = [p for p in prompts for _ in range(samples)]
+    native = pipe.native_size
+    rows, images = [], {}
+    for scale in scales:
+        for method in methods:
+            start = time.perf_counter()
+            pictures = generate(pipe, method, batch, scale * native, steps, seed, guidance)
+            seconds = time.perf_counter() - start
+            counts = [count_objects(p) for p in pictures]
+            row = {"method": method, "size": scale * native, "scale": scale, "images": len(batch),
+                   **summarize(counts, batch), "seconds": seconds, "seconds_per_image": seconds / len(batch)}
+            rows.append(row)
+            images[(method, scale)] = pictures
+            if log is not None:
+                log(_format_row(row))
+    return {"native": native, "prompts": list(prompts), "samples": samples, "steps": steps, "seed": seed,
+            "guidance": guidance, "rows": rows, "images": images}
+
+
+HEADER = f"{'method':<11} {'size':>7} {'dup %':>6} {'right %':>8} {'empty %':>8} {'objects':>8} {'s/image':>8}"
+
+
+def _format_row(row: dict) -> str:
+    size = f"{row['size']}px"
+    return (f"{row['method']:<11} {size:>7} {100 * row['duplicated']:6.1f} {100 * row['right']:8.1f} "
+            f"{100 * row['empty']:8.1f} {row['mean_objects']:8.2f} {row['seconds_per_image']:8.3f}")
+
+
+def format_table(result: dict) -> str:
+    lines = [f"toy model, native {result['native']}px, {len(result['prompts'])} prompts x {result['samples']} "
+             f"samples, {result['steps']} steps, guidance {result['guidance']}, seed {result['seed']}", HEADER]
+    lines += [_format_row(row) for row in result["rows"]]
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2)
+
+
+def save_grid(result: dict, path: str, per_cell: int = 4, cell: int = 64) -> None:
+    """One row per method, one block of ``per_cell`` samples per size, each upscaled (nearest) to ``cell`` px."""
+    from PIL import Image, ImageDraw
+
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    scales = list(dict.fromkeys(r["scale"] for r in result["rows"]))
+    gap, label = 4, 80
+    width = label + len(scales) * (per_cell * cell + gap)
+    canvas = Image.new("RGB", (width, 16 + len(methods) * (cell + gap)), "gray")
+    draw = ImageDraw.Draw(canvas)
+    for j, scale in enumerate(scales):
+        draw.text((label + j * (per_cell * cell + gap), 2), f"{scale}x ({scale * result['native']}px)", fill="white")
+    for i, method in enumerate(methods):
+        top = 16 + i * (cell + gap)
+        draw.text((2, top + cell // 2 - 6), method, fill="white")
+        for j, scale in enumerate(scales):
+            pictures = result["images"].get((method, scale))
+            if pictures is None:
+                continue
+            step = max(1, len(pictures) // per_cell)  # spread over the prompts
+            for k, picture in enumerate(pictures[::step][:per_cell]):
+                array = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+                canvas.paste(tile, (label + j * (per_cell * cell + gap) + k * cell, top))
+    canvas.save(path)
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hidiff eval`` flags."""
+    parser.add_argument("--model", help="a toy model folder (default: the weights shipped with hidiff)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
+    parser.add_argument("--prompts", help="comma-separated prompts (default: every prompt of the toy vocabulary)")
+    parser.add_argument("--scales", default="1,2,4", help="sizes as multiples of the native size")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--grid", metavar="FILE.png", help="write a grid of samples per method and size")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def main(args: Any) -> dict:
+    """Run ``hidiff eval`` from parsed flags; prints the table and returns the result."""
+    import sys
+
+    from .toy.shapes import PROMPTS, parse_prompt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else list(PROMPTS)
+    for prompt in prompts:
+        parse_prompt(prompt)  # a clear error before any work
+    try:
+        scales = [int(s) for s in args.scales.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales takes whole numbers like 1,2,4, got {args.scales!r}") from None
+    pipe = load_toy_pipeline(args.model)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    if log:
+        log(HEADER)
+    result = run_eval(pipe, prompts, samples=args.samples, scales=scales, methods=args.methods.split(","),
+                      steps=args.steps, seed=args.seed, guidance=args.guidance, log=log)
+    print(to_json(result) if args.json else format_table(result))
+    if args.grid:
+        save_grid(result, args.grid)
+        print(f"grid written to {args.grid}", file=sys.stderr)
+    return result
+
+
+def run_demo(pipe: Any, prompt: str, samples: int = 4, scale: int = 4, steps: int = 20, seed: int = 0,
+             guidance: float = 3.0) -> dict[str, Any]:
+    """``prompt`` at ``scale`` x native without and with HiDiffusion, same seed: pictures, counts, times."""
+    out: dict[str, Any] = {"prompt": prompt, "size": scale * pipe.native_size, "steps": steps, "seed": seed}
+    for method in ("baseline", "hidiff"):
+        start = time.perf_counter()
+        pictures = generate(pipe, method, [prompt] * samples, scale * pipe.native_size, steps, seed, guidance)
+        seconds = time.perf_counter() - start
+        counts = [count_objects(p) for p in pictures]
+        out[method] = {"images": pictures, "counts": [c.n for c in counts],
+                       "right": [c.matches(prompt) for c in counts], "seconds": seconds}
+    return out
+
+
+def save_side_by_side(demo: dict, path: str, cell: int = 192) -> None:
+    """Top row without HiDiffusion, bottom row with it (nearest upscale, each sample ``cell`` px)."""
+    from PIL import Image, ImageDraw
+
+    rows = ("baseline", "hidiff")
+    n = len(demo["baseline"]["images"])
+    label, gap = 20, 4
+    canvas = Image.new("RGB", (n * (cell + gap), len(rows) * (cell + label)), "gray")
+    draw = ImageDraw.Draw(canvas)
+    for i, method in enumerate(rows):
+        top = i * (cell + label)
+        name = "without HiDiffusion" if method == "baseline" else "with HiDiffusion"
+        draw.text((4, top + 4), f"{name}: objects {demo[method]['counts']}", fill="white")
+        for k, picture in enumerate(demo[method]["images"]):
+            array = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (k * (cell + gap), top + label))
+    canvas.save(path)
+
+
+def demo_main(args: Any) -> dict:
+    """Run ``hidiff demo`` from parsed flags: prints counts and times, writes the side-by-side PNG."""
+    from .toy.shapes import parse_prompt
+
+    parse_prompt(args.prompt)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_toy_pipeline(args.model)
+    demo = run_demo(pipe, args.prompt, samples=args.samples, scale=args.scale, steps=args.steps, seed=args.seed)
+    print(f"toy model (SD 1.5 layout, pixel space, native {pipe.native_size}px): {args.prompt!r} at "
+          f"{demo['size']}x{demo['size']} ({args.scale}x native), {args.samples} samples, {args.steps} steps, "
+          f"seed {args.seed}")
+    for method, name in (("baseline", "without HiDiffusion"), ("hidiff", "with HiDiffusion   ")):
+        row = demo[method]
+        print(f"{name}  objects per image {row['counts']}  one {args.prompt.split()[1]} {args.prompt.split()[2]}: "
+              f"{sum(row['right'])}/{len(row['right'])}  {row['seconds']:.1f} s")
+    save_side_by_side(demo, args.out)
+    print(f"side by side: {args.out}")
+    return demo

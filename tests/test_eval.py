@@ -1,0 +1,108 @@
+"""hidiff eval / hidiff demo mechanics on an untrained toy model (the counter itself: tests/test_toy.py)."""
+
+import json
+
+import pytest
+import torch
+
+import hidiff
+from hidiff.cli import main
+from hidiff.eval import METHODS, deep_shrink, generate, run_eval, save_grid, to_json
+from hidiff.toy import NATIVE, ToyPipeline, toy_components
+from hidiff.toy.count import count_objects
+
+PROMPT = "one red circle on white"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = ToyPipeline(**toy_components())
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, pipe):
+    folder = tmp_path_factory.mktemp("toy")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _no_hooks(unet):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_eval_rows_and_same_seeds(pipe):
+    # 3 steps: RAU-Net's sd-1024 preset strides the conv in step 0 (T1 = int(3 * 0.4) = 1)
+    result = run_eval(pipe, [PROMPT, "one blue square on black"], samples=1, scales=(1, 2), steps=3, guidance=1.0)
+    assert [(r["method"], r["scale"]) for r in result["rows"]] == [(m, s) for s in (1, 2) for m in METHODS]
+    for row in result["rows"]:
+        counts = [count_objects(p) for p in result["images"][(row["method"], row["scale"])]]
+        assert row["duplicated"] == sum(c.n > 1 for c in counts) / 2
+        assert row["right"] == (counts[0].matches(PROMPT) + counts[1].matches("one blue square on black")) / 2
+        assert row["size"] == row["scale"] * NATIVE and row["images"] == 2
+    baseline = result["images"][("baseline", 1)]
+    assert baseline.shape == (2, 3, NATIVE, NATIVE)
+    # At native size every method is the baseline: same seeds, nothing acts (hidiff skips native).
+    for method in METHODS:
+        assert torch.equal(result["images"][(method, 1)], baseline), method
+    # Above it, each method changes the picture, and nothing stays attached to the model.
+    for method in METHODS[1:]:
+        assert not torch.equal(result["images"][(method, 2)], result["images"][("baseline", 2)]), method
+    assert not hidiff.is_patched(pipe) and _no_hooks(pipe.unet)
+    parsed = json.loads(to_json(result))
+    assert "images" not in parsed and len(parsed["rows"]) == 2 * len(METHODS)
+
+
+def test_deep_shrink_shrinks_the_deep_stages_early_only(pipe):
+    seen = []
+    handle = pipe.unet.down_blocks[1].register_forward_pre_hook(lambda m, a, k: seen.append(tuple((a[0] if a else k["hidden_states"]).shape[-2:])),
+                                                                with_kwargs=True)
+    try:
+        with deep_shrink(pipe, factor=2) as shrunk:
+            out = pipe(PROMPT, height=2 * NATIVE, width=2 * NATIVE, num_inference_steps=6, guidance_scale=1.0,
+                       output_type="pt").images
+    finally:
+        handle.remove()
+    native_stage1 = (NATIVE // 2, NATIVE // 2)
+    assert seen == [native_stage1] * 2 + [(NATIVE, NATIVE)] * 4  # int(6 * 0.35) = 2 shrunk steps
+    assert shrunk == [native_stage1] * 2
+    assert out.shape == (1, 3, 2 * NATIVE, 2 * NATIVE) and _no_hooks(pipe.unet)
+
+
+def test_hires_fix_generates_native_then_refines_at_full_size(pipe):
+    sizes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: sizes.append(a[0].shape[-1]), with_kwargs=True)
+    try:
+        out = generate(pipe, "hiresfix", [PROMPT], 2 * NATIVE, steps=4, seed=0, guidance=1.0)
+    finally:
+        handle.remove()
+    assert sizes == [NATIVE] * 4 + [2 * NATIVE] * 2  # strength 0.5 of 4 steps
+    assert out.shape == (1, 3, 2 * NATIVE, 2 * NATIVE)
+
+
+def test_grid_has_a_row_per_method_and_a_block_per_size(pipe, tmp_path):
+    from PIL import Image
+
+    result = run_eval(pipe, [PROMPT], samples=1, scales=(1, 2), methods=("baseline", "hidiff"), steps=1, guidance=1.0)
+    save_grid(result, str(tmp_path / "grid.png"), per_cell=1, cell=32)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (80 + 2 * (32 + 4), 16 + 2 * (32 + 4))
+    # the baseline's native sample sits at the first cell, upscaled 2x (nearest)
+    first = torch.from_numpy(__import__("numpy").array(grid.crop((80, 16, 112, 48)))).permute(2, 0, 1)
+    expected = (result["images"][("baseline", 1)][0].clamp(0, 1) * 255).round().to(torch.uint8)
+    assert torch.equal(first[:, ::2, ::2], expected)
+
+
+def test_cli_eval_json_and_bad_input(saved, capsys):
+    code = main(["eval", "--model", str(saved), "--samples", "1", "--prompts", PROMPT, "--scales", "2",
+                 "--methods", "baseline,hidiff", "--steps", "1", "--guidance", "1", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["method"], r["size"]) for r in rows] == [("baseline", 2 * NATIVE), ("hidiff", 2 * NATIVE)]
+    assert main(["eval", "--model", str(saved), "--methods", "baseline,magic"]) == 2
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    assert main(["eval", "--model", str(saved), "--prompts", "one purple circle on white"]) == 2
+    assert "not in the toy vocabulary" in capsys.readouterr().err
+    assert main(["eval", "--model", str(saved.parent / "nothing-here")]) == 2
+    assert "no toy model" in capsys.readouterr().err
