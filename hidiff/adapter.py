@@ -201,7 +201,14 @@ class Patch:
         factor = max(latent[0] / self.layout.native[0], latent[1] / self.layout.native[1])
         if factor <= 1:
             return None
-        small = tuple(max(8, int(side / factor) // 8 * 8) for side in latent)
+        if self._controlnet_active(progress):
+            small = tuple(max(8, int(side / factor) // 8 * 8) for side in latent)
+        else:
+            # Past the ControlNet phase the U-Net ignores its residuals (the published code
+            # skips the call). A pre-hook cannot skip a call, so make it nearly free: the
+            # smallest map its down path can take.
+            side = 2 ** (len(module.down_blocks) - 1)
+            small = (side, side)
         sample = torch.nn.functional.interpolate(sample, size=small, mode="nearest")
         args, kwargs = _replace_arg(args, kwargs, 0, "sample", sample)
         cond = args[3] if len(args) > 3 else kwargs.get("controlnet_cond")
@@ -214,7 +221,7 @@ class Patch:
     # ------------------------------------------------------------------ residuals
     def feature_sizes(self, latent: tuple[int, int], conv: bool, pool: bool) -> tuple[list, tuple, list]:
         """Feature sizes under a RAU-Net state: (skip features in ControlNet residual order,
-        the mid block's, and where each down block takes a T2I-Adapter residual)."""
+        the mid block's, and where each down block, then the mid block, takes a T2I-Adapter residual)."""
         lay = self.layout
         size, skips, adapter = latent, [latent], []
         for k, block in enumerate(self.unet.down_blocks):
@@ -230,6 +237,8 @@ class Patch:
             # Blocks with attention add the adapter residual inside, after their last pair;
             # the others after their downsampler.
             adapter.append(stage_out if getattr(block, "attentions", None) else size)
+        # A residual left over after the down blocks goes to the mid block (SDXL adapters).
+        adapter.append(size)
         return skips, size, adapter
 
     def _fit_residuals(self, latent: tuple, conv: bool, pool: bool, kwargs: dict) -> dict:

@@ -85,6 +85,8 @@ def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
     # "resize" runs the ControlNet at full size
     assert set(probe.controlnet_sizes) == {(80, 80)}
     hidiff.remove_hidiffusion(pipe)
+    back, _ = _run(pipe, side, _control_image(side, n_controlnets))
+    assert torch.equal(back, stock)
 
 
 def test_sdxl_text2img_controlnet_runs_native_then_stops():
@@ -96,9 +98,10 @@ def test_sdxl_text2img_controlnet_runs_native_then_stops():
     assert ours.shape == (1, 4, 192, 192) and torch.isfinite(ours).all()
     assert records[0].preset == "sdxl-2048-controlnet"
     assert hidiff.get_patch(pipe)._controlnet_mode() == "native"
-    # native size: 192 / 1.5 = 128, a multiple of 8
-    assert set(probe.controlnet_sizes) == {(128, 128)}
     active = int(STEPS * 0.6)
+    # native size: 192 / 1.5 = 128, a multiple of 8; after the ControlNet phase its call is
+    # made nearly free (the smallest map its two downsamplers take), and its residuals unused
+    assert probe.controlnet_sizes == [(128, 128)] * active + [(4, 4)] * (STEPS - active)
     used = [sizes is not None for sizes in probe.unet_residual_sizes]
     assert used == [i < active for i in range(STEPS)]
     patch = hidiff.get_patch(pipe)
@@ -115,57 +118,100 @@ def test_controlnet_mode_can_be_forced():
     assert all(sizes is not None for sizes in probe.unet_residual_sizes)
 
 
+_CONTROLNET_TASK_PIPELINES = {
+    ("sd15", "img2img"): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd15", "inpaint"): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
-def test_sd_controlnet_img2img_and_inpaint(task):
+def test_controlnet_img2img_and_inpaint(family, task):
     from PIL import Image
     import numpy as np
 
-    cls = {"img2img": "StableDiffusionControlNetImg2ImgPipeline",
-           "inpaint": "StableDiffusionControlNetInpaintPipeline"}[task]
-    pipe = _pipe("sd15", cls_name=cls)
-    side = 640
+    pipe = _pipe(family, cls_name=_CONTROLNET_TASK_PIPELINES[(family, task)])
+    if family == "sdxl":
+        pipe.register_to_config(requires_aesthetics_score=False)
+    side = 640 if family == "sd15" else 1280  # 1.25x native
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
     extra = dict(control_image=_control_image(side), strength=0.6)
     if task == "inpaint":
         mask = np.zeros((side, side), dtype=np.uint8)
-        mask[100:400, 100:400] = 255
+        mask[side // 6 : side // 2, side // 6 : side // 2] = 255
         extra["mask_image"] = Image.fromarray(mask)
+    stock, _ = _run(pipe, side, init, **extra)
     hidiff.apply_hidiffusion(pipe)
     probe = Probe(pipe)
     out, records = _run(pipe, side, init, **extra)
-    assert out.shape == (1, 4, 80, 80) and torch.isfinite(out).all()
-    assert [r.step for r in records] == list(range(6)) and records[0].conv
+    assert out.shape == stock.shape == (1, 4, side // 8, side // 8) and torch.isfinite(out).all()
+    assert not torch.equal(out, stock)
+    assert [r.step for r in records] == list(range(6))  # strength 0.6 of 10 steps
+    # SD: the strided conv acts first; SDXL (6 steps: no conv phase): the pool does
+    assert records[0].conv if family == "sd15" else records[0].pool
+    assert hidiff.get_patch(pipe)._controlnet_mode() == "resize"
+    assert set(probe.controlnet_sizes) == {(side // 8, side // 8)}
     patch = hidiff.get_patch(pipe)
     for rec, sizes in zip(records, probe.unet_residual_sizes):
         assert sizes == patch.feature_sizes(rec.latent, rec.conv, rec.pool)[0]
+    windows = 5 if family == "sd15" else 10
+    assert all(r.window_calls == windows for r in records)
+    hidiff.remove_hidiffusion(pipe)
+    back, _ = _run(pipe, side, init, **extra)
+    assert torch.equal(back, stock)
 
 
-def test_t2i_adapter_residuals_follow_rau_net():
-    components = tiny_components("sd15")
-    for key in ("safety_checker", "feature_extractor"):
-        components.pop(key)
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_t2i_adapter_residuals_follow_rau_net(family):
+    components = tiny_components(family)
     torch.manual_seed(0)
-    adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
-                                   downscale_factor=8, adapter_type="full_adapter")
-    pipe = diffusers.StableDiffusionAdapterPipeline(adapter=adapter, safety_checker=None,
-                                                    feature_extractor=None, **components)
+    if family == "sdxl":
+        adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
+                                       downscale_factor=16, adapter_type="full_adapter_xl")
+        pipe = diffusers.StableDiffusionXLAdapterPipeline(adapter=adapter, **components)
+        side = 1280  # latent 160 > native 128
+    else:
+        for key in ("safety_checker", "feature_extractor"):
+            components.pop(key)
+        adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
+                                       downscale_factor=8, adapter_type="full_adapter")
+        pipe = diffusers.StableDiffusionAdapterPipeline(adapter=adapter, safety_checker=None,
+                                                        feature_extractor=None, **components)
+        side = 640  # latent 80 > native 64
     pipe.set_progress_bar_config(disable=True)
-    seen = []
+    control = _control_image(side)
+
+    def run():  # the adapter pipelines take no callback_on_step_end
+        return pipe("one red circle", image=control, height=side, width=side, num_inference_steps=5,
+                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    computed = []  # what the adapter made (registered before hidiff's hook: sees the input)
     pipe.unet.register_forward_pre_hook(
-        lambda m, a, kw: seen.append([tuple(r.shape[-2:]) for r in kw["down_intrablock_additional_residuals"]]),
+        lambda m, a, kw: computed.append([tuple(r.shape[-2:]) for r in kw["down_intrablock_additional_residuals"]]),
         with_kwargs=True,
     )
+    stock = run()
     hidiff.apply_hidiffusion(pipe)
-    # hidiff's pre-hook was registered after the probe: probe the blocks for what they get
-    got = []
-    block = pipe.unet.down_blocks[1]
-    block.register_forward_pre_hook(
-        lambda m, a, kw: got.append(tuple(kw["additional_residuals"].shape[-2:])), with_kwargs=True
-    )
-    out = pipe("one red circle", image=_control_image(640), height=640, width=640, num_inference_steps=STEPS,
-               guidance_scale=1.0, output_type="latent").images
-    assert out.shape == (1, 4, 80, 80) and torch.isfinite(out).all()
-    assert seen[0][1] == (40, 40)  # computed at full size by the adapter
-    # stage 1 shrank to ceil(80 / 4) = 20 while the conv path was active (steps < 4)
-    assert got[:4] == [(20, 20)] * 4 and got[4:] == [(40, 40)] * (STEPS - 4)
+    given, records = [], []  # registered after hidiff's hook: sees what the U-Net really gets
+
+    def probe(module, args, kwargs):
+        given.append([tuple(r.shape[-2:]) for r in kwargs["down_intrablock_additional_residuals"]])
+        records.append(hidiff.last_call(pipe))
+
+    pipe.unet.register_forward_pre_hook(probe, with_kwargs=True)
+    ours = run()
+    assert ours.shape == stock.shape == (1, 4, side // 8, side // 8) and torch.isfinite(ours).all()
+    assert not torch.equal(ours, stock)
+    patch = hidiff.get_patch(pipe)
+    shrunk = [r.conv or r.pool for r in records]
+    assert shrunk[0] and not shrunk[-1]  # RAU-Net acted early and not late
+    for rec, sizes, made in zip(records, given, computed[len(records):]):
+        expected = patch.feature_sizes(rec.latent, rec.conv, rec.pool)[2]
+        assert sizes == expected[: len(made)]
+    # the adapter computes at full size; the U-Net got a shrunk stage while RAU-Net acted
+    assert computed[len(records)] == computed[0] and given[0] != computed[0] and given[-1] == computed[0]
+    hidiff.remove_hidiffusion(pipe)
+    assert torch.equal(run(), stock)
