@@ -6,6 +6,7 @@ transformer blocks of a Stable Diffusion U-Net see them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -77,36 +78,52 @@ def window_partition(x: torch.Tensor, height: int, width: int, shift: tuple[int,
     Odd sides give uneven windows (ceil and floor halves); they are padded to the
     larger size and ``key_bias`` masks the padding, so attention inside each window
     is exact: no resampling of the map.
+
+    The shift, the cut and the padding are one precomputed gather: a single copy of the
+    map (a roll over two dims then a permute would copy it three times).
     """
     b, n, c = x.shape
     if n != height * width:
         raise ValueError(f"token count {n} does not match a {height}x{width} map")
     wh, ww = window_sides(height, width)
-    grid = x.view(b, height, width, c)
-    if shift[0] or shift[1]:
-        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    pad_h, pad_w = 2 * wh - height, 2 * ww - width
+    source, _ = _window_order(height, width, shift, x.device)
+    tokens = x.index_select(1, source).view(b * 4, wh * ww, c)
     key_bias = None
-    if pad_h or pad_w:
-        grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
+    if 2 * wh != height or 2 * ww != width:
         valid = torch.zeros(2 * wh, 2 * ww, dtype=torch.bool, device=x.device)
         valid[:height, :width] = True
         valid = valid.view(2, wh, 2, ww).permute(0, 2, 1, 3).reshape(4, wh * ww)
         bias = torch.zeros(4, wh * ww, dtype=x.dtype, device=x.device)
         bias.masked_fill_(~valid, torch.finfo(x.dtype).min)
         key_bias = bias.repeat(b, 1).unsqueeze(1)
-    tokens = grid.view(b, 2, wh, 2, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, wh * ww, c)
     return Windows(tokens, key_bias, b, height, width, shift)
 
 
 def window_merge(tokens: torch.Tensor, windows: Windows) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (4B, wh*ww, C) back to (B, H*W, C)."""
-    b, h, w, shift = windows.batch, windows.height, windows.width, windows.shift
-    wh, ww = window_sides(h, w)
-    c = tokens.shape[-1]
-    grid = tokens.view(b, 2, 2, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * wh, 2 * ww, c)
-    if 2 * wh != h or 2 * ww != w:
-        grid = grid[:, :h, :w]
-    if shift[0] or shift[1]:
-        grid = torch.roll(grid, shifts=(shift[0], shift[1]), dims=(1, 2))
-    return grid.reshape(b, h * w, c)
+    """Inverse of :func:`window_partition`: (4B, wh*ww, C) back to (B, H*W, C), one gather."""
+    b, c = windows.batch, tokens.shape[-1]
+    _, target = _window_order(windows.height, windows.width, windows.shift, tokens.device)
+    return tokens.reshape(b, -1, c).index_select(1, target)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_order(height: int, width: int, shift: tuple[int, int], device: torch.device):
+    """Index maps between a map's tokens and its windows, batch-major and row-major.
+
+    ``source[j]``: the token that window position j holds, where j runs over window k of
+    the 2x2 grid (row-major), then row and column inside it; the windows cut the grid
+    rolled by -shift, so position (r, c) of the padded grid holds token
+    ((r + sh) mod H, (c + sw) mod W). Padding positions hold token 0: its keys are masked
+    by ``key_bias`` and its outputs are never read back. ``target[t]``: the window
+    position of token t (what :func:`window_merge` reads).
+    """
+    wh, ww = window_sides(height, width)
+    rows = torch.arange(2).view(2, 1, 1, 1) * wh + torch.arange(wh).view(1, 1, wh, 1)
+    cols = torch.arange(2).view(1, 2, 1, 1) * ww + torch.arange(ww).view(1, 1, 1, ww)
+    rows, cols = torch.broadcast_tensors(rows, cols)  # (window row, window col, row, col)
+    padding = (rows >= height) | (cols >= width)
+    source = ((rows + shift[0]) % height) * width + (cols + shift[1]) % width
+    source = source.masked_fill(padding, 0).reshape(-1)
+    target = torch.empty(height * width, dtype=torch.long)
+    target[source[~padding.reshape(-1)]] = torch.nonzero(~padding.reshape(-1)).squeeze(1)
+    return source.to(device), target.to(device)
