@@ -4,6 +4,7 @@
     hidiff.apply_hidiffusion(pipe)          # one line; pipe(...) now works at 2x-4x native
     hidiff.remove_hidiffusion(pipe)         # exact undo
     with hidiff.hidiffusion(pipe): ...      # scoped
+    hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
 """
 
 from .adapter import (
@@ -15,6 +16,7 @@ from .adapter import (
     last_call,
     remove_hidiffusion,
 )
+from .cfgpp import disable_cfgpp, enable_cfgpp, invert
 from .config import HiDiffusionConfig
 from .families import Layout, UnsupportedModelError, detect_layout
 from .schedule import PRESETS, Preset
@@ -25,6 +27,9 @@ __all__ = [
     "apply_hidiffusion",
     "remove_hidiffusion",
     "hidiffusion",
+    "enable_cfgpp",
+    "disable_cfgpp",
+    "invert",
     "HiDiffusionConfig",
     "PRESETS",
     "Preset",
