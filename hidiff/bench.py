@@ -103,6 +103,8 @@ class PublishedRunner:
     def __init__(self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="hidiff-bench-")
         self._proc: Optional[subprocess.Popen] = None
+        self._python = python
+        self._info: Optional[dict] = None
         try:
             self._start(python, family, unet, inputs, steps, device, dtype, Path(self._tmp.name))
         except BaseException:
@@ -123,9 +125,15 @@ class PublishedRunner:
             [python, str(_RUNNER), str(tmp / "spec.json")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=_reference_env(),
         )
-        self.info = self._read()
-        self.info.pop("ready")
-        self.info["python"] = python
+
+    @property
+    def info(self) -> dict:
+        """What the runner reported once ready (versions, replaced modules, FLOPs per step);
+        waits for it: the runner loads in the background while hidiff counts its own FLOPs."""
+        if self._info is None:
+            self._info = {**self._read(), "python": self._python}
+            self._info.pop("ready")
+        return self._info
 
     def _read(self) -> dict:
         assert self._proc is not None and self._proc.stdout is not None
@@ -143,6 +151,7 @@ class PublishedRunner:
 
     def run(self, steps: int) -> dict:
         assert self._proc is not None and self._proc.stdin is not None
+        self.info  # noqa: B018  (ready before the first request)
         self._proc.stdin.write(json.dumps({"steps": steps}) + "\n")
         self._proc.stdin.flush()
         return self._read()
@@ -158,12 +167,6 @@ class PublishedRunner:
                 self._proc.wait()
             self._log.close()
         self._tmp.cleanup()
-
-    def __enter__(self) -> "PublishedRunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _reference_env() -> dict:
@@ -203,6 +206,9 @@ def run_bench(
         assert reference_python is not None
         published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
     try:
+        flops = {m: count_flops(config, MODES[m], batch, latent, steps)["per_step"] for m in modes if m != PUBLISHED}
+        if published is not None:
+            flops[PUBLISHED] = published.info["flops_per_step"]
         runs = {m: (published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs)) for m in modes}
         for m in modes:  # warm-up: first calls pay for allocation and kernel selection
             for _ in range(warmup):
@@ -214,11 +220,7 @@ def run_bench(
     finally:
         if published is not None:
             published.close()
-    results = {}
-    for m in modes:
-        flops = (published.info["flops_per_step"] if m == PUBLISHED
-                 else count_flops(config, MODES[m], batch, latent, steps)["per_step"])
-        results[m] = _summary(samples[m], flops)
+    results = {m: _summary(samples[m], flops[m]) for m in modes}
     base = results["baseline"]
     for r in results.values():
         r["speedup"] = base["total_s"] / r["total_s"]

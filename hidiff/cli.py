@@ -202,7 +202,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json == "-" else format_table(result))
     if args.plot:
         write_plot(result, args.plot)
         print(f"chart written to {args.plot}", file=sys.stderr)
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     bench.add_argument("--threads", type=int, help="torch CPU threads")
     bench.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                       help="print JSON instead of the table; with FILE: write it there and print the table")
     bench.add_argument("--plot", metavar="FILE.png", help="also write a chart of the times and speed-ups")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -50,12 +50,15 @@ def test_raunet_flops_match_a_hand_count():
 
 
 def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
-    chart = tmp_path / "bench.png"
+    chart, saved = tmp_path / "bench.png", tmp_path / "bench.json"
     code = main(["bench", "--tiny", "--width", "576", "--height", "576", "--steps", "3", "--batch", "1",
-                 "--warmup", "0", "--threads", "1", "--json", "--reference-python", reference_python(),
+                 "--warmup", "0", "--threads", "1", "--json", str(saved), "--reference-python", reference_python(),
                  "--plot", str(chart)])
     assert code == 0
-    result = json.loads(capsys.readouterr().out)
+    table = capsys.readouterr().out  # with --json FILE the table is printed, the JSON saved
+    assert [line.split()[0] for line in table.splitlines()[2:7]] == ["baseline", "hidiff", "raunet", "msw", "published"]
+    assert "published: hidiffusion 0.1.10" in table
+    result = json.loads(saved.read_text())
     for key in ("family", "height", "width", "steps", "batch", "repeats", "warmup", "device", "dtype", "threads",
                 "torch", "modes", "published"):
         assert key in result
