@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -147,37 +146,17 @@ def _ranges(steps: list) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    from .eval import demo_main
 
-    import hidiff
+    return _run_toy_command(demo_main, args)
 
-    from .testing import tiny_pipeline
 
-    family = args.family
-    pipe = tiny_pipeline(family)
-    pipe.set_progress_bar_config(disable=True)
-    native = 8 * pipe.unet.config.sample_size
-    height = width = args.scale * native
-    print(f"tiny random-weight {family} pipeline (native {native}x{native}), {width}x{height}, {args.steps} steps")
-    print("random weights: the images are noise; this shows HiDiffusion acting and its cost, not quality")
-
-    def run():
-        start = time.perf_counter()
-        out = pipe("one red circle", height=height, width=width, num_inference_steps=args.steps,
-                   generator=torch.Generator().manual_seed(args.seed), output_type="latent")
-        return out.images, time.perf_counter() - start
-
-    pipe("warm-up", height=native, width=native, num_inference_steps=1, output_type="latent")
-    plain, plain_s = run()
-    hidiff.apply_hidiffusion(pipe)
-    ours, ours_s = run()
-    rec = hidiff.last_call(pipe)
-    hidiff.remove_hidiffusion(pipe)
-    print(f"preset {rec.preset}; windowed self-attention calls per step {rec.window_calls}")
-    print(f"plain    {plain_s:7.2f} s")
-    print(f"hidiff   {ours_s:7.2f} s   ({plain_s / ours_s:.2f}x)")
-    print(f"outputs  same shape {tuple(plain.shape) == tuple(ours.shape)}; "
-          f"mean abs difference {float((plain - ours).abs().mean()):.3f}")
+def _run_toy_command(run: Any, args: argparse.Namespace) -> int:
+    """``hidiff eval`` / ``hidiff demo``: a bad prompt, size or model folder is a usage error."""
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
     return EXIT_OK
 
 
@@ -214,11 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import main as eval_main
 
-    try:
-        eval_main(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
-    return EXIT_OK
+    return _run_toy_command(eval_main, args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -289,11 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_generate_parser(sub)
 
-    demo = sub.add_parser("demo", help="offline demo on a tiny random-weight pipeline (CPU, seconds)")
-    demo.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
-    demo.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="size as a multiple of native")
-    demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
+    from .eval import add_demo_arguments
+
+    demo = sub.add_parser("demo", help="the shipped toy model at 4x native without and with HiDiffusion (CPU, ~1 min)")
+    add_demo_arguments(demo)
     demo.set_defaults(run=cmd_demo)
 
     from .eval import add_arguments as add_eval_arguments

@@ -12,6 +12,10 @@ Recipe (chosen to learn fast on a CPU): v-prediction on a cosine schedule with
 min-SNR-5 loss weights, AdamW at 1e-3 with a linear warm-up, gradient clipping at 1,
 an EMA of the weights (decay up to 0.999) which is what gets shipped, and 10% empty
 prompts so classifier-free guidance works.
+
+The shipped weights (hidiff/toy/weights): ``--steps 3799`` at the default ``--lr 1e-3``,
+then resumed to step 4625 with ``--lr 2e-4 --warmup 1``; one thread on a shared 2-core
+CPU, about 90 minutes in all (0.5 to 2 s per step, depending on the machine's load).
 """
 
 from __future__ import annotations

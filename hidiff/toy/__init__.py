@@ -6,10 +6,10 @@ demo (``hidiff demo``). See :mod:`hidiff.toy.shapes` (pictures and prompts),
 :mod:`hidiff.toy.count` (the object counter) and :mod:`hidiff.toy.pipeline` (the model).
 """
 
-from .pipeline import NATIVE, TOY_UNET_CONFIG, ToyPipeline, ToyTextEncoder, toy_components
+from .pipeline import NATIVE, TOY_UNET_CONFIG, WEIGHTS, ToyPipeline, ToyTextEncoder, load_toy_pipeline, toy_components
 from .shapes import BACKGROUNDS, COLOURS, PROMPTS, SHAPES, Scene, Shape, parse_prompt, prompt_for, render
 
 __all__ = [
-    "NATIVE", "TOY_UNET_CONFIG", "ToyPipeline", "ToyTextEncoder", "toy_components",
+    "NATIVE", "TOY_UNET_CONFIG", "WEIGHTS", "ToyPipeline", "ToyTextEncoder", "load_toy_pipeline", "toy_components",
     "BACKGROUNDS", "COLOURS", "PROMPTS", "SHAPES", "Scene", "Shape", "parse_prompt", "prompt_for", "render",
 ]
