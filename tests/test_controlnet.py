@@ -92,9 +92,11 @@ def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
 def test_sdxl_text2img_controlnet_runs_native_then_stops():
     pipe = _pipe("sdxl")
     side = 1536  # latent 192, native 128
+    stock, _ = _run(pipe, side, _control_image(side))
     hidiff.apply_hidiffusion(pipe)
     probe = Probe(pipe)
     ours, records = _run(pipe, side, _control_image(side))
+    assert not torch.equal(ours, stock)
     assert ours.shape == (1, 4, 192, 192) and torch.isfinite(ours).all()
     assert records[0].preset == "sdxl-2048-controlnet"
     assert hidiff.get_patch(pipe)._controlnet_mode() == "native"
@@ -107,6 +109,9 @@ def test_sdxl_text2img_controlnet_runs_native_then_stops():
     patch = hidiff.get_patch(pipe)
     for rec, sizes in zip(records[:active], probe.unet_residual_sizes[:active]):
         assert sizes == patch.feature_sizes(rec.latent, rec.conv, rec.pool)[0]
+    hidiff.remove_hidiffusion(pipe)
+    back, _ = _run(pipe, side, _control_image(side))
+    assert torch.equal(back, stock)
 
 
 def test_controlnet_mode_can_be_forced():

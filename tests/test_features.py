@@ -29,12 +29,15 @@ def test_lora_on_the_strided_conv_follows_rau_net():
     pipe = _lora(tiny_pipeline("sd15"))
     conv = pipe.unet.down_blocks[0].downsamplers[0].conv
     assert hasattr(conv, "lora_A")  # the LoRA really wraps the conv RAU-Net strides
+    stock, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     hidiff.apply_hidiffusion(pipe)
     unfused, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     assert records[0].conv and records[0].skip_sizes[1] == (20, 20)
     # strides restored after each call, LoRA layers included
     assert {tuple(m.stride) for m in conv.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)} == {(2, 2)}
     hidiff.remove_hidiffusion(pipe)
+    back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    assert torch.equal(back, stock)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in pipe.unet.modules():
@@ -78,12 +81,17 @@ def test_pag_pipeline_keeps_its_step_and_windows(family):
     pipe = getattr(diffusers, cls)(**components, pag_applied_layers=["mid"])
     pipe.set_progress_bar_config(disable=True)
     side = SIDE if family == "sd15" else 1280
+    stock, _ = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)
     hidiff.apply_hidiffusion(pipe)
     out, records = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)
     assert out.shape == (1, 4, side // 8, side // 8) and torch.isfinite(out).all()
     assert [r.step for r in records] == list(range(STEPS))
+    assert records[0].conv or records[0].pool
     windows = 5 if family == "sd15" else 10
     assert all(r.window_calls == windows for r in records)
+    hidiff.remove_hidiffusion(pipe)
+    back, _ = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)
+    assert torch.equal(back, stock) and not torch.equal(out, stock)
 
 
 def test_several_unet_calls_per_step_share_the_step():
@@ -112,6 +120,7 @@ def test_torch_compile_runs_and_stops_compiling():
     from torch._dynamo.utils import counters
 
     pipe = tiny_pipeline("sd15")
+    stock, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     hidiff.apply_hidiffusion(pipe)
     eager, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     torch._dynamo.reset()
@@ -127,6 +136,14 @@ def test_torch_compile_runs_and_stops_compiling():
     assert [r.conv for r in records] == [i < int(STEPS * 0.4) for i in range(STEPS)]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, compiled)
+    # removed from the compiled U-Net: the stock output again
+    hidiff.remove_hidiffusion(pipe)
+    try:
+        back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(back, stock, rtol=1e-5, atol=1e-5)
+    assert (back - compiled).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("order", ["offload-first", "apply-first"])

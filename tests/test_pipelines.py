@@ -63,6 +63,9 @@ def test_task_acts_and_keeps_shape(family, task):
         start = 0 if task == "inpaint" else int(run * 8 / 50)
         assert [r.pool for r in records] == [start <= i < t1 for i in range(run)]
     assert not torch.equal(ours, stock)
+    hidiff.remove_hidiffusion(pipe)
+    back, _ = _records(pipe, **call)
+    assert torch.equal(back, stock)
 
 
 SD_SIZES = [(1024, 1024), (1536, 1024), (1344, 768), (1080, 1920), (2048, 1152), (2040, 2040)]
