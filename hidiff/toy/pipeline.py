@@ -8,8 +8,8 @@ and loads with diffusers' ``save_pretrained`` / ``from_pretrained`` and HiDiffus
 patches it like any SD 1.5 pipeline (its U-Net is found and classified by structure).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: diffusers (0.35) reads the pipeline's
+# __init__ annotations as real types when it loads components.
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
