@@ -193,7 +193,7 @@ def run_bench(
     """
     from diffusers import DDIMScheduler
 
-    modes = _check(family, height, width, steps, modes, reference_python)
+    modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
     config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
     dev, dt = torch.device(device), getattr(torch, dtype)
     unet = make_unet(config, dtype=dt).to(dev)
@@ -235,15 +235,15 @@ def run_bench(
     return result
 
 
-def _check(family: str, height: int, width: int, steps: int, modes: Optional[tuple],
+def _check(family: str, height: int, width: int, steps: int, repeats: int, warmup: int, modes: Optional[tuple],
            reference_python: Optional[str]) -> tuple:
     """The modes to run, baseline first; ValueError for input the user has to fix."""
     if family not in FULL_UNET_CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FULL_UNET_CONFIGS)}")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"steps and repeats must be at least 1 and warmup at least 0, got {steps}, {repeats}, {warmup}")
     if modes is None:
         modes = tuple(MODES) + ((PUBLISHED,) if reference_python else ())
     unknown = [m for m in modes if m not in MODES and m != PUBLISHED]
