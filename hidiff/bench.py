@@ -16,13 +16,16 @@ and runs one repetition whenever its turn in the interleaving comes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -156,8 +159,12 @@ class PublishedRunner:
         self._proc.stdin.flush()
         return self._read()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End the runner (at once with ``kill``, as when the bench fails or is stopped)
+        and remove the saved U-Net."""
         if self._proc is not None:
+            if kill:
+                self._proc.kill()
             if self._proc.stdin is not None:
                 self._proc.stdin.close()  # end of input: the runner exits
             try:
@@ -167,6 +174,24 @@ class PublishedRunner:
                 self._proc.wait()
             self._log.close()
         self._tmp.cleanup()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit while the bench runs, so that a stopped bench still ends
+    its runner and removes the saved U-Net (gigabytes in the temporary folder)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _reference_env() -> dict:
@@ -202,24 +227,30 @@ def run_bench(
     inputs = move(cpu_inputs, dev, dt)
     scheduler = DDIMScheduler()
     published = None
-    if PUBLISHED in modes:
-        assert reference_python is not None
-        published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
-    try:
-        flops = {m: count_flops(config, MODES[m], batch, latent, steps)["per_step"] for m in modes if m != PUBLISHED}
-        if published is not None:
-            flops[PUBLISHED] = published.info["flops_per_step"]
-        runs = {m: (published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs)) for m in modes}
-        for m in modes:  # warm-up: first calls pay for allocation and kernel selection
-            for _ in range(warmup):
-                runs[m](1)
-        samples: dict[str, list] = {m: [] for m in modes}
-        for _ in range(repeats):
-            for m in modes:
-                samples[m].append(runs[m](steps))
-    finally:
-        if published is not None:
-            published.close()
+    samples: dict[str, list] = {m: [] for m in modes}
+    with _sigterm_as_exit():
+        try:
+            if PUBLISHED in modes:
+                assert reference_python is not None
+                published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
+            # counted while the runner loads: its FLOPs come with its ready message
+            flops = {m: count_flops(config, MODES[m], batch, latent, steps)["per_step"]
+                     for m in modes if m != PUBLISHED}
+            if published is not None:
+                flops[PUBLISHED] = published.info["flops_per_step"]
+            runs = {m: published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs) for m in modes}
+            for m in modes:  # warm-up: first calls pay for allocation and kernel selection
+                for _ in range(warmup):
+                    runs[m](1)
+            for _ in range(repeats):
+                for m in modes:
+                    samples[m].append(runs[m](steps))
+        except BaseException:
+            if published is not None:
+                published.close(kill=True)
+            raise
+    if published is not None:
+        published.close()
     results = {m: _summary(samples[m], flops[m]) for m in modes}
     base = results["baseline"]
     for r in results.values():
