@@ -52,14 +52,16 @@ def config_from_args(args: argparse.Namespace, base: Any = None):
 
 
 def load_unet_skeleton(model: str):
-    """A U-Net with no weights (meta device) for a family name or a local model folder."""
+    """A U-Net with no weights (meta device) and the pixels per latent cell, for a family name or a
+    local model folder: 8 for the Stable Diffusion families (their VAE), otherwise read from the folder's
+    VAE config, and 1 for a pipeline without a VAE (a pixel-space model such as the shipped toy model)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from .testing import FULL_UNET_CONFIGS
 
     if model in FULL_UNET_CONFIGS:
-        config = dict(FULL_UNET_CONFIGS[model])
+        config, factor = dict(FULL_UNET_CONFIGS[model]), 8
     else:
         path = Path(model)
         if not path.is_dir():
@@ -71,8 +73,21 @@ def load_unet_skeleton(model: str):
             config = UNet2DConditionModel.load_config(str(path), subfolder=sub)
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot read a U-Net config in {path}: {error}") from None
+        factor = _pixels_per_latent(path)
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+        return UNet2DConditionModel.from_config(config), factor
+
+
+def _pixels_per_latent(pipeline_folder: Path) -> int:
+    vae_config, index = pipeline_folder / "vae" / "config.json", pipeline_folder / "model_index.json"
+    try:
+        if vae_config.exists():
+            return 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+        if index.exists() and "vae" not in json.loads(index.read_text()):
+            return 1  # a whole pipeline without a VAE: the U-Net denoises pixels
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"cannot read the VAE's scale in {pipeline_folder}: {error}") from None
+    return 8  # a U-Net alone: assume a Stable Diffusion VAE
 
 
 def describe(model: str, height: int, width: int, steps: int, config) -> dict[str, Any]:
@@ -80,11 +95,11 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
     from .adapter import Patch
     from .families import detect_layout
 
-    unet = load_unet_skeleton(model)
+    unet, factor = load_unet_skeleton(model)
     layout = detect_layout(unet)
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise UsageError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    latent = (height // 8, width // 8)
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    latent = (height // factor, width // factor)
     patch = Patch(unet, None, layout, config, None)
     plans = [patch.plan(latent, i, steps) for i in range(steps)]
     preset = plans[0][0]
@@ -93,11 +108,12 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
         "family": layout.family,
         "layout": layout.kind,
         "inpainting": layout.inpainting,
-        "native": [8 * layout.native[0], 8 * layout.native[1]],
+        "pixels_per_latent": factor,
+        "native": [factor * layout.native[0], factor * layout.native[1]],
         "size": [height, width],
         "steps": steps,
         "preset": preset.name if preset else None,
-        "why": _why(layout, latent, steps, config, preset),
+        "why": _why(layout, (height, width), latent, steps, config, preset),
         "modules": layout.module_names(config.raunet, config.window_attn, unet=unet) if preset else {},
         "conv_steps": [i for i, p in enumerate(plans) if p[1]],
         "pool_steps": [i for i, p in enumerate(plans) if p[2]],
@@ -107,9 +123,9 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
     return info
 
 
-def _why(layout, latent, steps, config, preset) -> str:
+def _why(layout, size, latent, steps, config, preset) -> str:
     if preset is None:
-        return f"{8 * latent[0]}x{8 * latent[1]} is at or below native; at_native='skip' leaves it untouched"
+        return f"{size[1]}x{size[0]} is at or below native; at_native='skip' leaves it untouched"
     if config.preset:
         return "forced by --preset"
     return f"{preset.note} (latent {latent[0]}x{latent[1]}, native {layout.native[0]}x{layout.native[1]}, {steps} steps)"

@@ -72,3 +72,16 @@ def test_info_reads_a_saved_model_folder(capsys, tmp_path):
 def test_info_bad_usage_exits_2_with_a_message(capsys, argv, needle):
     assert main(["info", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_info_reads_the_pixel_space_toy_model_without_a_vae_factor(capsys):
+    from hidiff.toy.pipeline import NATIVE, WEIGHTS, load_toy_pipeline
+
+    info = _info(capsys, "--model", str(WEIGHTS), "--width", str(4 * NATIVE), "--height", str(4 * NATIVE))
+    assert info["pixels_per_latent"] == 1 and info["native"] == [NATIVE, NATIVE]
+    assert info["preset"] is not None and info["conv_steps"]
+    pipe = load_toy_pipeline()
+    hidiff.apply_hidiffusion(pipe)
+    assert set(info["modules"]) == _hooked_modules(pipe.unet)
+    # at native size nothing would change
+    assert _info(capsys, "--model", str(WEIGHTS), "--width", str(NATIVE), "--height", str(NATIVE))["preset"] is None
