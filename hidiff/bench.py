@@ -198,6 +198,20 @@ def _reference_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
 
 
+def check_reference_python(reference_python: Optional[str], what: str) -> None:
+    """ValueError unless ``reference_python`` runs and has the published package (checked before long work)."""
+    if not reference_python:
+        raise ValueError(f"{what} needs --reference-python PATH, a Python with hidiffusion installed")
+    if not (os.path.isfile(reference_python) and os.access(reference_python, os.X_OK)):
+        raise ValueError(f"--reference-python {reference_python!r} is not an executable file")
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hidiffusion') is None)"
+    if subprocess.run([reference_python, "-c", probe], env=_reference_env()).returncode != 0:
+        raise ValueError(
+            f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
+            "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"
+        )
+
+
 def run_bench(
     family: str = "sd15",
     height: int = 1024,
@@ -281,17 +295,7 @@ def _check(family: str, height: int, width: int, steps: int, repeats: int, warmu
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}, {PUBLISHED}")
     if PUBLISHED in modes:
-        if not reference_python:
-            raise ValueError(f"mode {PUBLISHED!r} needs --reference-python PATH, a Python with hidiffusion installed")
-        if not (os.path.isfile(reference_python) and os.access(reference_python, os.X_OK)):
-            raise ValueError(f"--reference-python {reference_python!r} is not an executable file")
-        # before minutes of model building: does that Python have the package at all?
-        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hidiffusion') is None)"
-        if subprocess.run([reference_python, "-c", probe], env=_reference_env()).returncode != 0:
-            raise ValueError(
-                f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
-                "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"
-            )
+        check_reference_python(reference_python, f"mode {PUBLISHED!r}")
     return ("baseline",) + tuple(m for m in dict.fromkeys(modes) if m != "baseline")
 
 

@@ -18,13 +18,22 @@ Methods:
   native-size maps, and the first up stage's output is resized back bicubically to the
   full-size skip connection; forward hooks of this module, removed after the run;
 * ``hiresfix``: native-size generation, bicubic upscale, then image-to-image at
-  strength 0.5 (its time includes both passes).
+  strength 0.5 (its time includes both passes);
+* ``published``: the published ``hidiffusion`` package (0.1.10) on the same model,
+  prompts and seeds, run by another Python that has it (``--reference-python``; see
+  ``_reference_eval.py``). Its presets go by absolute latent size (SD: below 256 the
+  "1024" preset, T1 0.4, no T2), so on the 16 px toy model it runs that preset at every
+  size, where hidiff picks its 4x preset at 4x.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
@@ -35,6 +44,7 @@ from .toy.count import count_objects, summarize
 from .toy.pipeline import load_toy_pipeline
 
 METHODS = ("baseline", "hidiff", "raunet", "msw", "deepshrink", "hiresfix")
+PUBLISHED = "published"  # the published package, in the Python given as reference_python
 #: apply_hidiffusion options of the HiDiffusion methods.
 HIDIFF_OPTIONS = {"hidiff": {}, "raunet": {"window_attn": False}, "msw": {"raunet": False}}
 DEEP_SHRINK_END = 0.35
@@ -110,13 +120,40 @@ def generate(pipe: Any, method: str, prompts: list[str], size: int, steps: int, 
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def published_pictures(reference_python: str, model: Optional[str], prompts: list[str], sizes: Sequence[int],
+                       steps: int, seed: int, guidance: float) -> dict[str, Any]:
+    """Every size's pictures and seconds from the published package (see ``_reference_eval.py``)."""
+    from .bench import _reference_env
+    from .toy.pipeline import WEIGHTS
+
+    with tempfile.TemporaryDirectory(prefix="hidiff-published-") as tmp:
+        # the other Python sees this package and nothing else of this environment
+        os.symlink(Path(__file__).resolve().parent, Path(tmp) / "hidiff", target_is_directory=True)
+        spec = {"package_parent": tmp, "model": str(Path(model).resolve()) if model else str(WEIGHTS),
+                "prompts": prompts, "sizes": list(sizes), "steps": steps, "seed": seed, "guidance": guidance,
+                "threads": torch.get_num_threads(), "out": str(Path(tmp) / "out.pt")}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([reference_python, str(Path(__file__).with_name("_reference_eval.py")),
+                               str(Path(tmp) / "spec.json")], capture_output=True, text=True, env=_reference_env())
+        if proc.returncode != 0:
+            raise RuntimeError(f"the published package failed in {reference_python}:\n{proc.stderr[-3000:]}")
+        return torch.load(spec["out"])
+
+
 def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequence[int] = (1, 2, 4),
-             methods: Sequence[str] = METHODS, steps: int = 20, seed: int = 0, guidance: float = 1.0,
-             log: Any = None) -> dict[str, Any]:
-    """The eval table (a dict; see :func:`format_table`) and, under ``"images"``, every picture."""
-    unknown = [m for m in methods if m not in METHODS]
+             methods: Optional[Sequence[str]] = None, steps: int = 20, seed: int = 0, guidance: float = 1.0,
+             log: Any = None, reference_python: Optional[str] = None, model: Optional[str] = None) -> dict[str, Any]:
+    """The eval table (a dict; see :func:`format_table`) and, under ``"images"``, every picture.
+
+    ``methods`` defaults to all of :data:`METHODS`, plus ``published`` when ``reference_python``
+    is given; ``model`` is the folder ``pipe`` was loaded from (default: the shipped weights),
+    which the published package loads too.
+    """
+    if methods is None:
+        methods = METHODS + ((PUBLISHED,) if reference_python else ())
+    unknown = [m for m in methods if m not in METHODS and m != PUBLISHED]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}, {PUBLISHED}")
     bad_scales = [s for s in scales if not isinstance(s, int) or s < 1]
     if bad_scales:
         raise ValueError(f"scales must be whole multiples of the native size (1, 2, 4, ...), got {bad_scales}")
@@ -124,14 +161,24 @@ def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequen
         raise ValueError(f"samples must be at least 1, got {samples}")
     batch = [p for p in prompts for _ in range(samples)]
     native = pipe.native_size
+    published = None
+    if PUBLISHED in methods:
+        from .bench import check_reference_python
+
+        check_reference_python(reference_python, f"method {PUBLISHED!r}")
+        published = published_pictures(reference_python, model, batch, [s * native for s in scales], steps, seed,
+                                       guidance)
     rows, images = [], {}
     for scale in scales:
         for method in methods:
-            # one untimed step first: the first call at a new shape pays one-time kernel setup
-            generate(pipe, method, batch, scale * native, 1, seed, guidance)
-            start = time.perf_counter()
-            pictures = generate(pipe, method, batch, scale * native, steps, seed, guidance)
-            seconds = time.perf_counter() - start
+            if method == PUBLISHED:
+                pictures, seconds = published["images"][scale * native], published["seconds"][scale * native]
+            else:
+                # one untimed step first: the first call at a new shape pays one-time kernel setup
+                generate(pipe, method, batch, scale * native, 1, seed, guidance)
+                start = time.perf_counter()
+                pictures = generate(pipe, method, batch, scale * native, steps, seed, guidance)
+                seconds = time.perf_counter() - start
             counts = [count_objects(p) for p in pictures]
             row = {"method": method, "size": scale * native, "scale": scale, "images": len(batch),
                    **summarize(counts, batch), "seconds": seconds, "seconds_per_image": seconds / len(batch)}
@@ -139,8 +186,11 @@ def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequen
             images[(method, scale)] = pictures
             if log is not None:
                 log(_format_row(row))
-    return {"native": native, "prompts": list(prompts), "samples": samples, "steps": steps, "seed": seed,
-            "guidance": guidance, "rows": rows, "images": images}
+    result = {"native": native, "prompts": list(prompts), "samples": samples, "steps": steps, "seed": seed,
+              "guidance": guidance, "rows": rows, "images": images}
+    if published is not None:
+        result["published_versions"] = published["versions"]
+    return result
 
 
 HEADER = f"{'method':<11} {'size':>7} {'dup %':>6} {'right %':>8} {'empty %':>8} {'objects':>8} {'s/image':>8}"
@@ -196,7 +246,11 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt (K)")
     parser.add_argument("--prompts", help="comma-separated prompts (default: every prompt of the toy vocabulary)")
     parser.add_argument("--scales", default="1,2,4", help="sizes as multiples of the native size")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)},{PUBLISHED} (default: all "
+                        f"of them, {PUBLISHED} only with --reference-python)")
+    parser.add_argument("--reference-python", metavar="PATH",
+                        help="a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds the "
+                        f"{PUBLISHED} method")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -224,8 +278,10 @@ def main(args: Any) -> dict:
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     if log:
         log(HEADER)
-    result = run_eval(pipe, prompts, samples=args.samples, scales=scales, methods=args.methods.split(","),
-                      steps=args.steps, seed=args.seed, guidance=args.guidance, log=log)
+    methods = args.methods.split(",") if args.methods else None
+    result = run_eval(pipe, prompts, samples=args.samples, scales=scales, methods=methods, steps=args.steps,
+                      seed=args.seed, guidance=args.guidance, log=log, reference_python=args.reference_python,
+                      model=args.model)
     print(to_json(result) if args.json else format_table(result))
     if args.grid:
         save_grid(result, args.grid)

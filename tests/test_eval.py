@@ -133,3 +133,30 @@ def test_shipped_model_draws_one_object_natively_and_duplicates_at_4x_unless_hid
     baseline, ours = big["rows"]
     assert baseline["duplicated"] >= 2 / 3
     assert ours["duplicated"] < baseline["duplicated"]
+
+
+def test_published_method_runs_the_published_package_on_the_same_model_and_seeds(pipe, saved):
+    """The published package's pictures equal hidiff's in its reference mode with the preset
+    the published code picks for any toy size (sd-1024): both sides really ran the same
+    model, prompts, seeds and schedule, and the published package acted on it."""
+    from conftest import reference_python
+
+    result = run_eval(pipe, [PROMPT], samples=2, scales=(2,), methods=("baseline", "published"), steps=3, seed=5,
+                      reference_python=reference_python(), model=str(saved))
+    assert [r["method"] for r in result["rows"]] == ["baseline", "published"]
+    assert result["published_versions"]["hidiffusion"] == "0.1.10"
+    published, baseline = result["images"][("published", 2)], result["images"][("baseline", 2)]
+    assert published.shape == baseline.shape == (2, 3, 2 * NATIVE, 2 * NATIVE)
+    assert (published - baseline).abs().max() > 1e-2  # it changed the pictures
+    torch.manual_seed(5)  # the published window shifts draw from the global RNG
+    with hidiff.hidiffusion(pipe, window_shift="reference", preset="sd-1024"):
+        ours = generate(pipe, "baseline", [PROMPT] * 2, 2 * NATIVE, 3, 5, 1.0)
+    assert (ours - published).abs().max() <= 1e-4
+
+
+def test_published_method_needs_a_python_with_the_package(pipe, tmp_path):
+    with pytest.raises(ValueError, match="needs --reference-python"):
+        run_eval(pipe, [PROMPT], samples=1, scales=(2,), methods=("published",), steps=1)
+    with pytest.raises(ValueError, match="not an executable file"):
+        run_eval(pipe, [PROMPT], samples=1, scales=(2,), methods=("published",), steps=1,
+                 reference_python=str(tmp_path / "python"))

@@ -170,6 +170,7 @@ class ToyPipeline(DiffusionPipeline):
             timesteps = timesteps[num_inference_steps - keep:]
             start = image.to(device, dtype).expand(len(prompts), -1, -1, -1) * 2 - 1
             x = self.scheduler.add_noise(start, noise, timesteps[:1].repeat(len(prompts)))
+        self._num_timesteps = len(timesteps)  # as diffusers' pipelines do; the published hidiffusion reads it
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
