@@ -234,7 +234,7 @@ def _add_generate_parser(sub: Any) -> None:
     model.add_argument("--image", help="init image: img2img (with --mask: inpaint)")
     model.add_argument("--mask", help="inpainting mask (white is repainted); needs --image")
     model.add_argument("--strength", type=float, help="img2img/inpaint strength, in (0, 1]")
-    model.add_argument("--controlnet", metavar="MODEL", help="ControlNet hub id or local diffusers folder")
+    model.add_argument("--controlnet", metavar="MODEL", help="ControlNet: hub id, local diffusers folder, or one original-layout .safetensors/.pth/.ckpt file")
     model.add_argument("--control-image", metavar="FILE", help="the ControlNet conditioning image")
     model.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale")
     model.add_argument("--from-image", metavar="PNG", help="re-run a PNG written by hidiff generate (flags override)")

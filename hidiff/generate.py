@@ -239,21 +239,26 @@ def _short(error: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def checkpoint_keys(path: str) -> list[str]:
-    """Tensor names of a single-file checkpoint, without loading a .safetensors file's tensors."""
+def checkpoint_shapes(path: str, flag: str = "--model") -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a single-file checkpoint, without loading a .safetensors file's tensors."""
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                return list(f.keys())
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # safetensors and pickle raise many types for a file that is not theirs
-        raise UsageError(f"--model {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise UsageError(f"--model {path} holds no state dict")
-    return list(state)
+        raise UsageError(f"{flag} {path} holds no state dict")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoint_keys(path: str) -> list[str]:
+    """Tensor names of a single-file checkpoint."""
+    return list(checkpoint_shapes(path))
 
 
 def single_file_kind(keys: list[str]) -> str:
@@ -317,18 +322,62 @@ def load_base_pipeline(request: Request, dtype: torch.dtype) -> Any:
         raise ModelLoadError(f"cannot load the diffusers folder {request.model}: {error}") from None
 
 
-def load_controlnet(name: str, dtype: torch.dtype) -> Any:
+def load_controlnet(name: str, dtype: torch.dtype, unet: Any) -> Any:
+    """A ControlNet from a hub id, a diffusers folder or one original-layout file (configured from ``unet``)."""
     import diffusers
 
+    if os.path.isfile(name):
+        return load_controlnet_file(name, dtype, unet)
     source = "folder" if os.path.isdir(name) else "hub"
-    if source == "hub" and (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise UsageError(f"--controlnet {name}: pass a ControlNet hub id or a local diffusers ControlNet folder")
+    if source == "hub" and (name.lower().endswith(CONTROLNET_FILE_SUFFIXES) or name.startswith((".", "/", "~"))
+                            or name.count("/") > 1):
+        raise UsageError(f"--controlnet {name}: no such file or folder; pass a ControlNet hub id, a local diffusers "
+                         "ControlNet folder or a .safetensors/.pth/.ckpt file")
     try:
         return diffusers.ControlNetModel.from_pretrained(name, torch_dtype=dtype)
     except OSError as error:
         if source == "hub":
             raise _hub_error("--controlnet", name, error) from None
         raise ModelLoadError(f"cannot load the ControlNet folder {name}: {error}") from None
+
+
+CONTROLNET_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
+
+
+def load_controlnet_file(path: str, dtype: torch.dtype, unet: Any) -> Any:
+    """A ControlNet file in the original layout (``input_hint_block``, ``zero_convs``, as ControlNet releases
+    ship them), offline: its config is the base U-Net's encoder (a ControlNet copies it) with the
+    conditioning embedding's widths and the input channels read from the file's tensor shapes."""
+    import tempfile
+
+    import diffusers
+
+    if not path.lower().endswith(CONTROLNET_FILE_SUFFIXES):
+        raise UsageError(f"--controlnet {path}: a ControlNet file must be .safetensors, .pth or .ckpt")
+    if not single_file_takes_config():
+        raise ModelLoadError(f"this diffusers ({diffusers.__version__}) cannot configure a single-file ControlNet "
+                             "offline; upgrade diffusers, or pass the ControlNet as a diffusers folder")
+    shapes = checkpoint_shapes(path, "--controlnet")
+    prefix = "control_model." if any(k.startswith("control_model.") for k in shapes) else ""
+    hint = sorted((int(k.split(".")[-2]), shape) for k, shape in shapes.items()
+                  if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight"))
+    conv_in = shapes.get(prefix + "input_blocks.0.0.weight")
+    if not hint or conv_in is None or prefix + "zero_convs.0.0.weight" not in shapes:
+        raise UsageError(f"--controlnet {path} is not a ControlNet in the original layout (no input_hint_block / "
+                         "zero_convs tensors); pass a diffusers ControlNet folder instead")
+    # hint convs: conv_in, then (c_i -> c_i, c_i -> c_i+1) pairs, then conv_out: every other output, last dropped
+    widths = tuple(shape[0] for _, shape in hint[:-1])[0::2]
+    with torch.device("meta"):
+        skeleton = diffusers.ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                                       conditioning_embedding_out_channels=widths)
+    skeleton.register_to_config(in_channels=conv_in[1], conditioning_channels=hint[0][1][1])
+    with tempfile.TemporaryDirectory(prefix="hidiff-controlnet-") as folder:
+        skeleton.save_config(folder)
+        try:
+            return diffusers.ControlNetModel.from_single_file(path, config=folder, torch_dtype=dtype)
+        except Exception as error:
+            raise ModelLoadError(f"cannot load the ControlNet file {path} for this model ({_short(error)}); it may "
+                                 "be for another family (SD 1.x, 2.x, SDXL)") from None
 
 
 def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -340,7 +389,7 @@ def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype (still accepted); older ones need it
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         base = load_base_pipeline(request, dtype)
-        controlnet = load_controlnet(request.controlnet, dtype) if request.controlnet else None
+        controlnet = load_controlnet(request.controlnet, dtype, base.unet) if request.controlnet else None
     layout = detect_layout(find_unet(base)[0])
     if layout.inpainting and request.task != "inpaint":
         raise UsageError(f"{request.model} is an inpainting model (9-channel U-Net): pass --image and --mask")

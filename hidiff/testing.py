@@ -160,13 +160,13 @@ def tiny_tokenizer():
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
 
 
-def tiny_text_encoder(seed: int = 0, with_projection: bool = False):
+def tiny_text_encoder(seed: int = 0, with_projection: bool = False, hidden_size: int = TINY_TEXT_DIM):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=514,
-        hidden_size=TINY_TEXT_DIM,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,

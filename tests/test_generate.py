@@ -181,6 +181,56 @@ def test_single_file_checkpoint_loads_like_its_folder(models, tmp_path, capsys):
     assert meta(tmp_path / "file.png")[1]["request"]["config_folder"] == models["sd"]
 
 
+def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path):
+    """An SDXL checkpoint in the original (SGM) layout: U-Net, VAE, and both text encoders,
+    the second in OpenCLIP's layout. The encoders get different widths, as in SDXL, since
+    diffusers tells them apart by width."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from hidiff.testing import TINY_POOLED_DIM, TINY_TEXT_DIM, TINY_TIME_DIM, tiny_components, tiny_text_encoder
+
+    if not generate.single_file_takes_config():
+        pytest.skip("this diffusers builds single-file pipelines only from online LDM configs (tested above)")
+    wide = TINY_TEXT_DIM + 16
+    components = tiny_components("sdxl", sample_size=NATIVE, cross_attention_dim=TINY_TEXT_DIM + wide,
+                                 projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_DIM)
+    components["text_encoder_2"] = tiny_text_encoder(1, with_projection=True, hidden_size=wide)
+    pipe = StableDiffusionXLPipeline(**components)
+    pipe.save_pretrained(tmp_path / "sdxl")
+    checkpoint = tmp_path / "tiny-sdxl.safetensors"
+    save_file(ldm_state_dict(pipe), str(checkpoint))
+    assert generate.single_file_kind(generate.checkpoint_keys(str(checkpoint))) == "sdxl"
+    common = ["--prompt", "one red circle", *SIZE, "--seed", 3]
+    assert gen("--model", checkpoint, "--config", tmp_path / "sdxl", *common, "--out", tmp_path / "file.png") == 0
+    assert gen("--model", tmp_path / "sdxl", *common, "--out", tmp_path / "folder.png") == 0
+    assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "folder.png"))
+    assert meta(tmp_path / "file.png")[1]["run"]["pipeline"] == "StableDiffusionXLPipeline"
+
+
+def test_single_file_controlnet_loads_like_its_folder(models, tmp_path, capsys):
+    """A ControlNet as its releases ship it (original layout, no prefix), configured offline
+    from the base model's U-Net and the file's own tensor shapes."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    if not generate.single_file_takes_config():
+        pytest.skip("this diffusers cannot configure a single-file ControlNet offline (error tested in bad input)")
+    controlnet = ControlNetModel.from_pretrained(models["cn"])
+    checkpoint = tmp_path / "control_tiny.safetensors"
+    save_file(controlnet_ldm_state_dict(controlnet), str(checkpoint))
+    common = ["--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 4, "--control-image", models["photo"]]
+    assert gen(*common, "--controlnet", checkpoint, "--out", tmp_path / "file.png") == 0
+    assert gen(*common, "--controlnet", models["cn"], "--out", tmp_path / "folder.png") == 0
+    assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "folder.png"))
+    assert gen(*common, "--controlnet", models["photo"], "--out", tmp_path / "bad.png") == 2
+    assert "a ControlNet file must be .safetensors, .pth or .ckpt" in capsys.readouterr().err
+    not_a_controlnet = tmp_path / "unet.safetensors"
+    save_file(ldm_state_dict(models["pipe"]), str(not_a_controlnet))
+    assert gen(*common, "--controlnet", not_a_controlnet, "--out", tmp_path / "bad.png") == 2
+    assert "not a ControlNet in the original layout" in capsys.readouterr().err
+
+
 def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
     sdxl = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
             "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"]
@@ -266,7 +316,15 @@ def test_single_file_without_configs_offline_exits_1_naming_config(models, tmp_p
 RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
+# SDXL's second text encoder in OpenCLIP's layout (its q, k, v projections are one in_proj)
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                 "text_model.final_layer_norm.weight": "ln_final.weight",
+                 "text_model.final_layer_norm.bias": "ln_final.bias"}
 VAE_ATTENTION_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -320,6 +378,7 @@ def vae_key_ldm(key, num_up_blocks):
 
 
 def ldm_state_dict(pipe):
+    """The pipeline as one original-layout checkpoint: SD 1.x (LDM) or, with a second text encoder, SDXL (SGM)."""
     unet, vae = pipe.unet, pipe.vae
     up_has_attention = [bool(getattr(block, "attentions", None)) for block in unet.up_blocks]
     state = {}
@@ -330,7 +389,45 @@ def ldm_state_dict(pipe):
         if ".attn_1." in name and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's VAE attention projections are 1x1 convs
         state["first_stage_model." + name] = value
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    first = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
     for key, value in pipe.text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 dropped the level
-        state["cond_stage_model.transformer." + key] = value
+        state[first + key] = value
+    if sdxl:
+        state.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state_dict(pipe.text_encoder_2).items()})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def open_clip_state_dict(encoder):
+    """A CLIPTextModelWithProjection's tensors under OpenCLIP's names."""
+    weights, state = encoder.state_dict(), {}
+    for key, name in OPEN_CLIP_TOP.items():
+        state[name] = weights[key]
+    state["text_projection"] = weights["text_projection.weight"].T  # OpenCLIP multiplies from the right
+    for i in range(encoder.config.num_hidden_layers):
+        ours, theirs = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            state[f"{theirs}attn.in_proj_{part}"] = torch.cat(
+                [weights[f"{ours}self_attn.{p}_proj.{part}"] for p in "qkv"])
+            for name, ldm in OPEN_CLIP_LAYER.items():
+                state[f"{theirs}{ldm}.{part}"] = weights[f"{ours}{name}.{part}"]
+    return state
+
+
+def controlnet_ldm_state_dict(controlnet):
+    """A ControlNet as its releases ship it: the U-Net encoder's LDM names plus the hint and zero convs."""
+    blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    hint = {"conv_in": 0, **{f"blocks.{i}": 2 * (i + 1) for i in range(blocks)}, "conv_out": 2 * (blocks + 1)}
+    state = {}
+    for key, value in controlnet.state_dict().items():
+        if m := re.fullmatch(r"controlnet_cond_embedding\.(.*)\.(weight|bias)", key):
+            name = f"input_hint_block.{hint[m[1]]}.{m[2]}"
+        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+            name = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif key.startswith("controlnet_mid_block."):
+            name = "middle_block_out.0." + key.split(".", 1)[1]
+        else:
+            name = unet_key_ldm(key, controlnet.config.layers_per_block, [])
+        state[name] = value
     return {k: v.contiguous() for k, v in state.items()}
