@@ -6,6 +6,7 @@ import torch
 import diffusers
 import hidiff
 from hidiff.testing import tiny_components
+from conftest import small_native
 
 STEPS = 10
 
@@ -16,7 +17,7 @@ def _controlnet(unet, seed):
 
 
 def _pipe(family, n_controlnets=1, cls_name=None):
-    components = tiny_components(family)
+    components = tiny_components(family, **small_native(family))  # SDXL: native 512
     nets = [_controlnet(components["unet"], seed) for seed in range(n_controlnets)]
     components["controlnet"] = nets[0] if n_controlnets == 1 else nets
     if cls_name is None:
@@ -91,19 +92,19 @@ def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
 
 def test_sdxl_text2img_controlnet_runs_native_then_stops():
     pipe = _pipe("sdxl")
-    side = 1536  # latent 192, native 128
+    side = 768  # latent 96, native 64
     stock, _ = _run(pipe, side, _control_image(side))
     hidiff.apply_hidiffusion(pipe)
     probe = Probe(pipe)
     ours, records = _run(pipe, side, _control_image(side))
     assert not torch.equal(ours, stock)
-    assert ours.shape == (1, 4, 192, 192) and torch.isfinite(ours).all()
+    assert ours.shape == (1, 4, 96, 96) and torch.isfinite(ours).all()
     assert records[0].preset == "sdxl-2048-controlnet"
     assert hidiff.get_patch(pipe)._controlnet_mode() == "native"
     active = int(STEPS * 0.6)
-    # native size: 192 / 1.5 = 128, a multiple of 8; after the ControlNet phase its call is
+    # native size: 96 / 1.5 = 64, a multiple of 8; after the ControlNet phase its call is
     # made nearly free (the smallest map its two downsamplers take), and its residuals unused
-    assert probe.controlnet_sizes == [(128, 128)] * active + [(4, 4)] * (STEPS - active)
+    assert probe.controlnet_sizes == [(64, 64)] * active + [(4, 4)] * (STEPS - active)
     used = [sizes is not None for sizes in probe.unet_residual_sizes]
     assert used == [i < active for i in range(STEPS)]
     patch = hidiff.get_patch(pipe)
@@ -118,8 +119,8 @@ def test_controlnet_mode_can_be_forced():
     pipe = _pipe("sdxl")
     hidiff.apply_hidiffusion(pipe, controlnet="resize")
     probe = Probe(pipe)
-    _run(pipe, 1536, _control_image(1536))
-    assert set(probe.controlnet_sizes) == {(192, 192)}
+    _run(pipe, 768, _control_image(768))
+    assert set(probe.controlnet_sizes) == {(96, 96)}
     assert all(sizes is not None for sizes in probe.unet_residual_sizes)
 
 
@@ -140,7 +141,7 @@ def test_controlnet_img2img_and_inpaint(family, task):
     pipe = _pipe(family, cls_name=_CONTROLNET_TASK_PIPELINES[(family, task)])
     if family == "sdxl":
         pipe.register_to_config(requires_aesthetics_score=False)
-    side = 640 if family == "sd15" else 1280  # 1.25x native
+    side = 640  # 1.25x native (SD: 512, SDXL here: 512)
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
     extra = dict(control_image=_control_image(side), strength=0.6)
@@ -171,13 +172,13 @@ def test_controlnet_img2img_and_inpaint(family, task):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_t2i_adapter_residuals_follow_rau_net(family):
-    components = tiny_components(family)
+    components = tiny_components(family, **small_native(family))
     torch.manual_seed(0)
     if family == "sdxl":
         adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
                                        downscale_factor=16, adapter_type="full_adapter_xl")
         pipe = diffusers.StableDiffusionXLAdapterPipeline(adapter=adapter, **components)
-        side = 1280  # latent 160 > native 128
+        side = 640  # latent 80 > native 64
     else:
         for key in ("safety_checker", "feature_extractor"):
             components.pop(key)

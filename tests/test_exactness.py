@@ -2,9 +2,13 @@
 
 The reference runs in its own virtual environment (diffusers 0.27.2, built by
 ``.ci/run``; override with HIDIFF_REFERENCE_PYTHON) on the same saved random-weight
-models and inputs, in one subprocess for all cases. Sizes: SD 1.5 layout at 1024x1024
-and 1024x2048 (preset "1024"), SDXL layout at 2048x2048 (aggressive "2048", the
-inpainting/Playground "2048" variant and Turbo), DDIM and Euler, 10 steps.
+models and inputs, in one subprocess for all cases. The tiny U-Nets are saved with a
+native size of 256x256 (sample_size 32) so that the cases keep the published presets'
+scales at a sixteenth of the pixels: SD 1.5 layout at 2x (512x512) and 2x by 4x
+(512x1024), the published "1024" preset; SDXL layout at 2x (512x512: the aggressive
+"2048" preset, the inpainting/Playground "2048" variant, and Turbo); DDIM and Euler,
+10 steps. The published code picks its presets from the latent size alone (below 256
+for SD, below 512 for SDXL), so these sizes select the same presets as full-size ones.
 """
 
 import json
@@ -30,24 +34,27 @@ TOLERANCE = 1e-4
 SD_NAME = "runwayml/stable-diffusion-v1-5"
 SDXL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
 
-# (id, family, height, width, scheduler, guidance, name the reference sees, hidiff options)
+# (id, family, height, width, scheduler, guidance, name the reference sees, hidiff options,
+#  the preset hidiff must pick: the one the published code picks at full size)
 CASES = [
-    ("sd-1024-ddim-cfg", "sd", 1024, 1024, "ddim", 7.5, SD_NAME, {}),
-    ("sd-1024-euler", "sd", 1024, 1024, "euler", 1.0, SD_NAME, {}),
-    ("sd-1024x2048-ddim", "sd", 1024, 2048, "ddim", 1.0, SD_NAME, {}),
-    ("sd-1024x2048-euler", "sd", 1024, 2048, "euler", 1.0, SD_NAME, {}),
-    ("sdxl-2048-aggressive-ddim", "sdxl", 2048, 2048, "ddim", 1.0, SDXL_NAME, {}),
-    ("sdxl-2048-aggressive-euler", "sdxl", 2048, 2048, "euler", 1.0, SDXL_NAME, {}),
+    ("sd-2x-ddim-cfg", "sd", 512, 512, "ddim", 7.5, SD_NAME, {}, "sd-1024"),
+    ("sd-2x-euler", "sd", 512, 512, "euler", 1.0, SD_NAME, {}, "sd-1024"),
+    ("sd-2x4-ddim", "sd", 512, 1024, "ddim", 1.0, SD_NAME, {}, "sd-1024"),
+    ("sd-2x4-euler", "sd", 512, 1024, "euler", 1.0, SD_NAME, {}, "sd-1024"),
+    ("sdxl-2x-aggressive-ddim", "sdxl", 512, 512, "ddim", 1.0, SDXL_NAME, {}, "sdxl-2048"),
+    ("sdxl-2x-aggressive-euler", "sdxl", 512, 512, "euler", 1.0, SDXL_NAME, {}, "sdxl-2048"),
     # The published code takes the non-aggressive schedule for models named "inpainting".
-    ("sdxl-2048-gentle-euler", "sdxl", 2048, 2048, "euler", 1.0,
-     "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", {"aggressive": False}),
-    ("sdxl-turbo-ddim", "sdxl", 2048, 2048, "ddim", 1.0, "stabilityai/sdxl-turbo", {"preset": "sdxl-turbo"}),
+    ("sdxl-2x-gentle-euler", "sdxl", 512, 512, "euler", 1.0,
+     "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", {"aggressive": False}, "sdxl-2048-gentle"),
+    ("sdxl-turbo-ddim", "sdxl", 512, 512, "ddim", 1.0, "stabilityai/sdxl-turbo", {"preset": "sdxl-turbo"}, "sdxl-turbo"),
 ]
 STEPS = 10
 
+NATIVE_LATENT = 32  # sample_size of the saved tiny U-Nets: 256x256 pixels
+
 
 def _save_model(family, folder):
-    config = tiny_unet_config("sdxl" if family == "sdxl" else "sd15")
+    config = tiny_unet_config("sdxl" if family == "sdxl" else "sd15", sample_size=NATIVE_LATENT)
     make_unet(config, seed=1).save_pretrained(folder / "unet")
     tiny_vae(seed=1).save_pretrained(folder / "vae")
     text_dim = config["cross_attention_dim"]
@@ -66,7 +73,7 @@ def _save_model(family, folder):
 
 
 def _case_dict(case, tmp):
-    cid, family, h, w, scheduler, guidance, name, _ = case
+    cid, family, h, w, scheduler, guidance, name, _, _ = case
     return dict(
         id=cid, family=family, height=h, width=w, scheduler=scheduler, guidance=guidance,
         name_or_path=name, steps=STEPS, seed=1234, model_dir=str(tmp / family), out=str(tmp / f"ref-{cid}.pt"),
@@ -110,5 +117,6 @@ def test_equals_published_hidiffusion(reference, case):
     assert len(records) == STEPS and all(r.window_calls > 0 for r in records)
     assert records[0].conv or records[0].pool
     assert not (records[-1].conv or records[-1].pool)
+    assert records[0].preset == case[8]  # the full-size preset, at 2x
     diff = (ours - expected).abs().max().item()
     assert diff <= TOLERANCE, f"{case[0]}: max abs difference {diff:.3g} to the published hidiffusion"

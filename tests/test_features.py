@@ -5,7 +5,7 @@ import torch
 
 import diffusers
 import hidiff
-from conftest import run_recorded
+from conftest import run_recorded, small_native
 from hidiff.testing import tiny_components, tiny_pipeline
 
 SIDE = 640  # latent 80 > the tiny SD native 64
@@ -77,10 +77,10 @@ def test_pag_pipeline_keeps_its_step_and_windows(family):
     cls = "StableDiffusionXLPAGPipeline" if family == "sdxl" else "StableDiffusionPAGPipeline"
     if not hasattr(diffusers, cls):
         pytest.skip(f"diffusers {diffusers.__version__} has no {cls} (PAG pipelines came in diffusers 0.30)")
-    components = tiny_components(family)
+    components = tiny_components(family, **small_native(family))
     pipe = getattr(diffusers, cls)(**components, pag_applied_layers=["mid"])
     pipe.set_progress_bar_config(disable=True)
-    side = SIDE if family == "sd15" else 1280
+    side = SIDE  # 1.25x native for both (SDXL here: 512)
     stock, _ = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)
     hidiff.apply_hidiffusion(pipe)
     out, records = run_recorded(pipe, side, side, STEPS, pag_scale=3.0)

@@ -7,7 +7,7 @@ from PIL import Image
 
 import hidiff
 from hidiff.testing import tiny_pipeline
-from conftest import latents_of
+from conftest import latents_of, small_native
 
 
 def _image(size, seed=0, mask=False):
@@ -35,8 +35,8 @@ def _records(pipe, **call):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", ["text2img", "img2img", "inpaint"])
 def test_task_acts_and_keeps_shape(family, task):
-    pipe = tiny_pipeline(family, task)
-    side = int(8 * pipe.unet.config.sample_size * 1.25)  # SD: 640 px, SDXL: 1280 px (above native)
+    pipe = tiny_pipeline(family, task, **small_native(family))
+    side = int(8 * pipe.unet.config.sample_size * 1.25)  # 640 px, above native
     call = dict(height=side, width=side, num_inference_steps=10, guidance_scale=1.0)
     if task != "text2img":
         call.update(image=_image((side, side)), strength=0.6)

@@ -53,13 +53,14 @@ def test_patched_then_removed_equals_never_patched(sd_pipe):
 
 def test_sdxl_patched_then_removed_equals_never_patched(sdxl_pipe):
     before_state = hook_state(sdxl_pipe.unet)
-    stock = latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0)
+    side = 9 * sdxl_pipe.unet.config.sample_size  # 1.125x native
+    stock = latents_of(sdxl_pipe, side, side, steps=6, guidance_scale=1.0)
     hidiff.apply_hidiffusion(sdxl_pipe)
-    patched = latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0)
+    patched = latents_of(sdxl_pipe, side, side, steps=6, guidance_scale=1.0)
     assert not torch.equal(patched, stock)
     hidiff.remove_hidiffusion(sdxl_pipe)
     assert hook_state(sdxl_pipe.unet) == before_state
-    assert torch.equal(latents_of(sdxl_pipe, 1152, 1152, steps=6, guidance_scale=1.0), stock)
+    assert torch.equal(latents_of(sdxl_pipe, side, side, steps=6, guidance_scale=1.0), stock)
 
 
 def test_apply_twice_equals_apply_once(sd_pipe):
