@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=2, help="U-Net batch (classifier-free guidance doubles it)")
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--warmup", type=int, default=1, help="one-step warm-up runs per mode")
-    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw,published")
+    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw,published, or all "
+                       "(default: baseline,hidiff, plus published with --reference-python)")
     bench.add_argument(
         "--reference-python", metavar="PATH",
         help="a Python with the published hidiffusion (and diffusers 0.27.x): adds the mode 'published'",

@@ -53,7 +53,7 @@ def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
     chart, saved = tmp_path / "bench.png", tmp_path / "bench.json"
     code = main(["bench", "--tiny", "--width", "576", "--height", "576", "--steps", "3", "--batch", "1",
                  "--warmup", "0", "--threads", "1", "--json", str(saved), "--reference-python", reference_python(),
-                 "--plot", str(chart)])
+                 "--plot", str(chart), "--modes", "all"])
     assert code == 0
     table = capsys.readouterr().out  # with --json FILE the table is printed, the JSON saved
     assert [line.split()[0] for line in table.splitlines()[2:7]] == ["baseline", "hidiff", "raunet", "msw", "published"]
@@ -112,3 +112,12 @@ def test_bench_refuses_a_reference_python_without_hidiffusion(capsys):
     assert main(["bench", "--tiny", "--reference-python", sys.executable]) == 2
     err = capsys.readouterr().err
     assert "has no hidiffusion package" in err and "scripts/setup.sh" in err
+
+
+def test_default_modes_are_the_comparison_and_all_adds_the_ablations():
+    from hidiff.bench import _check
+
+    args = ("sd15", 1024, 1024, 3, 1, 0)
+    assert _check(*args, None, None) == ("baseline", "hidiff")
+    assert _check(*args, ("all",), None) == ("baseline", "hidiff", "raunet", "msw")
+    assert _check(*args, ("msw", "hidiff"), None) == ("baseline", "msw", "hidiff")  # baseline always first
