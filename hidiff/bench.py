@@ -8,6 +8,11 @@ not), total time, speed-up over baseline, peak memory, and the FLOP count of the
 schedule (counted per step with torch's FlopCounterMode on a weightless copy of the
 model), so that the measured speed-up stands next to the FLOP bound.
 
+With ``model`` (``--model``: a hub id, diffusers folder or single file, loaded as
+``hidiff generate`` loads it) the modes run that model's own U-Net, and its text
+encoders and VAE are timed once each, on their own: their cost does not depend on the
+mode, and it is what a whole generation adds to the loop.
+
 The ``published`` mode runs the published ``hidiffusion`` package in another Python
 (``--reference-python``; it needs diffusers 0.27.x) on the same saved weights and
 inputs, timed by the same loop code (``_timing.py``), in a subprocess that stays alive
@@ -82,7 +87,7 @@ def count_flops(config: dict, options: Optional[dict], batch: int, latent: tuple
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = UNet2DConditionModel.from_config(config)
     scheduler = DDIMScheduler()
 
     def phase_key(t: Any) -> Any:
@@ -216,8 +221,65 @@ def check_reference_python(reference_python: Optional[str], what: str) -> None:
         )
 
 
+#: The family name a loaded model is benchmarked (and shown to the published package) as.
+_LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
+
+
+def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:
+    """A real pipeline (hub id, folder or single file, as ``hidiff generate`` loads it) and its family name."""
+    from .families import detect_layout, find_unet
+    from .generate import Request, load_base_pipeline
+
+    import warnings
+
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype (still accepted); older ones need it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = load_base_pipeline(Request(model=model, config_folder=config_folder), dtype)
+    layout = detect_layout(find_unet(pipe)[0])
+    return pipe, _LAYOUT_FAMILIES[layout.family]
+
+
+def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torch.device,
+                    dtype: torch.dtype) -> dict:
+    """Seconds of the text encoders on ``batch`` prompts (what classifier-free guidance gives
+    the U-Net: the negative and positive prompt of batch / 2 images) and of the VAE decoding
+    batch / 2 latents of the benchmark's size; each once, after a one-prompt / one-small-latent warm-up."""
+    import time
+
+    images = max(1, batch // 2)
+    prompts = ["a photograph of a lighthouse on a cliff at dusk"] * batch
+    encoders = [(getattr(pipe, t, None), getattr(pipe, e, None))
+                for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+    encoders = [(t, e.to(device)) for t, e in encoders if t is not None and e is not None]
+
+    def encode(texts: list) -> None:
+        for tokenizer, encoder in encoders:
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            encoder(ids.to(device))
+
+    vae = pipe.vae.to(device, dtype)
+    g = torch.Generator().manual_seed(0)
+
+    def decode(n: int, size: tuple[int, int]) -> None:
+        z = torch.randn(n, vae.config.latent_channels, *size, generator=g).to(device, dtype)
+        vae.decode(z / vae.config.scaling_factor)
+
+    with torch.no_grad():
+        encode(prompts[:1])
+        decode(1, (8, 8))
+        start = time.perf_counter()
+        encode(prompts)
+        text_s = time.perf_counter() - start
+        start = time.perf_counter()
+        decode(images, latent)
+        vae_s = time.perf_counter() - start
+    return {"text_encoders_s": text_s, "prompts": batch, "text_encoders": len(encoders), "vae_decode_s": vae_s,
+            "images": images}
+
+
 def run_bench(
-    family: str = "sd15",
+    family: Optional[str] = None,
     height: int = 1024,
     width: int = 1024,
     steps: int = 4,
@@ -229,19 +291,34 @@ def run_bench(
     dtype: str = "float32",
     tiny: bool = False,
     reference_python: Optional[str] = None,
+    model: Optional[str] = None,
+    config_folder: Optional[str] = None,
 ) -> dict:
     """Time each mode side by side; the result is what ``hidiff bench --json`` prints.
 
     ``modes`` defaults to :data:`DEFAULT_MODES`; ``("all",)`` is every mode (``published``
-    only with ``reference_python``, which adds it to either).
+    only with ``reference_python``, which adds it to either). ``family`` (default ``sd15``)
+    picks a random-weight U-Net; ``model`` a real one instead (not both).
     """
     from diffusers import DDIMScheduler
 
+    if model is not None and (family is not None or tiny):
+        raise ValueError("give --model (a real model) or --family/--tiny (a random-weight U-Net), not both")
+    if config_folder is not None and model is None:
+        raise ValueError("--config gives the component configs of a single-file --model; it needs --model")
+    family = family or "sd15"
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
-    config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
     dev, dt = torch.device(device), getattr(torch, dtype)
-    unet = make_unet(config, dtype=dt).to(dev)
     latent = (height // 8, width // 8)
+    components = None
+    if model is not None:
+        pipe, family = load_model(model, config_folder, dt)
+        unet = pipe.unet.to(dev, dt).eval()
+        config = dict(unet.config)
+        components = time_components(pipe, batch, latent, dev, dt)
+    else:
+        config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
+        unet = make_unet(config, dtype=dt).to(dev)
     cpu_inputs = _inputs(config, batch, latent)
     inputs = move(cpu_inputs, dev, dt)
     scheduler = DDIMScheduler()
@@ -280,6 +357,10 @@ def run_bench(
         "repeats": repeats, "warmup": warmup, "device": str(dev), "dtype": dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "modes": results,
     }
+    if components is not None:
+        result["model"] = model
+        result["unet_parameters"] = sum(p.numel() for p in unet.parameters())
+        result["components"] = components
     if published is not None:
         result["published"] = {**published.info, "unet_calls": [s["unet_calls"] for s in samples[PUBLISHED]]}
     return result
@@ -345,6 +426,12 @@ def format_table(result: dict) -> str:
             f"{r['flop_speedup']:10.2f}x {r['speedup'] / r['flop_speedup']:8.0%} {r['flops'] / 1e9:9.1f} "
             f"{r['peak_memory_bytes'] / 2**20:9.0f}"
         )
+    parts = result.get("components")
+    if parts is not None:
+        lines.append(
+            f"model {result['model']}: text encoders {parts['text_encoders_s']:.2f} s for {parts['prompts']} prompts, "
+            f"VAE decode {parts['vae_decode_s']:.2f} s for {parts['images']} image(s) (once each, outside the loop)"
+        )
     ref = result.get("published")
     if ref is not None:
         ratio = result["modes"][PUBLISHED]["total_s"] / result["modes"]["hidiff"]["total_s"]
@@ -356,8 +443,9 @@ def format_table(result: dict) -> str:
 
 
 def _title(result: dict) -> str:
+    name = f"{result['model']} ({result['family']})" if result.get("model") else result["family"]
     return (
-        f"{result['family']}{' (tiny)' if result['tiny'] else ''} {result['width']}x{result['height']}, "
+        f"{name}{' (tiny)' if result['tiny'] else ''} {result['width']}x{result['height']}, "
         f"batch {result['batch']}, {result['steps']} steps, {result['device']} {result['dtype']}, "
         f"{result['threads']} threads"
     )

@@ -193,7 +193,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = run_bench(
             family=args.family, height=args.height, width=args.width, steps=args.steps, batch=args.batch,
             repeats=args.repeats, warmup=args.warmup, modes=modes, device=args.device, dtype=args.dtype,
-            tiny=args.tiny, reference_python=args.reference_python,
+            tiny=args.tiny, reference_python=args.reference_python, model=args.model,
+            config_folder=args.config_folder,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -295,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"
     )
-    bench.add_argument("--family", choices=FAMILY_NAMES, default="sd15")
+    bench.add_argument("--family", choices=FAMILY_NAMES, help="random-weight U-Net of this family (default sd15)")
+    bench.add_argument("--model", help="a real model instead (hub id, diffusers folder or single file): its U-Net, "
+                       "and its text encoders and VAE timed on their own")
+    bench.add_argument("--config", dest="config_folder", metavar="FOLDER",
+                       help="component configs for a single-file --model (a local diffusers folder)")
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--steps", type=int, default=4)

@@ -121,3 +121,34 @@ def test_default_modes_are_the_comparison_and_all_adds_the_ablations():
     assert _check(*args, None, None) == ("baseline", "hidiff")
     assert _check(*args, ("all",), None) == ("baseline", "hidiff", "raunet", "msw")
     assert _check(*args, ("msw", "hidiff"), None) == ("baseline", "msw", "hidiff")  # baseline always first
+
+
+def test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart(capsys, tmp_path):
+    """--model: the loop runs the saved model's own U-Net (its parameter count and FLOPs),
+    HiDiffusion acts on it, and the text encoders and VAE are timed once on their own."""
+    from hidiff.bench import count_flops
+    from hidiff.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15", sample_size=8)  # native 64 px: 128 px is 2x
+    pipe.save_pretrained(tmp_path / "model")
+    saved = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tmp_path / "model"), "--width", "128", "--height", "128", "--steps", "3",
+                 "--batch", "2", "--warmup", "0", "--threads", "1", "--json", str(saved)]) == 0
+    table = capsys.readouterr().out
+    assert f"{tmp_path / 'model'} (sd15) 128x128" in table and "text encoders" in table
+    result = json.loads(saved.read_text())
+    assert result["model"] == str(tmp_path / "model") and result["family"] == "sd15"
+    assert result["unet_parameters"] == sum(p.numel() for p in pipe.unet.parameters())
+    parts = result["components"]
+    assert parts["prompts"] == 2 and parts["images"] == 1 and parts["text_encoders"] == 1
+    assert parts["text_encoders_s"] > 0 and parts["vae_decode_s"] > 0
+    assert result["modes"]["hidiff"]["rau_steps"] == 1  # RAU-Net acted on the loaded U-Net
+    stock = count_flops(dict(pipe.unet.config), None, 2, (16, 16), 3)["total"]
+    assert result["modes"]["baseline"]["flops"] == stock
+
+
+def test_bench_model_and_family_are_exclusive(capsys, tmp_path):
+    assert main(["bench", "--model", str(tmp_path), "--family", "sdxl"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["bench", "--config", str(tmp_path)]) == 2
+    assert "needs --model" in capsys.readouterr().err
