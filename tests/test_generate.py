@@ -181,7 +181,7 @@ def test_single_file_checkpoint_loads_like_its_folder(models, tmp_path, capsys):
     assert meta(tmp_path / "file.png")[1]["request"]["config_folder"] == models["sd"]
 
 
-def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path):
+def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path, capsys):
     """An SDXL checkpoint in the original (SGM) layout: U-Net, VAE, and both text encoders,
     the second in OpenCLIP's layout. The encoders get different widths, as in SDXL, since
     diffusers tells them apart by width."""
@@ -190,8 +190,6 @@ def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path):
 
     from hidiff.testing import TINY_POOLED_DIM, TINY_TEXT_DIM, TINY_TIME_DIM, tiny_components, tiny_text_encoder
 
-    if not generate.single_file_takes_config():
-        pytest.skip("this diffusers builds single-file pipelines only from online LDM configs (tested above)")
     wide = TINY_TEXT_DIM + 16
     components = tiny_components("sdxl", sample_size=NATIVE, cross_attention_dim=TINY_TEXT_DIM + wide,
                                  projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_DIM)
@@ -202,6 +200,10 @@ def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path):
     save_file(ldm_state_dict(pipe), str(checkpoint))
     assert generate.single_file_kind(generate.checkpoint_keys(str(checkpoint))) == "sdxl"
     common = ["--prompt", "one red circle", *SIZE, "--seed", 3]
+    if not generate.single_file_takes_config():  # older diffusers: only original YAML configs, fetched online
+        assert gen("--model", checkpoint, "--config", tmp_path / "sdxl", *common, "--out", tmp_path / "f.png") == 1
+        assert "--config needs a newer diffusers" in capsys.readouterr().err
+        return
     assert gen("--model", checkpoint, "--config", tmp_path / "sdxl", *common, "--out", tmp_path / "file.png") == 0
     assert gen("--model", tmp_path / "sdxl", *common, "--out", tmp_path / "folder.png") == 0
     assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "folder.png"))
@@ -214,12 +216,14 @@ def test_single_file_controlnet_loads_like_its_folder(models, tmp_path, capsys):
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
-    if not generate.single_file_takes_config():
-        pytest.skip("this diffusers cannot configure a single-file ControlNet offline (error tested in bad input)")
     controlnet = ControlNetModel.from_pretrained(models["cn"])
     checkpoint = tmp_path / "control_tiny.safetensors"
     save_file(controlnet_ldm_state_dict(controlnet), str(checkpoint))
     common = ["--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 4, "--control-image", models["photo"]]
+    if not generate.single_file_takes_config():
+        assert gen(*common, "--controlnet", checkpoint, "--out", tmp_path / "file.png") == 1
+        assert "cannot configure a single-file ControlNet offline" in capsys.readouterr().err
+        return
     assert gen(*common, "--controlnet", checkpoint, "--out", tmp_path / "file.png") == 0
     assert gen(*common, "--controlnet", models["cn"], "--out", tmp_path / "folder.png") == 0
     assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "folder.png"))
