@@ -228,12 +228,9 @@ _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
 def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:
     """A real pipeline (hub id, folder or single file, as ``hidiff generate`` loads it) and its family name."""
     from .families import detect_layout, find_unet
-    from .generate import Request, load_base_pipeline
+    from .generate import Request, load_base_pipeline, torch_dtype_accepted
 
-    import warnings
-
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype (still accepted); older ones need it
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    with torch_dtype_accepted():
         pipe = load_base_pipeline(Request(model=model, config_folder=config_folder), dtype)
     layout = detect_layout(find_unet(pipe)[0])
     return pipe, _LAYOUT_FAMILIES[layout.family]

@@ -19,9 +19,10 @@ import os
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -380,14 +381,21 @@ def load_controlnet_file(path: str, dtype: torch.dtype, unet: Any) -> Any:
                                  "be for another family (SD 1.x, 2.x, SDXL)") from None
 
 
+@contextmanager
+def torch_dtype_accepted() -> Iterator[None]:
+    """Newer diffusers renamed ``torch_dtype`` (still accepted, with a FutureWarning); older ones need it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
 def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
     """(pipeline of the class the request needs, U-Net layout)."""
     import diffusers
 
     from .families import detect_layout, find_unet
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype (still accepted); older ones need it
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    with torch_dtype_accepted():
         base = load_base_pipeline(request, dtype)
         controlnet = load_controlnet(request.controlnet, dtype, base.unet) if request.controlnet else None
     layout = detect_layout(find_unet(base)[0])
