@@ -135,7 +135,7 @@ class PublishedRunner:
         self._log = open(tmp / "stderr.txt", "w+")
         self._proc = subprocess.Popen(
             [python, str(_RUNNER), str(tmp / "spec.json")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=_reference_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=reference_env(),
         )
 
     @property
@@ -203,8 +203,9 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _reference_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
+def reference_env() -> dict:
+    """The environment for the reference Python: this one without PYTHONPATH, so it sees its own packages only."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def check_reference_python(reference_python: Optional[str], what: str) -> None:
@@ -214,7 +215,7 @@ def check_reference_python(reference_python: Optional[str], what: str) -> None:
     if not (os.path.isfile(reference_python) and os.access(reference_python, os.X_OK)):
         raise ValueError(f"--reference-python {reference_python!r} is not an executable file")
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hidiffusion') is None)"
-    if subprocess.run([reference_python, "-c", probe], env=_reference_env()).returncode != 0:
+    if subprocess.run([reference_python, "-c", probe], env=reference_env()).returncode != 0:
         raise ValueError(
             f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
             "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"

@@ -123,7 +123,7 @@ def generate(pipe: Any, method: str, prompts: list[str], size: int, steps: int, 
 def published_pictures(reference_python: str, model: Optional[str], prompts: list[str], sizes: Sequence[int],
                        steps: int, seed: int, guidance: float) -> dict[str, Any]:
     """Every size's pictures and seconds from the published package (see ``_reference_eval.py``)."""
-    from .bench import _reference_env
+    from .bench import reference_env
     from .toy.pipeline import WEIGHTS
 
     with tempfile.TemporaryDirectory(prefix="hidiff-published-") as tmp:
@@ -134,7 +134,7 @@ def published_pictures(reference_python: str, model: Optional[str], prompts: lis
                 "threads": torch.get_num_threads(), "out": str(Path(tmp) / "out.pt")}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([reference_python, str(Path(__file__).with_name("_reference_eval.py")),
-                               str(Path(tmp) / "spec.json")], capture_output=True, text=True, env=_reference_env())
+                               str(Path(tmp) / "spec.json")], capture_output=True, text=True, env=reference_env())
         if proc.returncode != 0:
             raise RuntimeError(f"the published package failed in {reference_python}:\n{proc.stderr[-3000:]}")
         return torch.load(spec["out"])
