@@ -1,10 +1,10 @@
 """hidiff: HiDiffusion (RAU-Net + MSW-MSA) for diffusers Stable Diffusion pipelines.
 
-    import hidiff
-    hidiff.apply_hidiffusion(pipe)          # one line; pipe(...) now works at 2x-4x native
-    hidiff.remove_hidiffusion(pipe)         # exact undo
-    with hidiff.hidiffusion(pipe): ...      # scoped
-    hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
+import hidiff
+hidiff.apply_hidiffusion(pipe)          # one line; pipe(...) now works at 2x-4x native
+hidiff.remove_hidiffusion(pipe)         # exact undo
+with hidiff.hidiffusion(pipe): ...      # scoped
+hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
 """
 
 from .adapter import (

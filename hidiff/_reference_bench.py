@@ -71,19 +71,23 @@ def main(spec_path):
     dtype = getattr(torch, spec["dtype"])
     inputs = torch.load(spec["inputs"])
     flops = count_flops(diffusers, spec, inputs)
-    unet = diffusers.UNet2DConditionModel.from_pretrained(spec["model_dir"], torch_dtype=dtype).to(spec["device"]).eval()
+    unet = (
+        diffusers.UNet2DConditionModel.from_pretrained(spec["model_dir"], torch_dtype=dtype).to(spec["device"]).eval()
+    )
     pipe = published_pipeline(diffusers, unet, spec["name_or_path"])
     replaced = sorted(name for name, m in unet.named_modules() if type(m).__module__.startswith("hidiffusion"))
     inputs = _timing.move(inputs, spec["device"], dtype)
     scheduler = diffusers.DDIMScheduler()
-    reply({
-        "ready": True,
-        "hidiffusion": version("hidiffusion"),
-        "diffusers": diffusers.__version__,
-        "torch": torch.__version__,
-        "replaced_modules": replaced,
-        "flops_per_step": flops,
-    })
+    reply(
+        {
+            "ready": True,
+            "hidiffusion": version("hidiffusion"),
+            "diffusers": diffusers.__version__,
+            "torch": torch.__version__,
+            "replaced_modules": replaced,
+            "flops_per_step": flops,
+        }
+    )
     for line in sys.stdin:
         request = json.loads(line)
         reply(run_steps(pipe, scheduler, inputs, request["steps"]))

@@ -38,8 +38,15 @@ def main(spec_path):
     def sample(size, steps):
         torch.manual_seed(spec["seed"])
         generator = torch.Generator().manual_seed(spec["seed"])
-        return pipe(spec["prompts"], height=size, width=size, num_inference_steps=steps,
-                    guidance_scale=spec["guidance"], generator=generator, output_type="pt").images
+        return pipe(
+            spec["prompts"],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=spec["guidance"],
+            generator=generator,
+            output_type="pt",
+        ).images
 
     images, seconds = {}, {}
     for size in spec["sizes"]:
@@ -47,8 +54,15 @@ def main(spec_path):
         start = time.perf_counter()
         images[size] = sample(size, spec["steps"])
         seconds[size] = time.perf_counter() - start
-    torch.save({"images": images, "seconds": seconds, "replaced_modules": replaced,
-                "versions": {name: version(name) for name in ("hidiffusion", "diffusers", "torch")}}, spec["out"])
+    torch.save(
+        {
+            "images": images,
+            "seconds": seconds,
+            "replaced_modules": replaced,
+            "versions": {name: version(name) for name in ("hidiffusion", "diffusers", "torch")},
+        },
+        spec["out"],
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from .config import HiDiffusionConfig
 from .families import Layout, UnsupportedModelError, detect_layout, find_unet
 from .schedule import PRESETS, Preset, StepTracker, choose_preset, in_range
 
-_PATCHES: "weakref.WeakKeyDictionary[nn.Module, Patch]" = weakref.WeakKeyDictionary()
+_PATCHES: weakref.WeakKeyDictionary[nn.Module, Patch] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -92,7 +92,9 @@ class Patch:
             self._hook_pre(conv_module, self._on_conv_start)
             self._handles.append(conv_module.register_forward_hook(_eager(self._on_conv_end), always_call=True))
             self._handles.append(down[lay.pool_stage].attentions[0].register_forward_hook(_eager(self._on_pool)))
-            self._handles.append(up[lay.up_index(lay.pool_stage)].attentions[1].register_forward_hook(_eager(self._on_unpool)))
+            self._handles.append(
+                up[lay.up_index(lay.pool_stage)].attentions[1].register_forward_hook(_eager(self._on_unpool))
+            )
         for controlnet in _controlnets(self._pipe() if self._pipe is not None else None):
             self._hook_pre(controlnet, self._on_controlnet_call)
         if self.config.window_attn:
@@ -105,7 +107,9 @@ class Patch:
                             self._map_of[id(attn1)] = id(transformer)
                             self._hook_pre(attn1, self._on_attn_start)
                             self._handles.append(
-                                attn1.register_forward_hook(_eager(self._on_attn_end), with_kwargs=True, always_call=True)
+                                attn1.register_forward_hook(
+                                    _eager(self._on_attn_end), with_kwargs=True, always_call=True
+                                )
                             )
 
     def _hook_pre(self, module: nn.Module, fn: Any) -> None:
@@ -132,15 +136,19 @@ class Patch:
         cfg, lay = self.config, self.layout
         if cfg.at_native == "skip" and latent[0] <= lay.native[0] and latent[1] <= lay.native[1]:
             return None, False, False, False
-        preset = PRESETS[cfg.preset] if cfg.preset else choose_preset(
-            lay.kind,
-            latent,
-            lay.native,
-            total,
-            inpainting=lay.inpainting or self._inpainting_pipe,
-            edm=_is_edm(self.scheduler),
-            text2img_controlnet=self._controlnet_text2img,
-            aggressive=cfg.aggressive,
+        preset = (
+            PRESETS[cfg.preset]
+            if cfg.preset
+            else choose_preset(
+                lay.kind,
+                latent,
+                lay.native,
+                total,
+                inpainting=lay.inpainting or self._inpainting_pipe,
+                edm=_is_edm(self.scheduler),
+                text2img_controlnet=self._controlnet_text2img,
+                aggressive=cfg.aggressive,
+            )
         )
         t1, t2 = cfg.ratios(preset)
         a = cfg.aggressive_step_ratio
@@ -213,8 +221,9 @@ class Patch:
         args, kwargs = _replace_arg(args, kwargs, 0, "sample", sample)
         cond = args[3] if len(args) > 3 else kwargs.get("controlnet_cond")
         if isinstance(cond, torch.Tensor):
-            cond = torch.nn.functional.interpolate(cond, size=(8 * small[0], 8 * small[1]), mode="bilinear",
-                                                   antialias=True)
+            cond = torch.nn.functional.interpolate(
+                cond, size=(8 * small[0], 8 * small[1]), mode="bilinear", antialias=True
+            )
             args, kwargs = _replace_arg(args, kwargs, 3, "controlnet_cond", cond)
         return args, kwargs
 
@@ -243,8 +252,11 @@ class Patch:
 
     def _fit_residuals(self, latent: tuple, conv: bool, pool: bool, kwargs: dict) -> dict:
         """Resize ControlNet / T2I-Adapter residuals (computed at full or native size) to the U-Net's features."""
-        names = ("down_block_additional_residuals", "mid_block_additional_residual",
-                 "down_intrablock_additional_residuals")
+        names = (
+            "down_block_additional_residuals",
+            "mid_block_additional_residual",
+            "down_intrablock_additional_residuals",
+        )
         if all(kwargs.get(name) is None for name in names):
             return kwargs
         skips, mid, adapter = self.feature_sizes(latent, conv, pool)
@@ -523,8 +535,9 @@ def hidiffusion(pipe_or_unet: Any, **options: Any) -> Iterator[Any]:
         remove_hidiffusion(pipe_or_unet)
         if previous is not None:
             pipe = previous._pipe() if previous._pipe is not None else None
-            apply_hidiffusion(pipe if pipe is not None else previous.unet, config=previous.config,
-                              scheduler=previous._scheduler)
+            apply_hidiffusion(
+                pipe if pipe is not None else previous.unet, config=previous.config, scheduler=previous._scheduler
+            )
 
 
 __all__ = [

@@ -123,19 +123,29 @@ class PublishedRunner:
             self.close()
             raise
 
-    def _start(self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str,
-               tmp: Path) -> None:
+    def _start(
+        self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str, tmp: Path
+    ) -> None:
         unet.save_pretrained(tmp / "unet")
         torch.save(inputs, tmp / "inputs.pt")
         spec = {
-            "model_dir": str(tmp / "unet"), "inputs": str(tmp / "inputs.pt"), "name_or_path": PUBLISHED_NAMES[family],
-            "steps": steps, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+            "model_dir": str(tmp / "unet"),
+            "inputs": str(tmp / "inputs.pt"),
+            "name_or_path": PUBLISHED_NAMES[family],
+            "steps": steps,
+            "device": device,
+            "dtype": dtype,
+            "threads": torch.get_num_threads(),
         }
         (tmp / "spec.json").write_text(json.dumps(spec))
         self._log = open(tmp / "stderr.txt", "w+")
         self._proc = subprocess.Popen(
             [python, str(_RUNNER), str(tmp / "spec.json")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=reference_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=reference_env(),
         )
 
     @property
@@ -151,7 +161,7 @@ class PublishedRunner:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(REPLY_PREFIX):
-                return json.loads(line[len(REPLY_PREFIX):])
+                return json.loads(line[len(REPLY_PREFIX) :])
         self._proc.wait()
         self._log.seek(0)
         tail = self._log.read()[-3000:]
@@ -237,8 +247,7 @@ def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> 
     return pipe, _LAYOUT_FAMILIES[layout.family]
 
 
-def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torch.device,
-                    dtype: torch.dtype) -> dict:
+def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torch.device, dtype: torch.dtype) -> dict:
     """Seconds of the text encoders on ``batch`` prompts (what classifier-free guidance gives
     the U-Net: the negative and positive prompt of batch / 2 images) and of the VAE decoding
     batch / 2 latents of the benchmark's size; each once, after a one-prompt / one-small-latent warm-up."""
@@ -246,14 +255,17 @@ def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torc
 
     images = max(1, batch // 2)
     prompts = ["a photograph of a lighthouse on a cliff at dusk"] * batch
-    encoders = [(getattr(pipe, t, None), getattr(pipe, e, None))
-                for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+    encoders = [
+        (getattr(pipe, t, None), getattr(pipe, e, None))
+        for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    ]
     encoders = [(t, e.to(device)) for t, e in encoders if t is not None and e is not None]
 
     def encode(texts: list) -> None:
         for tokenizer, encoder in encoders:
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+            ids = tokenizer(
+                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             encoder(ids.to(device))
 
     vae = pipe.vae.to(device, dtype)
@@ -272,8 +284,13 @@ def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torc
         start = time.perf_counter()
         decode(images, latent)
         vae_s = time.perf_counter() - start
-    return {"text_encoders_s": text_s, "prompts": batch, "text_encoders": len(encoders), "vae_decode_s": vae_s,
-            "images": images}
+    return {
+        "text_encoders_s": text_s,
+        "prompts": batch,
+        "text_encoders": len(encoders),
+        "vae_decode_s": vae_s,
+        "images": images,
+    }
 
 
 def run_bench(
@@ -328,8 +345,9 @@ def run_bench(
                 assert reference_python is not None
                 published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
             # counted while the runner loads: its FLOPs come with its ready message
-            flops = {m: count_flops(config, MODES[m], batch, latent, steps)["per_step"]
-                     for m in modes if m != PUBLISHED}
+            flops = {
+                m: count_flops(config, MODES[m], batch, latent, steps)["per_step"] for m in modes if m != PUBLISHED
+            }
             if published is not None:
                 flops[PUBLISHED] = published.info["flops_per_step"]
             runs = {m: published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs) for m in modes}
@@ -351,9 +369,19 @@ def run_bench(
         r["speedup"] = base["total_s"] / r["total_s"]
         r["flop_speedup"] = base["flops"] / r["flops"]
     result = {
-        "family": family, "tiny": tiny, "height": height, "width": width, "steps": steps, "batch": batch,
-        "repeats": repeats, "warmup": warmup, "device": str(dev), "dtype": dtype, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "modes": results,
+        "family": family,
+        "tiny": tiny,
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "batch": batch,
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(dev),
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "modes": results,
     }
     if components is not None:
         result["model"] = model
@@ -364,15 +392,25 @@ def run_bench(
     return result
 
 
-def _check(family: str, height: int, width: int, steps: int, repeats: int, warmup: int, modes: Optional[tuple],
-           reference_python: Optional[str]) -> tuple:
+def _check(
+    family: str,
+    height: int,
+    width: int,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    modes: Optional[tuple],
+    reference_python: Optional[str],
+) -> tuple:
     """The modes to run, baseline first; ValueError for input the user has to fix."""
     if family not in FULL_UNET_CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FULL_UNET_CONFIGS)}")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"steps and repeats must be at least 1 and warmup at least 0, got {steps}, {repeats}, {warmup}")
+        raise ValueError(
+            f"steps and repeats must be at least 1 and warmup at least 0, got {steps}, {repeats}, {warmup}"
+        )
     if modes is None or tuple(modes) == ("all",):
         modes = (DEFAULT_MODES if modes is None else tuple(MODES)) + ((PUBLISHED,) if reference_python else ())
     unknown = [m for m in modes if m not in MODES and m != PUBLISHED]
@@ -469,8 +507,9 @@ def write_plot(result: dict, path: str) -> None:
     left.set_title("total time")
     width = 0.38
     right.bar([i - width / 2 for i in x], [m["speedup"] for m in modes], width, label="measured", color="#4c72b0")
-    right.bar([i + width / 2 for i in x], [m["flop_speedup"] for m in modes], width, label="FLOP bound",
-              color="#dd8452")
+    right.bar(
+        [i + width / 2 for i in x], [m["flop_speedup"] for m in modes], width, label="FLOP bound", color="#dd8452"
+    )
     right.axhline(1.0, color="grey", linewidth=0.8)
     right.set_ylabel("speed-up over baseline")
     right.set_title("speed-up")

@@ -63,7 +63,7 @@ class _CFGppScheduler:
     forced_config: dict = {}
     sampler: str = ""
     guidance: float = DEFAULT_GUIDANCE
-    _session: Optional["_Session"] = None
+    _session: Optional[_Session] = None
 
     def _cfgpp_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, args: tuple, kwargs: dict):
         bound = inspect.signature(self._stock.step).bind(self, model_output, timestep, sample, *args, **kwargs)
@@ -341,7 +341,7 @@ class _Session:
         return found
 
 
-_SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
 
 
 def _check_guidance(guidance: Any) -> float:

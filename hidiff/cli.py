@@ -38,8 +38,19 @@ def config_from_args(args: argparse.Namespace, base: Any = None):
     from .config import HiDiffusionConfig
 
     options: dict[str, Any] = {}
-    for name in ("raunet", "window_attn", "preset", "t1_ratio", "t2_ratio", "aggressive", "aggressive_step_ratio",
-                 "window_shift", "window_seed", "at_native", "controlnet_steps_ratio"):
+    for name in (
+        "raunet",
+        "window_attn",
+        "preset",
+        "t1_ratio",
+        "t2_ratio",
+        "aggressive",
+        "aggressive_step_ratio",
+        "window_shift",
+        "window_seed",
+        "at_native",
+        "controlnet_steps_ratio",
+    ):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -128,7 +139,9 @@ def _why(layout, size, latent, steps, config, preset) -> str:
         return f"{size[1]}x{size[0]} is at or below native; at_native='skip' leaves it untouched"
     if config.preset:
         return "forced by --preset"
-    return f"{preset.note} (latent {latent[0]}x{latent[1]}, native {layout.native[0]}x{layout.native[1]}, {steps} steps)"
+    return (
+        f"{preset.note} (latent {latent[0]}x{latent[1]}, native {layout.native[0]}x{layout.native[1]}, {steps} steps)"
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -191,9 +204,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     modes = tuple(args.modes.split(",")) if args.modes else None
     try:
         result = run_bench(
-            family=args.family, height=args.height, width=args.width, steps=args.steps, batch=args.batch,
-            repeats=args.repeats, warmup=args.warmup, modes=modes, device=args.device, dtype=args.dtype,
-            tiny=args.tiny, reference_python=args.reference_python, model=args.model,
+            family=args.family,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            batch=args.batch,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            modes=modes,
+            device=args.device,
+            dtype=args.dtype,
+            tiny=args.tiny,
+            reference_python=args.reference_python,
+            model=args.model,
             config_folder=args.config_folder,
         )
     except ValueError as error:
@@ -223,19 +246,28 @@ def _add_generate_parser(sub: Any) -> None:
     from .generate import SCHEDULERS
 
     gen = sub.add_parser(
-        "generate", help="generate images with HiDiffusion; every PNG carries what re-runs it",
+        "generate",
+        help="generate images with HiDiffusion; every PNG carries what re-runs it",
         description="Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
         "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
         "model's native size (or the input image's size). Exit codes: 0 done, 2 bad usage, 1 failure.",
     )
     model = gen.add_argument_group("model and inputs")
     model.add_argument("--model", help="hub id, local diffusers folder, or a single .safetensors/.ckpt file")
-    model.add_argument("--config", dest="config_folder", metavar="FOLDER",
-                       help="a local diffusers folder of the same family, for a single-file --model offline")
+    model.add_argument(
+        "--config",
+        dest="config_folder",
+        metavar="FOLDER",
+        help="a local diffusers folder of the same family, for a single-file --model offline",
+    )
     model.add_argument("--image", help="init image: img2img (with --mask: inpaint)")
     model.add_argument("--mask", help="inpainting mask (white is repainted); needs --image")
     model.add_argument("--strength", type=float, help="img2img/inpaint strength, in (0, 1]")
-    model.add_argument("--controlnet", metavar="MODEL", help="ControlNet: hub id, local diffusers folder, or one original-layout .safetensors/.pth/.ckpt file")
+    model.add_argument(
+        "--controlnet",
+        metavar="MODEL",
+        help="ControlNet: hub id, local diffusers folder, or one original-layout .safetensors/.pth/.ckpt file",
+    )
     model.add_argument("--control-image", metavar="FILE", help="the ControlNet conditioning image")
     model.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale")
     model.add_argument("--from-image", metavar="PNG", help="re-run a PNG written by hidiff generate (flags override)")
@@ -249,18 +281,32 @@ def _add_generate_parser(sub: Any) -> None:
     run.add_argument("--seed", type=int, help="image k of a batch uses seed + k (default: random, recorded)")
     run.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="default: the model's own")
     run.add_argument("--batch", type=int, help="images per run")
-    run.add_argument("--cfgpp", type=float, metavar="LAMBDA", help="CFG++ guidance (needs --scheduler ddim, euler, "
-                     "euler-a or dpmpp-2m)")
+    run.add_argument(
+        "--cfgpp",
+        type=float,
+        metavar="LAMBDA",
+        help="CFG++ guidance (needs --scheduler ddim, euler, euler-a or dpmpp-2m)",
+    )
     run.add_argument("--hidiff", action=argparse.BooleanOptionalAction, help="HiDiffusion on (default) or off")
-    run.add_argument("--compare", action="store_true", help="same seed without and with HiDiffusion: both images, "
-                     "a side-by-side PNG and both times")
+    run.add_argument(
+        "--compare",
+        action="store_true",
+        help="same seed without and with HiDiffusion: both images, a side-by-side PNG and both times",
+    )
     run.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    run.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
-                     help="auto (default): float16 on GPUs, float32 on CPU")
-    run.add_argument("--vae-tiling", choices=("auto", "on", "off"),
-                     help="auto (default): on when decoding in one piece would not fit in free memory")
-    run.add_argument("--out", help="output PNG (default hidiff-SEED.png; batches add -K, --compare adds "
-                     "-plain/-hidiff/-compare)")
+    run.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="auto (default): float16 on GPUs, float32 on CPU",
+    )
+    run.add_argument(
+        "--vae-tiling",
+        choices=("auto", "on", "off"),
+        help="auto (default): on when decoding in one piece would not fit in free memory",
+    )
+    run.add_argument(
+        "--out", help="output PNG (default hidiff-SEED.png; batches add -K, --compare adds -plain/-hidiff/-compare)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(gen)
     gen.set_defaults(run=cmd_generate)
@@ -271,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="dry run: what HiDiffusion would change for a model and size")
-    info.add_argument("--model", required=True, help=f"a family name ({', '.join(FAMILY_NAMES)}) or a local diffusers folder")
+    info.add_argument(
+        "--model", required=True, help=f"a family name ({', '.join(FAMILY_NAMES)}) or a local diffusers folder"
+    )
     info.add_argument("--width", type=int, required=True)
     info.add_argument("--height", type=int, required=True)
     info.add_argument("--steps", type=int, default=50)
@@ -289,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval import add_arguments as add_eval_arguments
 
-    evaluate = sub.add_parser("eval", help="duplication metric on the shipped toy model: methods x sizes, counted objects")
+    evaluate = sub.add_parser(
+        "eval", help="duplication metric on the shipped toy model: methods x sizes, counted objects"
+    )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
@@ -297,28 +347,44 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"
     )
     bench.add_argument("--family", choices=FAMILY_NAMES, help="random-weight U-Net of this family (default sd15)")
-    bench.add_argument("--model", help="a real model instead (hub id, diffusers folder or single file): its U-Net, "
-                       "and its text encoders and VAE timed on their own")
-    bench.add_argument("--config", dest="config_folder", metavar="FOLDER",
-                       help="component configs for a single-file --model (a local diffusers folder)")
+    bench.add_argument(
+        "--model",
+        help="a real model instead (hub id, diffusers folder or single file): its U-Net, "
+        "and its text encoders and VAE timed on their own",
+    )
+    bench.add_argument(
+        "--config",
+        dest="config_folder",
+        metavar="FOLDER",
+        help="component configs for a single-file --model (a local diffusers folder)",
+    )
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--steps", type=int, default=4)
     bench.add_argument("--batch", type=int, default=2, help="U-Net batch (classifier-free guidance doubles it)")
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--warmup", type=int, default=1, help="one-step warm-up runs per mode")
-    bench.add_argument("--modes", help="comma-separated subset of baseline,hidiff,raunet,msw,published, or all "
-                       "(default: baseline,hidiff, plus published with --reference-python)")
     bench.add_argument(
-        "--reference-python", metavar="PATH",
+        "--modes",
+        help="comma-separated subset of baseline,hidiff,raunet,msw,published, or all "
+        "(default: baseline,hidiff, plus published with --reference-python)",
+    )
+    bench.add_argument(
+        "--reference-python",
+        metavar="PATH",
         help="a Python with the published hidiffusion (and diffusers 0.27.x): adds the mode 'published'",
     )
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     bench.add_argument("--threads", type=int, help="torch CPU threads")
     bench.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
-    bench.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                       help="print JSON instead of the table; with FILE: write it there and print the table")
+    bench.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print JSON instead of the table; with FILE: write it there and print the table",
+    )
     bench.add_argument("--plot", metavar="FILE.png", help="also write a chart of the times and speed-ups")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -82,7 +82,9 @@ class HiDiffusionConfig:
         _check_choice("at_native", self.at_native, ("skip", "apply"))
         if self.controlnet is not None:
             _check_choice("controlnet", self.controlnet, ("native", "resize"))
-        if self.window_seed is not None and (isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)):
+        if self.window_seed is not None and (
+            isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)
+        ):
             raise TypeError(f"window_seed must be an int or None, got {self.window_seed!r}")
         self.check_ratios()
 
@@ -109,7 +111,7 @@ class HiDiffusionConfig:
         return t1, t2
 
     @classmethod
-    def from_options(cls, base: Optional["HiDiffusionConfig"] = None, **options: Any) -> "HiDiffusionConfig":
+    def from_options(cls, base: Optional[HiDiffusionConfig] = None, **options: Any) -> HiDiffusionConfig:
         """A config from keywords (unknown ones are refused), on top of ``base``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)

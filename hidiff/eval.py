@@ -33,8 +33,8 @@ import os
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -92,8 +92,9 @@ def deep_shrink(pipe: Any, factor: int, end_ratio: float = DEEP_SHRINK_END) -> I
             handle.remove()
 
 
-def generate(pipe: Any, method: str, prompts: list[str], size: int, steps: int, seed: int,
-             guidance: float) -> torch.Tensor:
+def generate(
+    pipe: Any, method: str, prompts: list[str], size: int, steps: int, seed: int, guidance: float
+) -> torch.Tensor:
     """All pictures of one method at one size (B x 3 x size x size in [0, 1])."""
     import hidiff
 
@@ -120,8 +121,15 @@ def generate(pipe: Any, method: str, prompts: list[str], size: int, steps: int, 
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def published_pictures(reference_python: str, model: Optional[str], prompts: list[str], sizes: Sequence[int],
-                       steps: int, seed: int, guidance: float) -> dict[str, Any]:
+def published_pictures(
+    reference_python: str,
+    model: Optional[str],
+    prompts: list[str],
+    sizes: Sequence[int],
+    steps: int,
+    seed: int,
+    guidance: float,
+) -> dict[str, Any]:
     """Every size's pictures and seconds from the published package (see ``_reference_eval.py``)."""
     from .bench import reference_env
     from .toy.pipeline import WEIGHTS
@@ -129,20 +137,42 @@ def published_pictures(reference_python: str, model: Optional[str], prompts: lis
     with tempfile.TemporaryDirectory(prefix="hidiff-published-") as tmp:
         # the other Python sees this package and nothing else of this environment
         os.symlink(Path(__file__).resolve().parent, Path(tmp) / "hidiff", target_is_directory=True)
-        spec = {"package_parent": tmp, "model": str(Path(model).resolve()) if model else str(WEIGHTS),
-                "prompts": prompts, "sizes": list(sizes), "steps": steps, "seed": seed, "guidance": guidance,
-                "threads": torch.get_num_threads(), "out": str(Path(tmp) / "out.pt")}
+        spec = {
+            "package_parent": tmp,
+            "model": str(Path(model).resolve()) if model else str(WEIGHTS),
+            "prompts": prompts,
+            "sizes": list(sizes),
+            "steps": steps,
+            "seed": seed,
+            "guidance": guidance,
+            "threads": torch.get_num_threads(),
+            "out": str(Path(tmp) / "out.pt"),
+        }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([reference_python, str(Path(__file__).with_name("_reference_eval.py")),
-                               str(Path(tmp) / "spec.json")], capture_output=True, text=True, env=reference_env())
+        proc = subprocess.run(
+            [reference_python, str(Path(__file__).with_name("_reference_eval.py")), str(Path(tmp) / "spec.json")],
+            capture_output=True,
+            text=True,
+            env=reference_env(),
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"the published package failed in {reference_python}:\n{proc.stderr[-3000:]}")
         return torch.load(spec["out"])
 
 
-def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequence[int] = (1, 2, 4),
-             methods: Optional[Sequence[str]] = None, steps: int = 20, seed: int = 0, guidance: float = 1.0,
-             log: Any = None, reference_python: Optional[str] = None, model: Optional[str] = None) -> dict[str, Any]:
+def run_eval(
+    pipe: Any,
+    prompts: Sequence[str],
+    samples: int = 4,
+    scales: Sequence[int] = (1, 2, 4),
+    methods: Optional[Sequence[str]] = None,
+    steps: int = 20,
+    seed: int = 0,
+    guidance: float = 1.0,
+    log: Any = None,
+    reference_python: Optional[str] = None,
+    model: Optional[str] = None,
+) -> dict[str, Any]:
     """The eval table (a dict; see :func:`format_table`) and, under ``"images"``, every picture.
 
     ``methods`` defaults to all of :data:`METHODS`, plus ``published`` when ``reference_python``
@@ -166,8 +196,9 @@ def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequen
         from .bench import check_reference_python
 
         check_reference_python(reference_python, f"method {PUBLISHED!r}")
-        published = published_pictures(reference_python, model, batch, [s * native for s in scales], steps, seed,
-                                       guidance)
+        published = published_pictures(
+            reference_python, model, batch, [s * native for s in scales], steps, seed, guidance
+        )
     rows, images = [], {}
     for scale in scales:
         for method in methods:
@@ -180,14 +211,29 @@ def run_eval(pipe: Any, prompts: Sequence[str], samples: int = 4, scales: Sequen
                 pictures = generate(pipe, method, batch, scale * native, steps, seed, guidance)
                 seconds = time.perf_counter() - start
             counts = [count_objects(p) for p in pictures]
-            row = {"method": method, "size": scale * native, "scale": scale, "images": len(batch),
-                   **summarize(counts, batch), "seconds": seconds, "seconds_per_image": seconds / len(batch)}
+            row = {
+                "method": method,
+                "size": scale * native,
+                "scale": scale,
+                "images": len(batch),
+                **summarize(counts, batch),
+                "seconds": seconds,
+                "seconds_per_image": seconds / len(batch),
+            }
             rows.append(row)
             images[(method, scale)] = pictures
             if log is not None:
                 log(_format_row(row))
-    result = {"native": native, "prompts": list(prompts), "samples": samples, "steps": steps, "seed": seed,
-              "guidance": guidance, "rows": rows, "images": images}
+    result = {
+        "native": native,
+        "prompts": list(prompts),
+        "samples": samples,
+        "steps": steps,
+        "seed": seed,
+        "guidance": guidance,
+        "rows": rows,
+        "images": images,
+    }
     if published is not None:
         result["published_versions"] = published["versions"]
     return result
@@ -198,13 +244,18 @@ HEADER = f"{'method':<11} {'size':>7} {'dup %':>6} {'right %':>8} {'empty %':>8}
 
 def _format_row(row: dict) -> str:
     size = f"{row['size']}px"
-    return (f"{row['method']:<11} {size:>7} {100 * row['duplicated']:6.1f} {100 * row['right']:8.1f} "
-            f"{100 * row['empty']:8.1f} {row['mean_objects']:8.2f} {row['seconds_per_image']:8.3f}")
+    return (
+        f"{row['method']:<11} {size:>7} {100 * row['duplicated']:6.1f} {100 * row['right']:8.1f} "
+        f"{100 * row['empty']:8.1f} {row['mean_objects']:8.2f} {row['seconds_per_image']:8.3f}"
+    )
 
 
 def format_table(result: dict) -> str:
-    lines = [f"toy model, native {result['native']}px, {len(result['prompts'])} prompts x {result['samples']} "
-             f"samples, {result['steps']} steps, guidance {result['guidance']}, seed {result['seed']}", HEADER]
+    lines = [
+        f"toy model, native {result['native']}px, {len(result['prompts'])} prompts x {result['samples']} "
+        f"samples, {result['steps']} steps, guidance {result['guidance']}, seed {result['seed']}",
+        HEADER,
+    ]
     lines += [_format_row(row) for row in result["rows"]]
     return "\n".join(lines)
 
@@ -246,11 +297,16 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt (K)")
     parser.add_argument("--prompts", help="comma-separated prompts (default: every prompt of the toy vocabulary)")
     parser.add_argument("--scales", default="1,2,4", help="sizes as multiples of the native size")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)},{PUBLISHED} (default: all "
-                        f"of them, {PUBLISHED} only with --reference-python)")
-    parser.add_argument("--reference-python", metavar="PATH",
-                        help="a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds the "
-                        f"{PUBLISHED} method")
+    parser.add_argument(
+        "--methods",
+        help=f"comma-separated subset of {','.join(METHODS)},{PUBLISHED} (default: all "
+        f"of them, {PUBLISHED} only with --reference-python)",
+    )
+    parser.add_argument(
+        "--reference-python",
+        metavar="PATH",
+        help=f"a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds the {PUBLISHED} method",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -279,9 +335,19 @@ def main(args: Any) -> dict:
     if log:
         log(HEADER)
     methods = args.methods.split(",") if args.methods else None
-    result = run_eval(pipe, prompts, samples=args.samples, scales=scales, methods=methods, steps=args.steps,
-                      seed=args.seed, guidance=args.guidance, log=log, reference_python=args.reference_python,
-                      model=args.model)
+    result = run_eval(
+        pipe,
+        prompts,
+        samples=args.samples,
+        scales=scales,
+        methods=methods,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+        log=log,
+        reference_python=args.reference_python,
+        model=args.model,
+    )
     print(to_json(result) if args.json else format_table(result))
     if args.grid:
         save_grid(result, args.grid)
@@ -289,8 +355,9 @@ def main(args: Any) -> dict:
     return result
 
 
-def run_demo(pipe: Any, prompt: str, samples: int = 4, scale: int = 4, steps: int = 20, seed: int = 0,
-             guidance: float = 1.0) -> dict[str, Any]:
+def run_demo(
+    pipe: Any, prompt: str, samples: int = 4, scale: int = 4, steps: int = 20, seed: int = 0, guidance: float = 1.0
+) -> dict[str, Any]:
     """``prompt`` at ``scale`` x native without and with HiDiffusion, same seed: pictures, counts, times."""
     out: dict[str, Any] = {"prompt": prompt, "size": scale * pipe.native_size, "steps": steps, "seed": seed}
     for method in ("baseline", "hidiff"):
@@ -298,8 +365,12 @@ def run_demo(pipe: Any, prompt: str, samples: int = 4, scale: int = 4, steps: in
         pictures = generate(pipe, method, [prompt] * samples, scale * pipe.native_size, steps, seed, guidance)
         seconds = time.perf_counter() - start
         counts = [count_objects(p) for p in pictures]
-        out[method] = {"images": pictures, "counts": [c.n for c in counts],
-                       "right": [c.matches(prompt) for c in counts], "seconds": seconds}
+        out[method] = {
+            "images": pictures,
+            "counts": [c.n for c in counts],
+            "right": [c.matches(prompt) for c in counts],
+            "seconds": seconds,
+        }
     return out
 
 
@@ -331,13 +402,17 @@ def demo_main(args: Any) -> dict:
         torch.set_num_threads(args.threads)
     pipe = load_toy_pipeline(args.model)
     demo = run_demo(pipe, args.prompt, samples=args.samples, scale=args.scale, steps=args.steps, seed=args.seed)
-    print(f"toy model (SD 1.5 layout, pixel space, native {pipe.native_size}px): {args.prompt!r} at "
-          f"{demo['size']}x{demo['size']} ({args.scale}x native), {args.samples} samples, {args.steps} steps, "
-          f"seed {args.seed}")
+    print(
+        f"toy model (SD 1.5 layout, pixel space, native {pipe.native_size}px): {args.prompt!r} at "
+        f"{demo['size']}x{demo['size']} ({args.scale}x native), {args.samples} samples, {args.steps} steps, "
+        f"seed {args.seed}"
+    )
     for method, name in (("baseline", "without HiDiffusion"), ("hidiff", "with HiDiffusion   ")):
         row = demo[method]
-        print(f"{name}  objects per image {row['counts']}  one {args.prompt.split()[1]} {args.prompt.split()[2]}: "
-              f"{sum(row['right'])}/{len(row['right'])}  {row['seconds']:.1f} s")
+        print(
+            f"{name}  objects per image {row['counts']}  one {args.prompt.split()[1]} {args.prompt.split()[2]}: "
+            f"{sum(row['right'])}/{len(row['right'])}  {row['seconds']:.1f} s"
+        )
     save_side_by_side(demo, args.out)
     print(f"side by side: {args.out}")
     return demo

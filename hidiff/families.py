@@ -104,7 +104,9 @@ def _unwrap(module: Any) -> Any:
 def _has_cross_attention(block: Any) -> bool:
     """Whether a U-Net block holds transformer blocks (self- and cross-attention) in ``attentions``."""
     return any(
-        hasattr(m, "attn1") and hasattr(m, "attn2") for a in getattr(block, "attentions", None) or () for m in a.modules()
+        hasattr(m, "attn1") and hasattr(m, "attn2")
+        for a in getattr(block, "attentions", None) or ()
+        for m in a.modules()
     )
 
 

@@ -34,10 +34,16 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "dpmpp-2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        "DPM++ 2M",
+    ),
+    "dpmpp-2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
 CFGPP_SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
@@ -115,8 +121,10 @@ def request_from_args(args: Any) -> tuple[Request, Optional[int]]:
         base, index = read_metadata(args.from_image)
     else:
         if not args.model:
-            raise UsageError("--model is required (a hub id, a local diffusers folder or a .safetensors/.ckpt file), "
-                             "unless --from-image FILE gives it")
+            raise UsageError(
+                "--model is required (a hub id, a local diffusers folder or a .safetensors/.ckpt file), "
+                "unless --from-image FILE gives it"
+            )
         base = Request(model=args.model)
     given = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
     if "batch" in given:
@@ -148,13 +156,19 @@ def check_request(request: Request) -> dict[str, Any]:
         raise UsageError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if request.cfgpp is not None:
         if request.scheduler not in CFGPP_SCHEDULERS:
-            raise UsageError(f"--cfgpp needs --scheduler, one of {', '.join(CFGPP_SCHEDULERS)} (got {request.scheduler})")
+            raise UsageError(
+                f"--cfgpp needs --scheduler, one of {', '.join(CFGPP_SCHEDULERS)} (got {request.scheduler})"
+            )
         if not 0.0 <= request.cfgpp <= 1.0:
-            raise UsageError(f"--cfgpp takes lambda in [0, 1] (it stands for a guidance scale of 1 + 11.5 lambda), "
-                             f"got {request.cfgpp}")
+            raise UsageError(
+                f"--cfgpp takes lambda in [0, 1] (it stands for a guidance scale of 1 + 11.5 lambda), "
+                f"got {request.cfgpp}"
+            )
         if request.guidance is not None and request.guidance <= 1:
-            raise UsageError("--cfgpp needs the unconditional branch: leave --guidance unset or above 1 "
-                             "(its value is not used under CFG++)")
+            raise UsageError(
+                "--cfgpp needs the unconditional branch: leave --guidance unset or above 1 "
+                "(its value is not used under CFG++)"
+            )
     check_size(request.width, request.height, 8)  # every supported family's VAE scales by 8
     for name in ("steps", "batch"):
         value = getattr(request, name)
@@ -163,13 +177,18 @@ def check_request(request: Request) -> dict[str, Any]:
     if request.strength is not None and not 0.0 < request.strength <= 1.0:
         raise UsageError(f"--strength must lie in (0, 1], got {request.strength}")
     if request.config_folder and not os.path.isdir(request.config_folder):
-        raise UsageError(f"--config {request.config_folder}: not a folder; pass a local diffusers model folder "
-                         "(one with model_index.json) of the checkpoint's family")
+        raise UsageError(
+            f"--config {request.config_folder}: not a folder; pass a local diffusers model folder "
+            "(one with model_index.json) of the checkpoint's family"
+        )
     resolve_device(request.device, request.dtype)
     return {
         name: load_image(getattr(request, name), flag, mode)
-        for name, flag, mode in (("image", "--image", "RGB"), ("mask", "--mask", "L"),
-                                 ("control_image", "--control-image", "RGB"))
+        for name, flag, mode in (
+            ("image", "--image", "RGB"),
+            ("mask", "--mask", "L"),
+            ("control_image", "--control-image", "RGB"),
+        )
         if getattr(request, name)
     }
 
@@ -178,8 +197,10 @@ def check_size(width: Optional[int], height: Optional[int], multiple: int) -> No
     """Refuse a side (of those given) that is not a positive multiple of the VAE's scale factor."""
     for flag, side in (("--width", width), ("--height", height)):
         if side is not None and (side <= 0 or side % multiple):
-            raise UsageError(f"{flag} {side}: sizes must be positive multiples of {multiple} for this model family "
-                             f"(its VAE scales by {multiple}); e.g. {max(multiple, side // multiple * multiple)}")
+            raise UsageError(
+                f"{flag} {side}: sizes must be positive multiples of {multiple} for this model family "
+                f"(its VAE scales by {multiple}); e.g. {max(multiple, side // multiple * multiple)}"
+            )
 
 
 def load_image(path: str, flag: str, mode: str) -> Any:
@@ -191,7 +212,9 @@ def load_image(path: str, flag: str, mode: str) -> Any:
         with Image.open(path) as image:
             return image.convert(mode)
     except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"{flag} {path} is not an image that can be read ({error}); pass a PNG, JPEG or WebP file") from None
+        raise UsageError(
+            f"{flag} {path} is not an image that can be read ({error}); pass a PNG, JPEG or WebP file"
+        ) from None
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -219,8 +242,10 @@ def model_source(model: str) -> str:
         return "folder"
     if os.path.isfile(model):
         if not model.lower().endswith(SINGLE_FILE_SUFFIXES):
-            raise UsageError(f"--model {model}: a single checkpoint must be a .safetensors or .ckpt file; "
-                             "for a diffusers model pass its folder")
+            raise UsageError(
+                f"--model {model}: a single checkpoint must be a .safetensors or .ckpt file; "
+                "for a diffusers model pass its folder"
+            )
         return "file"
     if model.lower().endswith(SINGLE_FILE_SUFFIXES) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"--model {model}: no such file or folder")
@@ -264,12 +289,17 @@ def checkpoint_keys(path: str) -> list[str]:
 
 def single_file_kind(keys: list[str]) -> str:
     """``sd`` or ``sdxl`` from an original-layout (LDM/SGM) checkpoint's tensor names."""
-    if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
+    if (
+        any(k.startswith("conditioner.embedders.") for k in keys)
+        or "model.diffusion_model.label_emb.0.0.weight" in keys
+    ):
         return "sdxl"
     if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
         return "sd"
-    raise UsageError("the checkpoint has no Stable Diffusion U-Net in the original layout "
-                     "(model.diffusion_model.input_blocks.*); pass an SD 1.x/2.x/SDXL checkpoint or a diffusers folder")
+    raise UsageError(
+        "the checkpoint has no Stable Diffusion U-Net in the original layout "
+        "(model.diffusion_model.input_blocks.*); pass an SD 1.x/2.x/SDXL checkpoint or a diffusers folder"
+    )
 
 
 def single_file_takes_config() -> bool:
@@ -305,16 +335,19 @@ def load_base_pipeline(request: Request, dtype: torch.dtype) -> Any:
             return cls.from_single_file(request.model, **kwargs)
         except Exception as error:
             if request.config_folder:
-                raise ModelLoadError(f"cannot load {request.model} with the configs of {request.config_folder}: "
-                                     f"{error}") from None
+                raise ModelLoadError(
+                    f"cannot load {request.model} with the configs of {request.config_folder}: {error}"
+                ) from None
             raise ModelLoadError(
                 f"cannot load {request.model} ({_short(error)}). Without --config, diffusers fetches the component "
                 "configs of the checkpoint's family from the Hugging Face Hub; offline, pass --config FOLDER, a "
                 "local diffusers folder of the same family (SD 1.x, 2.x or SDXL)."
             ) from None
     if source == "folder" and not os.path.isfile(os.path.join(request.model, "model_index.json")):
-        raise UsageError(f"--model {request.model} is a folder without model_index.json: pass the folder of a whole "
-                         "diffusers pipeline (the one save_pretrained writes), not of one component")
+        raise UsageError(
+            f"--model {request.model} is a folder without model_index.json: pass the folder of a whole "
+            "diffusers pipeline (the one save_pretrained writes), not of one component"
+        )
     try:
         return diffusers.DiffusionPipeline.from_pretrained(request.model, torch_dtype=dtype)
     except (OSError, ValueError) as error:
@@ -330,10 +363,13 @@ def load_controlnet(name: str, dtype: torch.dtype, unet: Any) -> Any:
     if os.path.isfile(name):
         return load_controlnet_file(name, dtype, unet)
     source = "folder" if os.path.isdir(name) else "hub"
-    if source == "hub" and (name.lower().endswith(CONTROLNET_FILE_SUFFIXES) or name.startswith((".", "/", "~"))
-                            or name.count("/") > 1):
-        raise UsageError(f"--controlnet {name}: no such file or folder; pass a ControlNet hub id, a local diffusers "
-                         "ControlNet folder or a .safetensors/.pth/.ckpt file")
+    if source == "hub" and (
+        name.lower().endswith(CONTROLNET_FILE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") > 1
+    ):
+        raise UsageError(
+            f"--controlnet {name}: no such file or folder; pass a ControlNet hub id, a local diffusers "
+            "ControlNet folder or a .safetensors/.pth/.ckpt file"
+        )
     try:
         return diffusers.ControlNetModel.from_pretrained(name, torch_dtype=dtype)
     except OSError as error:
@@ -356,29 +392,39 @@ def load_controlnet_file(path: str, dtype: torch.dtype, unet: Any) -> Any:
     if not path.lower().endswith(CONTROLNET_FILE_SUFFIXES):
         raise UsageError(f"--controlnet {path}: a ControlNet file must be .safetensors, .pth or .ckpt")
     if not single_file_takes_config():
-        raise ModelLoadError(f"this diffusers ({diffusers.__version__}) cannot configure a single-file ControlNet "
-                             "offline; upgrade diffusers, or pass the ControlNet as a diffusers folder")
+        raise ModelLoadError(
+            f"this diffusers ({diffusers.__version__}) cannot configure a single-file ControlNet "
+            "offline; upgrade diffusers, or pass the ControlNet as a diffusers folder"
+        )
     shapes = checkpoint_shapes(path, "--controlnet")
     prefix = "control_model." if any(k.startswith("control_model.") for k in shapes) else ""
-    hint = sorted((int(k.split(".")[-2]), shape) for k, shape in shapes.items()
-                  if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight"))
+    hint = sorted(
+        (int(k.split(".")[-2]), shape)
+        for k, shape in shapes.items()
+        if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight")
+    )
     conv_in = shapes.get(prefix + "input_blocks.0.0.weight")
     if not hint or conv_in is None or prefix + "zero_convs.0.0.weight" not in shapes:
-        raise UsageError(f"--controlnet {path} is not a ControlNet in the original layout (no input_hint_block / "
-                         "zero_convs tensors); pass a diffusers ControlNet folder instead")
+        raise UsageError(
+            f"--controlnet {path} is not a ControlNet in the original layout (no input_hint_block / "
+            "zero_convs tensors); pass a diffusers ControlNet folder instead"
+        )
     # hint convs: conv_in, then (c_i -> c_i, c_i -> c_i+1) pairs, then conv_out: every other output, last dropped
     widths = tuple(shape[0] for _, shape in hint[:-1])[0::2]
     with torch.device("meta"):
-        skeleton = diffusers.ControlNetModel.from_unet(unet, load_weights_from_unet=False,
-                                                       conditioning_embedding_out_channels=widths)
+        skeleton = diffusers.ControlNetModel.from_unet(
+            unet, load_weights_from_unet=False, conditioning_embedding_out_channels=widths
+        )
     skeleton.register_to_config(in_channels=conv_in[1], conditioning_channels=hint[0][1][1])
     with tempfile.TemporaryDirectory(prefix="hidiff-controlnet-") as folder:
         skeleton.save_config(folder)
         try:
             return diffusers.ControlNetModel.from_single_file(path, config=folder, torch_dtype=dtype)
         except Exception as error:
-            raise ModelLoadError(f"cannot load the ControlNet file {path} for this model ({_short(error)}); it may "
-                                 "be for another family (SD 1.x, 2.x, SDXL)") from None
+            raise ModelLoadError(
+                f"cannot load the ControlNet file {path} for this model ({_short(error)}); it may "
+                "be for another family (SD 1.x, 2.x, SDXL)"
+            ) from None
 
 
 @contextmanager
@@ -402,8 +448,10 @@ def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
     if layout.inpainting and request.task != "inpaint":
         raise UsageError(f"{request.model} is an inpainting model (9-channel U-Net): pass --image and --mask")
     if controlnet is not None and controlnet.config.cross_attention_dim != base.unet.config.cross_attention_dim:
-        raise UsageError(f"--controlnet {request.controlnet} is for another family (text width "
-                         f"{controlnet.config.cross_attention_dim}, the model's is {base.unet.config.cross_attention_dim})")
+        raise UsageError(
+            f"--controlnet {request.controlnet} is for another family (text width "
+            f"{controlnet.config.cross_attention_dim}, the model's is {base.unet.config.cross_attention_dim})"
+        )
     name = pipeline_class_name(layout.kind, request.task, controlnet is not None)
     cls = getattr(diffusers, name, None)
     if cls is None:
@@ -456,9 +504,15 @@ def resolve(request: Request, pipe: Any, layout: Any, images: dict) -> Request:
         steps=request.steps or default("num_inference_steps"),
         guidance=request.guidance if request.guidance is not None else default("guidance_scale"),
         strength=(request.strength if request.strength is not None else default("strength"))
-        if request.task != "text2img" else None,
-        controlnet_scale=(request.controlnet_scale if request.controlnet_scale is not None
-                          else default("controlnet_conditioning_scale")) if request.controlnet else None,
+        if request.task != "text2img"
+        else None,
+        controlnet_scale=(
+            request.controlnet_scale
+            if request.controlnet_scale is not None
+            else default("controlnet_conditioning_scale")
+        )
+        if request.controlnet
+        else None,
         seed=request.seed if request.seed is not None else random.SystemRandom().randrange(2**32),
     )
 
@@ -549,7 +603,11 @@ def prepare(request: Request) -> tuple[Request, Any, Any, dict, torch.device]:
     free = free_memory_bytes(device)
     if decide_vae_tiling(request.vae_tiling, needed, free):
         pipe.vae.enable_tiling()
-        why = "as asked" if request.vae_tiling == "on" else f"decoding in one piece needs about {_gb(needed)}, {_gb(free)} free"
+        why = (
+            "as asked"
+            if request.vae_tiling == "on"
+            else f"decoding in one piece needs about {_gb(needed)}, {_gb(free)} free"
+        )
         print(f"VAE tiling on: {request.width}x{request.height} x{request.batch} ({why})")
     return request, pipe, layout, images, device
 
@@ -594,8 +652,7 @@ def run_pipeline(request: Request, pipe: Any, images: dict, device: torch.device
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     record = hidiff.last_call(pipe) if hidiff.is_patched(pipe) else None
-    return Run(list(out.images), seconds, memory.peak, record.preset if record else None,
-               type(pipe.scheduler).__name__)
+    return Run(list(out.images), seconds, memory.peak, record.preset if record else None, type(pipe.scheduler).__name__)
 
 
 # ------------------------------------------------------------------ metadata
@@ -603,10 +660,14 @@ def a1111_parameters(request: Request, index: int, run: Run) -> str:
     """The ``parameters`` text that A1111-style tools read."""
     sampler = SCHEDULERS[request.scheduler][2] if request.scheduler else run.scheduler
     fields = [
-        ("Steps", request.steps), ("Sampler", sampler), ("CFG scale", request.guidance),
-        ("Seed", request.seed + index), ("Size", f"{request.width}x{request.height}"),
+        ("Steps", request.steps),
+        ("Sampler", sampler),
+        ("CFG scale", request.guidance),
+        ("Seed", request.seed + index),
+        ("Size", f"{request.width}x{request.height}"),
         ("Model", Path(request.model).stem if os.path.exists(request.model) else request.model),
-        ("Denoising strength", request.strength), ("ControlNet", request.controlnet and Path(request.controlnet).name),
+        ("Denoising strength", request.strength),
+        ("ControlNet", request.controlnet and Path(request.controlnet).name),
         ("HiDiffusion", (run.preset or "inactive at this size") if request.hidiff else "off"),
         ("CFG++", request.cfgpp),
     ]
@@ -624,13 +685,21 @@ def metadata(request: Request, index: int, run: Run, pipe: Any, device: torch.de
         "format": 1,
         "request": dataclasses.asdict(request),
         "index": index,
-        "inputs_sha256": {name: _sha256(getattr(request, name)) for name in ("image", "mask", "control_image")
-                          if getattr(request, name)},
+        "inputs_sha256": {
+            name: _sha256(getattr(request, name))
+            for name in ("image", "mask", "control_image")
+            if getattr(request, name)
+        },
         "run": {
-            "pipeline": type(pipe).__name__, "scheduler": run.scheduler,
-            "preset": run.preset, "seconds": round(run.seconds, 3), "device": str(device),
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
-            "hidiff_version": hidiff.__version__, "diffusers_version": diffusers.__version__,
+            "pipeline": type(pipe).__name__,
+            "scheduler": run.scheduler,
+            "preset": run.preset,
+            "seconds": round(run.seconds, 3),
+            "device": str(device),
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+            "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
+            "hidiff_version": hidiff.__version__,
+            "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__,
         },
     }
@@ -659,8 +728,10 @@ def read_metadata(path: str) -> tuple[Request, Optional[int]]:
     with Image.open(path) as image:
         text = dict(getattr(image, "text", {}) or {})
     if METADATA_KEY not in text:
-        raise UsageError(f"--from-image {path} has no '{METADATA_KEY}' metadata: only PNGs written by hidiff generate "
-                         "can be re-run (their text chunks may also have been stripped by an image editor)")
+        raise UsageError(
+            f"--from-image {path} has no '{METADATA_KEY}' metadata: only PNGs written by hidiff generate "
+            "can be re-run (their text chunks may also have been stripped by an image editor)"
+        )
     try:
         meta = json.loads(text[METADATA_KEY])
         known = {f.name for f in dataclasses.fields(Request)}
@@ -696,8 +767,13 @@ def side_by_side(left: Any, right: Any) -> Any:
     return both
 
 
-def generate(request: Request, out: Optional[str] = None, compare: bool = False, only_index: Optional[int] = None,
-             quiet: bool = False) -> list[Path]:
+def generate(
+    request: Request,
+    out: Optional[str] = None,
+    compare: bool = False,
+    only_index: Optional[int] = None,
+    quiet: bool = False,
+) -> list[Path]:
     """Run a request and write its PNGs; returns the paths written."""
     import hidiff
 
@@ -721,34 +797,49 @@ def generate(request: Request, out: Optional[str] = None, compare: bool = False,
     runs["hidiff"] = run = run_pipeline(request, pipe, images, device, "hidiff" if request.hidiff else "plain", quiet)
     written += _write(request, run, pipe, device, out, indices, "-hidiff" if compare else "")
     if compare:
-        times = {"plain_s": round(runs["plain"].seconds, 3), "hidiff_s": round(run.seconds, 3),
-                 "speedup": round(runs["plain"].seconds / run.seconds, 3)}
+        times = {
+            "plain_s": round(runs["plain"].seconds, 3),
+            "hidiff_s": round(run.seconds, 3),
+            "speedup": round(runs["plain"].seconds / run.seconds, 3),
+        }
         for i in indices:
             path = output_path(out, request, i, "-compare")
-            save_png(side_by_side(runs["plain"].images[i], run.images[i]), path,
-                     {"hidiff-compare": json.dumps({"left": "plain", "right": "hidiff", **times})})
+            save_png(
+                side_by_side(runs["plain"].images[i], run.images[i]),
+                path,
+                {"hidiff-compare": json.dumps({"left": "plain", "right": "hidiff", **times})},
+            )
             written.append(path)
-        print(f"plain {times['plain_s']:.2f} s, hidiff {times['hidiff_s']:.2f} s: {times['speedup']:.2f}x "
-              f"(side by side: plain left, hidiff right)")
+        print(
+            f"plain {times['plain_s']:.2f} s, hidiff {times['hidiff_s']:.2f} s: {times['speedup']:.2f}x "
+            f"(side by side: plain left, hidiff right)"
+        )
     peak = max(r.peak_bytes for r in runs.values())
     memory = "max allocated" if device.type == "cuda" else "process RSS"
     state = f"hidiff {run.preset or 'inactive at this size'}" if request.hidiff else "hidiff off"
-    print(f"{len(indices)} image(s) {request.width}x{request.height}, {request.steps} steps, {state}: "
-          f"{run.seconds:.2f} s, peak memory {peak / 2**20:.0f} MiB ({memory}), {device} {pipe.unet.dtype}")
+    print(
+        f"{len(indices)} image(s) {request.width}x{request.height}, {request.steps} steps, {state}: "
+        f"{run.seconds:.2f} s, peak memory {peak / 2**20:.0f} MiB ({memory}), {device} {pipe.unet.dtype}"
+    )
     for path in written:
         print(f"wrote {path}")
     return written
 
 
-def _write(request: Request, run: Run, pipe: Any, device: torch.device, out: Optional[str], indices: list,
-           suffix: str) -> list[Path]:
+def _write(
+    request: Request, run: Run, pipe: Any, device: torch.device, out: Optional[str], indices: list, suffix: str
+) -> list[Path]:
     paths = []
     for i in indices:
         path = output_path(out, request, i, suffix)
-        save_png(run.images[i], path, {
-            "parameters": a1111_parameters(request, i, run),
-            METADATA_KEY: json.dumps(metadata(request, i, run, pipe, device)),
-        })
+        save_png(
+            run.images[i],
+            path,
+            {
+                "parameters": a1111_parameters(request, i, run),
+                METADATA_KEY: json.dumps(metadata(request, i, run, pipe, device)),
+            },
+        )
         paths.append(path)
     return paths
 

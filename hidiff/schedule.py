@@ -139,7 +139,6 @@ class StepTracker:
         return Progress(index, fallback_total, new_run)
 
 
-
 def _position(t: float, timesteps: torch.Tensor, scheduler: Any, last: int) -> Optional[int]:
     """Index of timestep ``t`` in ``timesteps``: the scheduler's own step index where it
     agrees, else the first match at or after the last position of this run."""

@@ -46,12 +46,21 @@ def reconstruct(pipe, images, steps: int, lam: float, cfgpp_on: bool) -> torch.T
         scale = 7.5  # only switches the unconditional branch on; CFG++ uses lam
     else:
         scale = cfgpp.cfg_scale_for(lam)
-        noise = hidiff.invert(pipe, images, prompts, negative_prompt=negatives, cfg_scale=scale,
-                              num_inference_steps=steps)
+        noise = hidiff.invert(
+            pipe, images, prompts, negative_prompt=negatives, cfg_scale=scale, num_inference_steps=steps
+        )
         pipe.scheduler = cfgpp.stock_scheduler("ddim", original.config)  # the DDIM that CFG++ DDIM extends
     try:
-        out = pipe(prompts, negative_prompt=negatives, latents=noise, height=side, width=side,
-                   num_inference_steps=steps, guidance_scale=scale, output_type="latent")
+        out = pipe(
+            prompts,
+            negative_prompt=negatives,
+            latents=noise,
+            height=side,
+            width=side,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            output_type="latent",
+        )
     finally:
         hidiff.disable_cfgpp(pipe)
         pipe.scheduler = original
@@ -83,8 +92,10 @@ def main() -> None:
     def error(latents: torch.Tensor) -> float:
         return float((latents - target).pow(2).mean().sqrt() / rms)
 
-    print(f"tiny random-weight {args.family}, {args.images} images {args.size}x{args.size}, "
-          f"{args.steps} DDIM steps, weights seed {args.seed}, latent scale {scale:.3f}")
+    print(
+        f"tiny random-weight {args.family}, {args.images} images {args.size}x{args.size}, "
+        f"{args.steps} DDIM steps, weights seed {args.seed}, latent scale {scale:.3f}"
+    )
     print()
     print("| lam | CFG scale w = 1 + 11.5 lam | CFG error | CFG++ error |")
     print("|---|---|---|---|")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import signal
 import sys
 import time
@@ -59,8 +58,10 @@ def train(args: argparse.Namespace) -> None:
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=args.device)
         if state["args"]["seed"] != args.seed or state["args"]["batch"] != args.batch:
-            raise SystemExit(f"{ckpt_path} was trained with seed/batch {state['args']['seed']}/{state['args']['batch']}; "
-                             "pass the same --seed and --batch to resume, or a new --out")
+            raise SystemExit(
+                f"{ckpt_path} was trained with seed/batch {state['args']['seed']}/{state['args']['batch']}; "
+                "pass the same --seed and --batch to resume, or a new --out"
+            )
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -69,8 +70,16 @@ def train(args: argparse.Namespace) -> None:
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "args": vars(args)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "args": vars(args),
+            },
+            tmp,
+        )
         tmp.replace(ckpt_path)
 
     stop = {"now": False}
@@ -112,8 +121,12 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         losses.append(loss.item())
         if step % args.log_every == 0:
-            line = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
-                    "s_per_step": (time.time() - start) / len(losses)}
+            line = {
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": lr,
+                "s_per_step": (time.time() - start) / len(losses),
+            }
             print(json.dumps(line), flush=True)
             log.write(json.dumps(line) + "\n")
             log.flush()
@@ -131,7 +144,9 @@ def load_pipeline(out: str, use_ema: bool = True) -> ToyPipeline:
     parts = toy_components()
     model = torch.nn.ModuleDict({"unet": parts["unet"], "text_encoder": parts["text_encoder"]})
     model.load_state_dict(state["ema" if use_ema else "model"])
-    pipe = ToyPipeline(unet=parts["unet"].eval(), text_encoder=parts["text_encoder"].eval(), scheduler=parts["scheduler"])
+    pipe = ToyPipeline(
+        unet=parts["unet"].eval(), text_encoder=parts["text_encoder"].eval(), scheduler=parts["scheduler"]
+    )
     pipe.set_progress_bar_config(disable=True)
     print(f"{out}: step {state['step']}", flush=True)
     return pipe

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-
 from conftest import assert_same_state, assert_untouched, run_recorded, snapshot
 from torch import nn
 
@@ -84,7 +83,11 @@ BAD_OPTIONS = {
         [r"window_shift", r"'random'", r"seeded", r"reference", r"none"],
     ),
     "at-native-always": (dict(at_native="always"), ValueError, [r"at_native", r"skip", r"apply"]),
-    "raunet-disagrees-with-apply-raunet": (dict(raunet=True, apply_raunet=False), ValueError, [r"raunet", r"apply_raunet"]),
+    "raunet-disagrees-with-apply-raunet": (
+        dict(raunet=True, apply_raunet=False),
+        ValueError,
+        [r"raunet", r"apply_raunet"],
+    ),
     "window-attn-disagrees": (
         dict(window_attn=False, apply_window_attn=True),
         ValueError,
@@ -127,7 +130,15 @@ def test_bad_options_raise_before_any_change(sd_pipe, case, target):
 
 @pytest.mark.parametrize(
     "case",
-    ["t2-above-t1", "t1-string", "apply-raunet-int", "config-dict", "unknown-option", "unknown-preset", "window-shift-random"],
+    [
+        "t2-above-t1",
+        "t1-string",
+        "apply-raunet-int",
+        "config-dict",
+        "unknown-option",
+        "unknown-preset",
+        "window-shift-random",
+    ],
 )
 def test_failed_apply_keeps_earlier_patch_working(patched, case):
     pipe, latents, records = patched
@@ -246,9 +257,7 @@ def test_run_interrupted_by_error_leaves_patch_usable():
             callback_on_step_end=fail_after_first_step,
         )
     # No conv left re-geometried, no window left open.
-    assert all(
-        tuple(m.stride) in ((1, 1), (2, 2)) for m in pipe.unet.modules() if isinstance(m, nn.Conv2d)
-    )
+    assert all(tuple(m.stride) in ((1, 1), (2, 2)) for m in pipe.unet.modules() if isinstance(m, nn.Conv2d))
     latents, records = run(pipe)
     expected, expected_records = fresh_patched_run()
     assert [r.step for r in records] == list(range(STEPS))

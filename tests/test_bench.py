@@ -4,9 +4,11 @@ side, and the FLOP counts agree with hand counts."""
 import json
 
 from conftest import reference_python
+
 from hidiff.bench import count_flops
 from hidiff.cli import main
 from hidiff.testing import tiny_unet_config
+
 
 def test_window_attention_flops_match_a_hand_count():
     """MSW-MSA only changes the attention scores of the windowed attn1 layers:
@@ -51,20 +53,56 @@ def test_raunet_flops_match_a_hand_count():
 
 def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
     chart, saved = tmp_path / "bench.png", tmp_path / "bench.json"
-    code = main(["bench", "--tiny", "--width", "576", "--height", "576", "--steps", "3", "--batch", "1",
-                 "--warmup", "0", "--threads", "1", "--json", str(saved), "--reference-python", reference_python(),
-                 "--plot", str(chart), "--modes", "all"])
+    code = main(
+        [
+            "bench",
+            "--tiny",
+            "--width",
+            "576",
+            "--height",
+            "576",
+            "--steps",
+            "3",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(saved),
+            "--reference-python",
+            reference_python(),
+            "--plot",
+            str(chart),
+            "--modes",
+            "all",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out  # with --json FILE the table is printed, the JSON saved
     assert [line.split()[0] for line in table.splitlines()[2:7]] == ["baseline", "hidiff", "raunet", "msw", "published"]
     assert "published: hidiffusion 0.1.10" in table
     result = json.loads(saved.read_text())
-    for key in ("family", "height", "width", "steps", "batch", "repeats", "warmup", "device", "dtype", "threads",
-                "torch", "modes", "published"):
+    for key in (
+        "family",
+        "height",
+        "width",
+        "steps",
+        "batch",
+        "repeats",
+        "warmup",
+        "device",
+        "dtype",
+        "threads",
+        "torch",
+        "modes",
+        "published",
+    ):
         assert key in result
     modes = result["modes"]
     assert list(modes) == ["baseline", "hidiff", "raunet", "msw", "published"]
-    for name, mode in modes.items():
+    for mode in modes.values():
         assert set(mode) == {"total_s", "step_s", "rau_steps", "peak_memory_bytes", "flops", "speedup", "flop_speedup"}
         assert mode["total_s"] > 0 and mode["peak_memory_bytes"] > 0 and mode["flops"] > 0
         assert set(mode["step_s"]) == {"rau", "plain"}
@@ -132,8 +170,30 @@ def test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart(c
     pipe = tiny_pipeline("sd15", sample_size=8)  # native 64 px: 128 px is 2x
     pipe.save_pretrained(tmp_path / "model")
     saved = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tmp_path / "model"), "--width", "128", "--height", "128", "--steps", "3",
-                 "--batch", "2", "--warmup", "0", "--threads", "1", "--json", str(saved)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "model"),
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--json",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert f"{tmp_path / 'model'} (sd15) 128x128" in table and "text encoders" in table
     result = json.loads(saved.read_text())

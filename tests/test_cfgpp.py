@@ -1,15 +1,14 @@
 """CFG++ sampling: each sampler against a plain loop of its rule, the reducing case against the
 stock diffusers schedulers, inversion, HiDiffusion together with CFG++, restore and bad input."""
 
+import diffusers
 import pytest
 import torch
+from conftest import assert_untouched, snapshot
 
-import diffusers
 import hidiff
 from hidiff import cfgpp
 from hidiff.testing import tiny_components, tiny_pipeline
-
-from conftest import assert_untouched, snapshot
 
 STEPS = 5
 LAM = 0.6
@@ -57,9 +56,16 @@ def _sample(pipe, side, latents, seed=1, **kwargs):
     handle = pipe.unet.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         kwargs.setdefault("prompt", PROMPT)
-        out = pipe(height=side, width=side, num_inference_steps=STEPS, latents=latents.clone(),
-                   generator=torch.Generator().manual_seed(seed), output_type="latent", negative_prompt=NEGATIVE,
-                   **kwargs)
+        out = pipe(
+            height=side,
+            width=side,
+            num_inference_steps=STEPS,
+            latents=latents.clone(),
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            negative_prompt=NEGATIVE,
+            **kwargs,
+        )
     finally:
         handle.remove()
     return out.images, seen["kwargs"]
@@ -240,7 +246,10 @@ def test_hidiffusion_and_cfgpp_together_in_either_order(cfgpp_first):
         steps_seen.append(hidiff.last_call(p))
         return callback_kwargs
 
-    switch_on = [lambda: hidiff.enable_cfgpp(pipe, "euler", guidance=LAM), lambda: hidiff.apply_hidiffusion(pipe, window_seed=1)]
+    switch_on = [
+        lambda: hidiff.enable_cfgpp(pipe, "euler", guidance=LAM),
+        lambda: hidiff.apply_hidiffusion(pipe, window_seed=1),
+    ]
     for on in switch_on if cfgpp_first else switch_on[::-1]:
         on()
     ours, kwargs = _sample(pipe, 128, latents, callback_on_step_end=record)

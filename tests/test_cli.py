@@ -15,11 +15,7 @@ def _info(capsys, *argv):
 
 
 def _hooked_modules(unet):
-    return {
-        name
-        for name, m in unet.named_modules()
-        if name and (m._forward_pre_hooks or m._forward_hooks)
-    }
+    return {name for name, m in unet.named_modules() if name and (m._forward_pre_hooks or m._forward_hooks)}
 
 
 @pytest.mark.parametrize("family,size", [("sd15", 1024), ("sdxl", 2048)])

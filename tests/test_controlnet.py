@@ -1,12 +1,12 @@
 """ControlNet and T2I-Adapter pipelines work under hidiff: residuals fit RAU-Net's features."""
 
+import diffusers
 import pytest
 import torch
+from conftest import small_native
 
-import diffusers
 import hidiff
 from hidiff.testing import tiny_components
-from conftest import small_native
 
 STEPS = 10
 
@@ -53,9 +53,18 @@ def _run(pipe, side, images, **extra):
         records.append(hidiff.last_call(p))
         return kwargs
 
-    out = pipe("one red circle", image=images, height=side, width=side, num_inference_steps=STEPS,
-               guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
-               callback_on_step_end=keep, **extra)
+    out = pipe(
+        "one red circle",
+        image=images,
+        height=side,
+        width=side,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        callback_on_step_end=keep,
+        **extra,
+    )
     return out.images, records
 
 
@@ -135,8 +144,8 @@ _CONTROLNET_TASK_PIPELINES = {
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
 def test_controlnet_img2img_and_inpaint(family, task):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     pipe = _pipe(family, cls_name=_CONTROLNET_TASK_PIPELINES[(family, task)])
     if family == "sdxl":
@@ -175,24 +184,39 @@ def test_t2i_adapter_residuals_follow_rau_net(family):
     components = tiny_components(family, **small_native(family))
     torch.manual_seed(0)
     if family == "sdxl":
-        adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
-                                       downscale_factor=16, adapter_type="full_adapter_xl")
+        adapter = diffusers.T2IAdapter(
+            in_channels=3,
+            channels=[32, 64, 64, 64],
+            num_res_blocks=1,
+            downscale_factor=16,
+            adapter_type="full_adapter_xl",
+        )
         pipe = diffusers.StableDiffusionXLAdapterPipeline(adapter=adapter, **components)
         side = 640  # latent 80 > native 64
     else:
         for key in ("safety_checker", "feature_extractor"):
             components.pop(key)
-        adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
-                                       downscale_factor=8, adapter_type="full_adapter")
-        pipe = diffusers.StableDiffusionAdapterPipeline(adapter=adapter, safety_checker=None,
-                                                        feature_extractor=None, **components)
+        adapter = diffusers.T2IAdapter(
+            in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter"
+        )
+        pipe = diffusers.StableDiffusionAdapterPipeline(
+            adapter=adapter, safety_checker=None, feature_extractor=None, **components
+        )
         side = 640  # latent 80 > native 64
     pipe.set_progress_bar_config(disable=True)
     control = _control_image(side)
 
     def run():  # the adapter pipelines take no callback_on_step_end
-        return pipe("one red circle", image=control, height=side, width=side, num_inference_steps=5,
-                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        return pipe(
+            "one red circle",
+            image=control,
+            height=side,
+            width=side,
+            num_inference_steps=5,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
 
     computed = []  # what the adapter made (registered before hidiff's hook: sees the input)
     pipe.unet.register_forward_pre_hook(
@@ -214,7 +238,7 @@ def test_t2i_adapter_residuals_follow_rau_net(family):
     patch = hidiff.get_patch(pipe)
     shrunk = [r.conv or r.pool for r in records]
     assert shrunk[0] and not shrunk[-1]  # RAU-Net acted early and not late
-    for rec, sizes, made in zip(records, given, computed[len(records):]):
+    for rec, sizes, made in zip(records, given, computed[len(records) :]):
         expected = patch.feature_sizes(rec.latent, rec.conv, rec.pool)[2]
         assert sizes == expected[: len(made)]
     # the adapter computes at full size; the U-Net got a shrunk stage while RAU-Net acted

@@ -56,12 +56,14 @@ def test_eval_rows_and_same_seeds(pipe):
 
 def test_deep_shrink_shrinks_the_deep_stages_early_only(pipe):
     seen = []
-    handle = pipe.unet.down_blocks[1].register_forward_pre_hook(lambda m, a, k: seen.append(tuple((a[0] if a else k["hidden_states"]).shape[-2:])),
-                                                                with_kwargs=True)
+    handle = pipe.unet.down_blocks[1].register_forward_pre_hook(
+        lambda m, a, k: seen.append(tuple((a[0] if a else k["hidden_states"]).shape[-2:])), with_kwargs=True
+    )
     try:
         with deep_shrink(pipe, factor=2) as shrunk:
-            out = pipe(PROMPT, height=2 * NATIVE, width=2 * NATIVE, num_inference_steps=6, guidance_scale=1.0,
-                       output_type="pt").images
+            out = pipe(
+                PROMPT, height=2 * NATIVE, width=2 * NATIVE, num_inference_steps=6, guidance_scale=1.0, output_type="pt"
+            ).images
     finally:
         handle.remove()
     native_stage1 = (NATIVE // 2, NATIVE // 2)
@@ -95,8 +97,26 @@ def test_grid_has_a_row_per_method_and_a_block_per_size(pipe, tmp_path):
 
 
 def test_cli_eval_json_and_bad_input(saved, capsys):
-    code = main(["eval", "--model", str(saved), "--samples", "1", "--prompts", PROMPT, "--scales", "2",
-                 "--methods", "baseline,hidiff", "--steps", "1", "--guidance", "1", "--json"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(saved),
+            "--samples",
+            "1",
+            "--prompts",
+            PROMPT,
+            "--scales",
+            "2",
+            "--methods",
+            "baseline,hidiff",
+            "--steps",
+            "1",
+            "--guidance",
+            "1",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["method"], r["size"]) for r in rows] == [("baseline", 2 * NATIVE), ("hidiff", 2 * NATIVE)]
@@ -115,7 +135,9 @@ def test_cli_demo_writes_the_side_by_side_and_prints_counts(saved, tmp_path, cap
     code = main(["demo", "--model", str(saved), "--scale", "2", "--samples", "2", "--steps", "2", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "without HiDiffusion  objects per image [" in printed and "with HiDiffusion     objects per image [" in printed
+    assert (
+        "without HiDiffusion  objects per image [" in printed and "with HiDiffusion     objects per image [" in printed
+    )
     assert Image.open(out).size == (2 * (192 + 4), 2 * (192 + 20))
     assert main(["demo", "--model", str(saved), "--prompt", "two red circles"]) == 2
     assert "not in the toy vocabulary" in capsys.readouterr().err
@@ -141,8 +163,17 @@ def test_published_method_runs_the_published_package_on_the_same_model_and_seeds
     model, prompts, seeds and schedule, and the published package acted on it."""
     from conftest import reference_python
 
-    result = run_eval(pipe, [PROMPT], samples=2, scales=(2,), methods=("baseline", "published"), steps=3, seed=5,
-                      reference_python=reference_python(), model=str(saved))
+    result = run_eval(
+        pipe,
+        [PROMPT],
+        samples=2,
+        scales=(2,),
+        methods=("baseline", "published"),
+        steps=3,
+        seed=5,
+        reference_python=reference_python(),
+        model=str(saved),
+    )
     assert [r["method"] for r in result["rows"]] == ["baseline", "published"]
     assert result["published_versions"]["hidiffusion"] == "0.1.10"
     published, baseline = result["images"][("published", 2)], result["images"][("baseline", 2)]
@@ -158,5 +189,12 @@ def test_published_method_needs_a_python_with_the_package(pipe, tmp_path):
     with pytest.raises(ValueError, match="needs --reference-python"):
         run_eval(pipe, [PROMPT], samples=1, scales=(2,), methods=("published",), steps=1)
     with pytest.raises(ValueError, match="not an executable file"):
-        run_eval(pipe, [PROMPT], samples=1, scales=(2,), methods=("published",), steps=1,
-                 reference_python=str(tmp_path / "python"))
+        run_eval(
+            pipe,
+            [PROMPT],
+            samples=1,
+            scales=(2,),
+            methods=("published",),
+            steps=1,
+            reference_python=str(tmp_path / "python"),
+        )

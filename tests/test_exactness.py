@@ -44,9 +44,28 @@ CASES = [
     ("sdxl-2x-aggressive-ddim", "sdxl", 512, 512, "ddim", 1.0, SDXL_NAME, {}, "sdxl-2048"),
     ("sdxl-2x-aggressive-euler", "sdxl", 512, 512, "euler", 1.0, SDXL_NAME, {}, "sdxl-2048"),
     # The published code takes the non-aggressive schedule for models named "inpainting".
-    ("sdxl-2x-gentle-euler", "sdxl", 512, 512, "euler", 1.0,
-     "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", {"aggressive": False}, "sdxl-2048-gentle"),
-    ("sdxl-turbo-ddim", "sdxl", 512, 512, "ddim", 1.0, "stabilityai/sdxl-turbo", {"preset": "sdxl-turbo"}, "sdxl-turbo"),
+    (
+        "sdxl-2x-gentle-euler",
+        "sdxl",
+        512,
+        512,
+        "euler",
+        1.0,
+        "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        {"aggressive": False},
+        "sdxl-2048-gentle",
+    ),
+    (
+        "sdxl-turbo-ddim",
+        "sdxl",
+        512,
+        512,
+        "ddim",
+        1.0,
+        "stabilityai/sdxl-turbo",
+        {"preset": "sdxl-turbo"},
+        "sdxl-turbo",
+    ),
 ]
 STEPS = 10
 
@@ -75,8 +94,17 @@ def _save_model(family, folder):
 def _case_dict(case, tmp):
     cid, family, h, w, scheduler, guidance, name, _, _ = case
     return dict(
-        id=cid, family=family, height=h, width=w, scheduler=scheduler, guidance=guidance,
-        name_or_path=name, steps=STEPS, seed=1234, model_dir=str(tmp / family), out=str(tmp / f"ref-{cid}.pt"),
+        id=cid,
+        family=family,
+        height=h,
+        width=w,
+        scheduler=scheduler,
+        guidance=guidance,
+        name_or_path=name,
+        steps=STEPS,
+        seed=1234,
+        model_dir=str(tmp / family),
+        out=str(tmp / f"ref-{cid}.pt"),
     )
 
 

@@ -13,12 +13,11 @@ import re
 
 import pytest
 import torch
-
 from conftest import assert_untouched, run_recorded, snapshot
 from torch import nn
 
 import hidiff
-from hidiff import UnsupportedModelError, apply_hidiffusion, detect_layout, is_patched, last_call
+from hidiff import UnsupportedModelError, apply_hidiffusion, detect_layout, is_patched
 from hidiff.testing import make_unet, tiny_components, tiny_pipeline, tiny_unet_config
 
 SD_NATIVE = 8  # latent side of the tiny SD pipelines (64 px)
@@ -87,7 +86,13 @@ class Probe:
 
     def _size_out(self, key):
         def hook(module, args, output):
-            x = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) else output.sample
+            x = (
+                output
+                if isinstance(output, torch.Tensor)
+                else output[0]
+                if isinstance(output, tuple)
+                else output.sample
+            )
             self.calls[-1][key + "_out"] = tuple(x.shape[-2:])
 
         return hook
@@ -169,7 +174,11 @@ DETECTION_CASES = {
         dict(SD_GEOMETRY, family="sd1", native=(64, 64), inpainting=True),
     ),
     "sdxl": ("sdxl", {}, dict(XL_GEOMETRY, family="sdxl", native=(128, 128), inpainting=False)),
-    "sdxl-inpainting": ("sdxl", dict(in_channels=9), dict(XL_GEOMETRY, family="sdxl", native=(128, 128), inpainting=True)),
+    "sdxl-inpainting": (
+        "sdxl",
+        dict(in_channels=9),
+        dict(XL_GEOMETRY, family="sdxl", native=(128, 128), inpainting=True),
+    ),
     "ssd1b-like": (
         "sdxl",
         dict(transformer_layers_per_block=(1, 1, 2)),
@@ -182,10 +191,17 @@ DETECTION_CASES = {
     ),
     "distilled-uneven-up": (
         "sdxl",
-        dict(transformer_layers_per_block=(1, 2, 2), reverse_transformer_layers_per_block=((2, 2, 2), (1, 1, 1), (1, 1, 1))),
+        dict(
+            transformer_layers_per_block=(1, 2, 2),
+            reverse_transformer_layers_per_block=((2, 2, 2), (1, 1, 1), (1, 1, 1)),
+        ),
         dict(XL_GEOMETRY, family="sdxl", native=(128, 128), inpainting=False),
     ),
-    "sdxl-other-native": ("sdxl", dict(sample_size=96), dict(XL_GEOMETRY, family="sdxl", native=(96, 96), inpainting=False)),
+    "sdxl-other-native": (
+        "sdxl",
+        dict(sample_size=96),
+        dict(XL_GEOMETRY, family="sdxl", native=(96, 96), inpainting=False),
+    ),
 }
 
 
@@ -444,7 +460,11 @@ def _unet2d_model(down, up):
 
     torch.manual_seed(0)
     return UNet2DModel(
-        sample_size=16, block_out_channels=(32, 64, 64, 64), down_block_types=down, up_block_types=up, norm_num_groups=16
+        sample_size=16,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=16,
     ).eval()
 
 

@@ -1,11 +1,11 @@
 """LoRA (PEFT, on the strided conv too), FreeU and PAG keep working under hidiff."""
 
+import diffusers
 import pytest
 import torch
-
-import diffusers
-import hidiff
 from conftest import run_recorded, small_native
+
+import hidiff
 from hidiff.testing import tiny_components, tiny_pipeline
 
 SIDE = 640  # latent 80 > the tiny SD native 64
@@ -16,7 +16,9 @@ def _lora(pipe, seed=0):
     from peft import LoraConfig
 
     config = LoraConfig(
-        r=4, lora_alpha=4, init_lora_weights=False,
+        r=4,
+        lora_alpha=4,
+        init_lora_weights=False,
         target_modules=["to_q", "to_k", "to_v", "down_blocks.0.downsamplers.0.conv"],
     )
     torch.manual_seed(seed)
@@ -34,7 +36,9 @@ def test_lora_on_the_strided_conv_follows_rau_net():
     unfused, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     assert records[0].conv and records[0].skip_sizes[1] == (20, 20)
     # strides restored after each call, LoRA layers included
-    assert {tuple(m.stride) for m in conv.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)} == {(2, 2)}
+    assert {tuple(m.stride) for m in conv.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)} == {
+        (2, 2)
+    }
     hidiff.remove_hidiffusion(pipe)
     back, _ = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0)
     assert torch.equal(back, stock)
@@ -203,7 +207,10 @@ def test_ip_adapter_loaded_before_or_after_apply(order):
     else:
         hidiff.apply_hidiffusion(pipe)
         pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
-    assert "IPAdapter" in type(pipe.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]).__name__
+    assert (
+        "IPAdapter"
+        in type(pipe.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]).__name__
+    )
     ours, records = run_recorded(pipe, SIDE, SIDE, STEPS, guidance_scale=1.0, ip_adapter_image_embeds=embeds)
     assert ours.shape == (1, 4, 80, 80) and torch.isfinite(ours).all()
     assert records[0].conv and all(r.window_calls == 5 for r in records)

@@ -40,15 +40,24 @@ def models(tmp_path_factory):
     tiny_pipeline("sdxl", sample_size=NATIVE).save_pretrained(root / "sdxl")
     tiny_pipeline("sd15", "inpaint", sample_size=NATIVE, in_channels=9).save_pretrained(root / "sd-inpainting")
     torch.manual_seed(1)
-    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 16)).save_pretrained(root / "cn")
+    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 16)).save_pretrained(
+        root / "cn"
+    )
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(root / "photo.png")
     mask = np.zeros((96, 128), dtype=np.uint8)
     mask[:, 64:] = 255
     Image.fromarray(mask).save(root / "mask.png")
-    return {"root": root, "pipe": pipe, "sd": str(root / "sd"), "sdxl": str(root / "sdxl"),
-            "sd-inpainting": str(root / "sd-inpainting"), "cn": str(root / "cn"),
-            "photo": str(root / "photo.png"), "mask": str(root / "mask.png")}
+    return {
+        "root": root,
+        "pipe": pipe,
+        "sd": str(root / "sd"),
+        "sdxl": str(root / "sdxl"),
+        "sd-inpainting": str(root / "sd-inpainting"),
+        "cn": str(root / "cn"),
+        "photo": str(root / "photo.png"),
+        "mask": str(root / "mask.png"),
+    }
 
 
 def gen(*argv):
@@ -67,8 +76,26 @@ def meta(path):
 
 def test_png_metadata_reruns_to_the_same_pixels(models, tmp_path, capsys):
     out = tmp_path / "a.png"
-    assert gen("--model", models["sd"], "--prompt", "one red circle", "--negative-prompt", "blur", *SIZE,
-               "--seed", 7, "--scheduler", "euler-a", "--batch", 2, "--out", out) == 0
+    assert (
+        gen(
+            "--model",
+            models["sd"],
+            "--prompt",
+            "one red circle",
+            "--negative-prompt",
+            "blur",
+            *SIZE,
+            "--seed",
+            7,
+            "--scheduler",
+            "euler-a",
+            "--batch",
+            2,
+            "--out",
+            out,
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     summary = captured.out
     assert "100%" not in captured.err  # --quiet: no progress bar
@@ -95,8 +122,9 @@ def test_png_metadata_reruns_to_the_same_pixels(models, tmp_path, capsys):
 
 def test_flags_given_with_from_image_override_its_metadata(models, tmp_path):
     out = tmp_path / "a.png"
-    assert gen("--model", models["sd"], "--prompt", "one red circle", *SIZE, "--seed", 3, "--t1", 0.6,
-               "--out", out) == 0
+    assert (
+        gen("--model", models["sd"], "--prompt", "one red circle", *SIZE, "--seed", 3, "--t1", 0.6, "--out", out) == 0
+    )
     assert gen("--from-image", out, "--seed", 4, "--no-window-attn", "--out", tmp_path / "b.png") == 0
     _, data = meta(tmp_path / "b.png")
     assert data["request"]["seed"] == 4 and data["request"]["prompt"] == "one red circle"
@@ -107,8 +135,12 @@ def test_flags_given_with_from_image_override_its_metadata(models, tmp_path):
 
 def test_compare_writes_both_runs_side_by_side_with_their_times(models, tmp_path, capsys):
     out = tmp_path / "c.png"
-    assert main(["generate", "--model", models["sd"], "--prompt", "x", *SIZE, "--seed", "1", "--compare",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["generate", "--model", models["sd"], "--prompt", "x", *SIZE, "--seed", "1", "--compare", "--out", str(out)]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert re.search(r"plain [\d.]+ s, hidiff [\d.]+ s: [\d.]+x", captured.out)
     assert "plain: 100%" in captured.err and "hidiff: 100%" in captured.err  # a bar over the steps
@@ -122,13 +154,19 @@ def test_compare_writes_both_runs_side_by_side_with_their_times(models, tmp_path
     assert times["plain_s"] > 0 and times["hidiff_s"] > 0
 
 
-@pytest.mark.parametrize("task,inputs,pipeline", [
-    ("img2img", ["--image", "photo", "--strength", 0.7], "StableDiffusionImg2ImgPipeline"),
-    ("inpaint", ["--image", "photo", "--mask", "mask"], "StableDiffusionInpaintPipeline"),
-    ("controlnet", ["--controlnet", "cn", "--control-image", "photo"], "StableDiffusionControlNetPipeline"),
-    ("controlnet-inpaint", ["--controlnet", "cn", "--control-image", "photo", "--image", "photo", "--mask", "mask"],
-     "StableDiffusionControlNetInpaintPipeline"),
-])
+@pytest.mark.parametrize(
+    "task,inputs,pipeline",
+    [
+        ("img2img", ["--image", "photo", "--strength", 0.7], "StableDiffusionImg2ImgPipeline"),
+        ("inpaint", ["--image", "photo", "--mask", "mask"], "StableDiffusionInpaintPipeline"),
+        ("controlnet", ["--controlnet", "cn", "--control-image", "photo"], "StableDiffusionControlNetPipeline"),
+        (
+            "controlnet-inpaint",
+            ["--controlnet", "cn", "--control-image", "photo", "--image", "photo", "--mask", "mask"],
+            "StableDiffusionControlNetInpaintPipeline",
+        ),
+    ],
+)
 def test_inputs_choose_the_pipeline_and_rerun(models, tmp_path, task, inputs, pipeline):
     argv = [models.get(a, a) for a in inputs]
     out = tmp_path / "t.png"
@@ -143,10 +181,13 @@ def test_inputs_choose_the_pipeline_and_rerun(models, tmp_path, task, inputs, pi
     assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
 
 
-@pytest.mark.parametrize("inputs,pipeline", [
-    ([], "StableDiffusionXLPipeline"),
-    (["--image", "photo", "--mask", "mask"], "StableDiffusionXLInpaintPipeline"),
-])
+@pytest.mark.parametrize(
+    "inputs,pipeline",
+    [
+        ([], "StableDiffusionXLPipeline"),
+        (["--image", "photo", "--mask", "mask"], "StableDiffusionXLInpaintPipeline"),
+    ],
+)
 def test_sdxl_is_detected_from_the_unet_and_reruns(models, tmp_path, inputs, pipeline):
     out = tmp_path / "x.png"
     argv = [models.get(a, a) for a in inputs]
@@ -191,8 +232,12 @@ def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path, cap
     from hidiff.testing import TINY_POOLED_DIM, TINY_TEXT_DIM, TINY_TIME_DIM, tiny_components, tiny_text_encoder
 
     wide = TINY_TEXT_DIM + 16
-    components = tiny_components("sdxl", sample_size=NATIVE, cross_attention_dim=TINY_TEXT_DIM + wide,
-                                 projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_DIM)
+    components = tiny_components(
+        "sdxl",
+        sample_size=NATIVE,
+        cross_attention_dim=TINY_TEXT_DIM + wide,
+        projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_DIM,
+    )
     components["text_encoder_2"] = tiny_text_encoder(1, with_projection=True, hidden_size=wide)
     pipe = StableDiffusionXLPipeline(**components)
     pipe.save_pretrained(tmp_path / "sdxl")
@@ -236,8 +281,11 @@ def test_single_file_controlnet_loads_like_its_folder(models, tmp_path, capsys):
 
 
 def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
-    sdxl = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
-            "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"]
+    sdxl = [
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+    ]
     assert generate.single_file_kind(sdxl) == "sdxl"
     assert generate.single_file_kind(["model.diffusion_model.input_blocks.0.0.weight"]) == "sd"
     with pytest.raises(generate.UsageError, match="no Stable Diffusion U-Net"):
@@ -247,8 +295,10 @@ def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
 def test_vae_tiling_turns_on_when_a_one_piece_decode_would_not_fit(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 10**6)  # 1 MB free
     assert gen("--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 1, "--out", tmp_path / "v.png") == 0
-    assert re.search(r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ GB, 0.0 GB free\)",
-                     capsys.readouterr().out)
+    assert re.search(
+        r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ GB, 0.0 GB free\)",
+        capsys.readouterr().out,
+    )
     assert meta(tmp_path / "v.png")[1]["run"]["vae_tiling"] is True
 
 
@@ -265,16 +315,19 @@ def test_cfgpp_flag_runs_cfgpp_with_the_named_sampler(models, tmp_path):
     assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--image", "notes.txt"], "is not an image"),
-    (["--width", "100", "--height", "96"], "multiples of 8"),
-    (["--mask", "mask"], "--mask needs --image"),
-    (["--controlnet", "cn"], "--controlnet needs --control-image"),
-    (["--controlnet", "cn", "--control-image", "missing.png"], "no such file"),
-    (["--cfgpp", "0.5"], "--cfgpp needs --scheduler"),
-    (["--scheduler", "ddim", "--cfgpp", "1.5"], "lambda in [0, 1]"),
-    (["--strength", "0"], "--strength must lie in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--image", "notes.txt"], "is not an image"),
+        (["--width", "100", "--height", "96"], "multiples of 8"),
+        (["--mask", "mask"], "--mask needs --image"),
+        (["--controlnet", "cn"], "--controlnet needs --control-image"),
+        (["--controlnet", "cn", "--control-image", "missing.png"], "no such file"),
+        (["--cfgpp", "0.5"], "--cfgpp needs --scheduler"),
+        (["--scheduler", "ddim", "--cfgpp", "1.5"], "lambda in [0, 1]"),
+        (["--strength", "0"], "--strength must lie in (0, 1]"),
+    ],
+)
 def test_bad_usage_exits_2_before_loading(models, tmp_path, capsys, argv, needle):
     (tmp_path / "notes.txt").write_text("not a picture")
     paths = {"notes.txt": tmp_path / "notes.txt", "missing.png": tmp_path / "missing.png"}
@@ -284,10 +337,13 @@ def test_bad_usage_exits_2_before_loading(models, tmp_path, capsys, argv, needle
     assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.parametrize("model,needle", [
-    ("missing/dir/model.safetensors", "no such file or folder"),
-    ("unet-only", "without model_index.json"),
-])
+@pytest.mark.parametrize(
+    "model,needle",
+    [
+        ("missing/dir/model.safetensors", "no such file or folder"),
+        ("unet-only", "without model_index.json"),
+    ],
+)
 def test_bad_model_paths_exit_2(models, tmp_path, capsys, model, needle):
     (tmp_path / "unet-only").mkdir()
     assert gen("--model", tmp_path / model, "--prompt", "x", "--out", tmp_path / "o.png") == 2
@@ -317,18 +373,37 @@ def test_single_file_without_configs_offline_exits_1_naming_config(models, tmp_p
 # ------------------------------------------------------------------ an original-layout (LDM) checkpoint
 # Written from the diffusers module names of an SD 1.x pipeline: the layout a .safetensors
 # file from the original Stable Diffusion code (or A1111 / civitai) has.
-RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-UNET_TOP_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
+RESNET_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+UNET_TOP_LDM = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}  # SDXL
 # SDXL's second text encoder in OpenCLIP's layout (its q, k, v projections are one in_proj)
-OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.out_proj": "attn.out_proj"}
-OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                 "text_model.final_layer_norm.weight": "ln_final.weight",
-                 "text_model.final_layer_norm.bias": "ln_final.bias"}
+OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
 VAE_ATTENTION_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -342,7 +417,7 @@ def unet_key_ldm(key, layers, up_has_attention):
     per_stage = layers + 1  # the resnet/attention layers, then the downsampler's own block
     for name, ldm in UNET_TOP_LDM.items():
         if key.startswith(name + "."):
-            return ldm + key[len(name):]
+            return ldm + key[len(name) :]
     if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
         block = f"input_blocks.{1 + per_stage * int(m[1]) + int(m[3])}"
         return _resnet_ldm(f"{block}.0", m[4]) if m[2] == "resnets" else f"{block}.1.{m[4]}"
@@ -399,7 +474,9 @@ def ldm_state_dict(pipe):
         key = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 dropped the level
         state[first + key] = value
     if sdxl:
-        state.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state_dict(pipe.text_encoder_2).items()})
+        state.update(
+            {"conditioner.embedders.1.model." + k: v for k, v in open_clip_state_dict(pipe.text_encoder_2).items()}
+        )
     return {k: v.contiguous() for k, v in state.items()}
 
 
@@ -413,7 +490,8 @@ def open_clip_state_dict(encoder):
         ours, theirs = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for part in ("weight", "bias"):
             state[f"{theirs}attn.in_proj_{part}"] = torch.cat(
-                [weights[f"{ours}self_attn.{p}_proj.{part}"] for p in "qkv"])
+                [weights[f"{ours}self_attn.{p}_proj.{part}"] for p in "qkv"]
+            )
             for name, ldm in OPEN_CLIP_LAYER.items():
                 state[f"{theirs}{ldm}.{part}"] = weights[f"{ours}{name}.{part}"]
     return state

@@ -27,7 +27,7 @@ def all_shifts(h: int, w: int) -> list[tuple[int, int]]:
 
 
 def cases():
-    for (h, w) in SIZES:
+    for h, w in SIZES:
         for shift in all_shifts(h, w):
             yield h, w, shift
 
@@ -64,7 +64,7 @@ def reference_window_attention(q, k, v, h, w, shift, heads):
     out = torch.empty_like(gq)
     for rs, cs in regions(h, w):
 
-        def tok(g):
+        def tok(g, rs=rs, cs=cs):
             t = g[:, rs, cs, :].reshape(b, -1, heads, d)
             return t.transpose(1, 2)  # (B, heads, n, d)
 

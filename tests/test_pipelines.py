@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import latents_of, small_native
 from PIL import Image
 
 import hidiff
 from hidiff.testing import tiny_pipeline
-from conftest import latents_of, small_native
 
 
 def _image(size, seed=0, mask=False):
@@ -27,8 +27,13 @@ def _records(pipe, **call):
         records.append(hidiff.last_call(p))
         return kwargs
 
-    out = pipe(prompt="one red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
-               callback_on_step_end=keep, **call)
+    out = pipe(
+        prompt="one red circle",
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        callback_on_step_end=keep,
+        **call,
+    )
     return out.images, records
 
 

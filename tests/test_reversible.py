@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import latents_of
 
 import hidiff
-from conftest import latents_of
 
 SIZE = 640  # latent 80: above the tiny SD model's native 64, so HiDiffusion acts
 
@@ -16,16 +16,24 @@ def hook_state(module):
     """
     state = []
     for name, m in module.named_modules():
-        state.append((
-            name,
-            type(m),
-            len(m._forward_hooks), len(m._forward_pre_hooks),
-            len(m._forward_hooks_with_kwargs), len(m._forward_pre_hooks_with_kwargs),
-            len(m._forward_hooks_always_called),
-            len(m._backward_hooks), len(m._state_dict_hooks), len(m._load_state_dict_pre_hooks),
-            getattr(m, "stride", None), getattr(m, "padding", None), getattr(m, "dilation", None),
-            type(getattr(m, "processor", None)),
-        ))
+        state.append(
+            (
+                name,
+                type(m),
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._forward_hooks_with_kwargs),
+                len(m._forward_pre_hooks_with_kwargs),
+                len(m._forward_hooks_always_called),
+                len(m._backward_hooks),
+                len(m._state_dict_hooks),
+                len(m._load_state_dict_pre_hooks),
+                getattr(m, "stride", None),
+                getattr(m, "padding", None),
+                getattr(m, "dilation", None),
+                type(getattr(m, "processor", None)),
+            )
+        )
     return state, getattr(module, "num_upsamplers", None), dict(module.config)
 
 
@@ -184,9 +192,11 @@ def test_seeded_shifts_reproducible_and_leave_global_rng_alone(sd_pipe):
 def test_reference_shift_mode_draws_one_global_number_per_windowed_call(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe, window_shift="reference", raunet=False)
     calls = []
+
     def count(pipe, i, t, kwargs):
         calls.append(hidiff.last_call(pipe).window_calls)
         return kwargs
+
     torch.manual_seed(5)
     latents_of(sd_pipe, SIZE, SIZE, steps=1, callback_on_step_end=count)
     after = torch.rand(1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import latents_of
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -29,8 +30,6 @@ from diffusers import (
 
 import hidiff
 from hidiff.schedule import PRESETS, StepTracker, choose_preset, in_range
-
-from conftest import latents_of
 
 AGGRESSIVE = 8 / 50  # the published aggressive SDXL switch step, as a share of N
 
@@ -172,8 +171,7 @@ def test_choose_preset_sdxl():
     assert c("sdxl", (256, 256), SDXL_NATIVE, 30, edm=True, aggressive=True).name == "sdxl-2048"
     assert c("sdxl", (256, 256), SDXL_NATIVE, 30, aggressive=False).name == "sdxl-2048-gentle"
     assert (
-        c("sdxl", (256, 256), SDXL_NATIVE, 30, text2img_controlnet=True, aggressive=True).name
-        == "sdxl-2048-controlnet"
+        c("sdxl", (256, 256), SDXL_NATIVE, 30, text2img_controlnet=True, aggressive=True).name == "sdxl-2048-controlnet"
     )
 
 
@@ -335,7 +333,18 @@ def test_interrupted_run_then_fresh_run_starts_at_zero(name):
         assert_complete_run(calls, steps)
 
 
-IMG2IMG_SCHEDULERS = ["ddim", "euler", "euler-a", "dpm++", "dpm++-karras", "unipc", "heun", "kdpm2", "pndm", "edm-euler"]
+IMG2IMG_SCHEDULERS = [
+    "ddim",
+    "euler",
+    "euler-a",
+    "dpm++",
+    "dpm++-karras",
+    "unipc",
+    "heun",
+    "kdpm2",
+    "pndm",
+    "edm-euler",
+]
 
 
 @pytest.mark.parametrize("name", IMG2IMG_SCHEDULERS)

@@ -8,7 +8,7 @@ import torch
 import hidiff
 from hidiff.toy import NATIVE, PROMPTS, ToyPipeline, toy_components
 from hidiff.toy.count import count_objects
-from hidiff.toy.shapes import BACKGROUNDS, SHAPES, Scene, Shape, random_scene, render, separated_scene, training_batch
+from hidiff.toy.shapes import BACKGROUNDS, Scene, Shape, random_scene, render, separated_scene, training_batch
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3])
@@ -21,7 +21,9 @@ def test_counter_counts_and_names_ground_truth(count):
                 found = count_objects(render(scene, size))
                 assert found.n == count, (size, scene)
                 assert found.background == background
-                assert sorted((b.shape, b.colour) for b in found.objects) == sorted((s.kind, s.colour) for s in scene.shapes)
+                assert sorted((b.shape, b.colour) for b in found.objects) == sorted(
+                    (s.kind, s.colour) for s in scene.shapes
+                )
 
 
 def test_counter_names_every_training_picture_at_native_size():
@@ -73,9 +75,16 @@ def test_pipeline_saves_loads_and_is_patched_as_sd1(tmp_path):
     assert hidiff.detect_layout(loaded.unet).family == "sd1"
 
     def run(p, size):
-        return p("one red circle on white", height=size, width=size, num_inference_steps=4, guidance_scale=1.0,
-                 output_type="pt", generator=torch.Generator().manual_seed(0),
-                 callback_on_step_end=lambda *a: records.append(hidiff.last_call(p))).images
+        return p(
+            "one red circle on white",
+            height=size,
+            width=size,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=lambda *a: records.append(hidiff.last_call(p)),
+        ).images
 
     records = []
     plain = run(loaded, 4 * NATIVE)
@@ -98,8 +107,12 @@ def test_img2img_starts_from_the_image():
     pipe.set_progress_bar_config(disable=True)
     image = render(Scene("white", (Shape("circle", "red", 8, 8, 8),)), NATIVE)
     kwargs = dict(image=image, num_inference_steps=5, guidance_scale=1.0, output_type="pt")
-    light = pipe("one red circle on white", strength=0.2, generator=torch.Generator().manual_seed(0), **kwargs).images[0]
-    heavy = pipe("one red circle on white", strength=1.0, generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    light = pipe("one red circle on white", strength=0.2, generator=torch.Generator().manual_seed(0), **kwargs).images[
+        0
+    ]
+    heavy = pipe("one red circle on white", strength=1.0, generator=torch.Generator().manual_seed(0), **kwargs).images[
+        0
+    ]
     assert light.shape == image.shape
     # one step of five from a lightly noised picture stays close to it; a full run does not
     assert (light - image).abs().mean() < 0.5 * (heavy - image).abs().mean()

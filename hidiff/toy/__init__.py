@@ -10,6 +10,20 @@ from .pipeline import NATIVE, TOY_UNET_CONFIG, WEIGHTS, ToyPipeline, ToyTextEnco
 from .shapes import BACKGROUNDS, COLOURS, PROMPTS, SHAPES, Scene, Shape, parse_prompt, prompt_for, render
 
 __all__ = [
-    "NATIVE", "TOY_UNET_CONFIG", "WEIGHTS", "ToyPipeline", "ToyTextEncoder", "load_toy_pipeline", "toy_components",
-    "BACKGROUNDS", "COLOURS", "PROMPTS", "SHAPES", "Scene", "Shape", "parse_prompt", "prompt_for", "render",
+    "NATIVE",
+    "TOY_UNET_CONFIG",
+    "WEIGHTS",
+    "ToyPipeline",
+    "ToyTextEncoder",
+    "load_toy_pipeline",
+    "toy_components",
+    "BACKGROUNDS",
+    "COLOURS",
+    "PROMPTS",
+    "SHAPES",
+    "Scene",
+    "Shape",
+    "parse_prompt",
+    "prompt_for",
+    "render",
 ]

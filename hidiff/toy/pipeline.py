@@ -76,11 +76,13 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
             words = prompt.lower().split()
             unknown = [w for w in words if w not in self.index or w == PAD]
             if unknown:
-                raise ValueError(f"prompt {prompt!r} has words outside the toy vocabulary: {unknown}; "
-                                 f"known words: {self.words[1:]}")
+                raise ValueError(
+                    f"prompt {prompt!r} has words outside the toy vocabulary: {unknown}; known words: {self.words[1:]}"
+                )
             if len(words) > self.config.max_words:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the toy model reads at most "
-                                 f"{self.config.max_words}")
+                raise ValueError(
+                    f"prompt {prompt!r} has {len(words)} words; the toy model reads at most {self.config.max_words}"
+                )
             rows.append([self.index[w] for w in words] + [0] * (self.config.max_words - len(words)))
         return torch.tensor(rows, dtype=torch.long, device=self.token_embedding.weight.device)
 
@@ -167,7 +169,7 @@ class ToyPipeline(DiffusionPipeline):
             x = noise * self.scheduler.init_noise_sigma
         else:
             keep = max(1, min(num_inference_steps, int(round(num_inference_steps * strength))))
-            timesteps = timesteps[num_inference_steps - keep:]
+            timesteps = timesteps[num_inference_steps - keep :]
             start = image.to(device, dtype).expand(len(prompts), -1, -1, -1) * 2 - 1
             x = self.scheduler.add_noise(start, noise, timesteps[:1].repeat(len(prompts)))
         self._num_timesteps = len(timesteps)  # as diffusers' pipelines do; the published hidiffusion reads it

@@ -57,8 +57,14 @@ def prompt_for(colour: str, shape: str, background: str) -> str:
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
     """(colour, shape, background) of a vocabulary prompt; ValueError naming the vocabulary otherwise."""
     words = prompt.strip().lower().split()
-    if (len(words) != 5 or words[0] != "one" or words[3] != "on" or words[1] not in COLOURS
-            or words[2] not in SHAPES or words[4] not in BACKGROUNDS):
+    if (
+        len(words) != 5
+        or words[0] != "one"
+        or words[3] != "on"
+        or words[1] not in COLOURS
+        or words[2] not in SHAPES
+        or words[4] not in BACKGROUNDS
+    ):
         raise ValueError(
             f"prompt {prompt!r} is not in the toy vocabulary: use 'one <colour> <shape> on <background>' with "
             f"colour in {sorted(COLOURS)}, shape in {list(SHAPES)}, background in {sorted(BACKGROUNDS)}"
@@ -122,8 +128,14 @@ def training_batch(seed: int, batch: int, size: int) -> tuple[torch.Tensor, list
     return images, prompts
 
 
-def separated_scene(rng: random.Random, size: int, count: int, background: str = "white",
-                    kinds: Sequence[str] = SHAPES, colours: Iterable[str] = COLOURS) -> Scene:
+def separated_scene(
+    rng: random.Random,
+    size: int,
+    count: int,
+    background: str = "white",
+    kinds: Sequence[str] = SHAPES,
+    colours: Iterable[str] = COLOURS,
+) -> Scene:
     """``count`` objects that neither touch nor overlap (ground truth for the counter)."""
     colours = list(colours)
     for _ in range(1000):
@@ -131,10 +143,19 @@ def separated_scene(rng: random.Random, size: int, count: int, background: str =
         for _ in range(count):
             side = rng.uniform(6.0, max(6.0, 0.3 * size))  # at least the smallest trained object
             half = side / 2
-            shapes.append(Shape(rng.choice(list(kinds)), rng.choice(colours),
-                                rng.uniform(half + 1, size - half - 1), rng.uniform(half + 1, size - half - 1), side))
+            shapes.append(
+                Shape(
+                    rng.choice(list(kinds)),
+                    rng.choice(colours),
+                    rng.uniform(half + 1, size - half - 1),
+                    rng.uniform(half + 1, size - half - 1),
+                    side,
+                )
+            )
         # bounding boxes at least 2 pixels apart: no shared pixel, not even anti-aliased
-        if all(max(abs(a.cx - b.cx), abs(a.cy - b.cy)) > (a.size + b.size) / 2 + 2
-               for a, b in itertools.combinations(shapes, 2)):
+        if all(
+            max(abs(a.cx - b.cx), abs(a.cy - b.cy)) > (a.size + b.size) / 2 + 2
+            for a, b in itertools.combinations(shapes, 2)
+        ):
             return Scene(background, tuple(shapes))
     raise ValueError(f"could not place {count} separate objects on a {size}px picture")

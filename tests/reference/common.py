@@ -33,13 +33,24 @@ def build_pipeline(diffusers, model_dir, case):
     scheduler = make_scheduler(diffusers, case["scheduler"])
     if case["family"] == "sdxl":
         pipe = diffusers.StableDiffusionXLPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-            unet=unet, scheduler=scheduler,
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=scheduler,
         )
     else:
         pipe = diffusers.StableDiffusionPipeline(
-            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     # The published package picks its preset variant from this name (turbo, inpainting).
     pipe.register_to_config(_name_or_path=case["name_or_path"])
