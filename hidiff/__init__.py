@@ -7,7 +7,11 @@ with hidiff.hidiffusion(pipe): ...      # scoped
 hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
 """
 
-from .adapter import (
+from .core.config import HiDiffusionConfig
+from .core.presets import PRESETS, Preset
+from .diffusers.cfgpp import disable_cfgpp, enable_cfgpp, invert
+from .diffusers.model import Layout, UnsupportedModelError, detect_layout
+from .diffusers.patch import (
     CallRecord,
     apply_hidiffusion,
     get_patch,
@@ -16,10 +20,6 @@ from .adapter import (
     last_call,
     remove_hidiffusion,
 )
-from .cfgpp import disable_cfgpp, enable_cfgpp, invert
-from .config import HiDiffusionConfig
-from .families import Layout, UnsupportedModelError, detect_layout
-from .schedule import PRESETS, Preset
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ error is the RMS difference between the reconstructed latents and the image's VA
 latents, relative to the RMS of those latents (0 = perfect; 1 = as far as the latents are
 from zero).
 
-The model is a tiny random-weight pipeline (hidiff.testing): there is no trained model in
+The model is a tiny random-weight pipeline (hidiff.diffusers.testing): there is no trained model in
 this project yet, so the numbers say how well each sampler inverts *this* network, not
 how images look. Its VAE's latent scale is set as Stable Diffusion's 0.18215 was chosen:
 so that image latents have unit standard deviation (measured on other random pictures),
@@ -24,8 +24,8 @@ import time
 import torch
 
 import hidiff
-from hidiff import cfgpp
-from hidiff.testing import tiny_pipeline
+from hidiff.diffusers import cfgpp
+from hidiff.diffusers.testing import tiny_pipeline
 
 PROMPT, NEGATIVE = "a red circle on a blue square", ""
 

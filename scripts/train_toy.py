@@ -1,4 +1,4 @@
-"""Train the toy model (hidiff.toy) on CPU or GPU; resumable, reproducible from its seeds.
+"""Train the toy model (hidiff.app.toy) on CPU or GPU; resumable, reproducible from its seeds.
 
     .venv/bin/python scripts/train_toy.py --out runs/toy --steps 12000          # train / resume
     .venv/bin/python scripts/train_toy.py --out runs/toy --export hidiff/toy/weights   # ship the EMA weights
@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hidiff.toy.pipeline import NATIVE, ToyPipeline, toy_components  # noqa: E402
-from hidiff.toy.shapes import training_batch  # noqa: E402
+from hidiff.app.toy.pipeline import NATIVE, ToyPipeline, toy_components  # noqa: E402
+from hidiff.app.toy.shapes import training_batch  # noqa: E402
 
 EMPTY_PROMPT_SHARE = 0.1
 MIN_SNR = 5.0

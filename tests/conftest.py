@@ -8,7 +8,7 @@ import torch
 # a busy core make tiny models many times slower.
 torch.set_num_threads(int(os.environ.get("HIDIFF_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
-from hidiff.testing import tiny_pipeline  # noqa: E402
+from hidiff.diffusers.testing import tiny_pipeline  # noqa: E402
 
 
 def reference_python():

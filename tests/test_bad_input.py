@@ -22,7 +22,7 @@ from hidiff import (
     last_call,
     remove_hidiffusion,
 )
-from hidiff.testing import tiny_pipeline
+from hidiff.diffusers.testing import tiny_pipeline
 
 NATIVE = 8  # latent side of the tiny SD pipeline (64 px): 96 px is above it
 SIDE = 96

@@ -5,9 +5,9 @@ import json
 
 from conftest import reference_python
 
-from hidiff.bench import count_flops
-from hidiff.cli import main
-from hidiff.testing import tiny_unet_config
+from hidiff.app.bench import count_flops
+from hidiff.app.cli import main
+from hidiff.diffusers.testing import tiny_unet_config
 
 
 def test_window_attention_flops_match_a_hand_count():
@@ -153,7 +153,7 @@ def test_bench_refuses_a_reference_python_without_hidiffusion(capsys):
 
 
 def test_default_modes_are_the_comparison_and_all_adds_the_ablations():
-    from hidiff.bench import _check
+    from hidiff.app.bench import _check
 
     args = ("sd15", 1024, 1024, 3, 1, 0)
     assert _check(*args, None, None) == ("baseline", "hidiff")
@@ -164,8 +164,8 @@ def test_default_modes_are_the_comparison_and_all_adds_the_ablations():
 def test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart(capsys, tmp_path):
     """--model: the loop runs the saved model's own U-Net (its parameter count and FLOPs),
     HiDiffusion acts on it, and the text encoders and VAE are timed once on their own."""
-    from hidiff.bench import count_flops
-    from hidiff.testing import tiny_pipeline
+    from hidiff.app.bench import count_flops
+    from hidiff.diffusers.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd15", sample_size=8)  # native 64 px: 128 px is 2x
     pipe.save_pretrained(tmp_path / "model")

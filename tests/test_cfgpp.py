@@ -7,8 +7,8 @@ import torch
 from conftest import assert_untouched, snapshot
 
 import hidiff
-from hidiff import cfgpp
-from hidiff.testing import tiny_components, tiny_pipeline
+from hidiff.diffusers import cfgpp
+from hidiff.diffusers.testing import tiny_components, tiny_pipeline
 
 STEPS = 5
 LAM = 0.6

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import hidiff
-from hidiff.cli import main
-from hidiff.testing import make_unet, tiny_unet_config
+from hidiff.app.cli import main
+from hidiff.diffusers.testing import make_unet, tiny_unet_config
 
 
 def _info(capsys, *argv):
@@ -71,7 +71,7 @@ def test_info_bad_usage_exits_2_with_a_message(capsys, argv, needle):
 
 
 def test_info_reads_the_pixel_space_toy_model_without_a_vae_factor(capsys):
-    from hidiff.toy.pipeline import NATIVE, WEIGHTS, load_toy_pipeline
+    from hidiff.app.toy.pipeline import NATIVE, WEIGHTS, load_toy_pipeline
 
     info = _info(capsys, "--model", str(WEIGHTS), "--width", str(4 * NATIVE), "--height", str(4 * NATIVE))
     assert info["pixels_per_latent"] == 1 and info["native"] == [NATIVE, NATIVE]

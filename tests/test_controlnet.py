@@ -6,7 +6,7 @@ import torch
 from conftest import small_native
 
 import hidiff
-from hidiff.testing import tiny_components
+from hidiff.diffusers.testing import tiny_components
 
 STEPS = 10
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import hidiff
-from hidiff.cli import main
-from hidiff.eval import METHODS, deep_shrink, generate, run_eval, save_grid, to_json
-from hidiff.toy import NATIVE, ToyPipeline, toy_components
-from hidiff.toy.count import count_objects
+from hidiff.app.cli import main
+from hidiff.app.eval import METHODS, deep_shrink, generate, run_eval, save_grid, to_json
+from hidiff.app.toy import NATIVE, ToyPipeline, toy_components
+from hidiff.app.toy.count import count_objects
 
 PROMPT = "one red circle on white"
 
@@ -145,7 +145,7 @@ def test_cli_demo_writes_the_side_by_side_and_prints_counts(saved, tmp_path, cap
 
 def test_shipped_model_draws_one_object_natively_and_duplicates_at_4x_unless_hidiff():
     """The weights in the package: the premise of hidiff eval and hidiff demo, on a few seeds."""
-    from hidiff.toy import PROMPTS, load_toy_pipeline
+    from hidiff.app.toy import PROMPTS, load_toy_pipeline
 
     shipped = load_toy_pipeline()
     native = run_eval(shipped, list(PROMPTS), samples=1, scales=(1,), methods=("baseline",), steps=10)

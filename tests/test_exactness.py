@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import hidiff
-from hidiff.testing import make_unet, tiny_unet_config, tiny_vae
+from hidiff.diffusers.testing import make_unet, tiny_unet_config, tiny_vae
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from common import build_pipeline, run_case  # noqa: E402

@@ -18,7 +18,7 @@ from torch import nn
 
 import hidiff
 from hidiff import UnsupportedModelError, apply_hidiffusion, detect_layout, is_patched
-from hidiff.testing import make_unet, tiny_components, tiny_pipeline, tiny_unet_config
+from hidiff.diffusers.testing import make_unet, tiny_components, tiny_pipeline, tiny_unet_config
 
 SD_NATIVE = 8  # latent side of the tiny SD pipelines (64 px)
 XL_NATIVE = 16  # latent side of the tiny SDXL pipelines (128 px)

@@ -6,7 +6,7 @@ import torch
 from conftest import run_recorded, small_native
 
 import hidiff
-from hidiff.testing import tiny_components, tiny_pipeline
+from hidiff.diffusers.testing import tiny_components, tiny_pipeline
 
 SIDE = 640  # latent 80 > the tiny SD native 64
 STEPS = 5  # sd-1024: the strided conv acts in steps 0 and 1

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import hidiff.generate as generate
+import hidiff.app.generate as generate
 from hidiff import HiDiffusionConfig
-from hidiff.cli import main
-from hidiff.testing import tiny_pipeline
+from hidiff.app.cli import main
+from hidiff.diffusers.testing import tiny_pipeline
 
 NATIVE = 8  # latent side of the saved tiny models: 64 px, so 128x96 is above native and HiDiffusion acts
 SIZE = ["--width", "128", "--height", "96", "--steps", "2"]
@@ -229,7 +229,13 @@ def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path, cap
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from hidiff.testing import TINY_POOLED_DIM, TINY_TEXT_DIM, TINY_TIME_DIM, tiny_components, tiny_text_encoder
+    from hidiff.diffusers.testing import (
+        TINY_POOLED_DIM,
+        TINY_TEXT_DIM,
+        TINY_TIME_DIM,
+        tiny_components,
+        tiny_text_encoder,
+    )
 
     wide = TINY_TEXT_DIM + 16
     components = tiny_components(

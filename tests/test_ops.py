@@ -1,4 +1,4 @@
-"""Tensor operations of hidiff (hidiff.ops), checked against independent computations.
+"""Tensor operations of hidiff (hidiff.core.ops), checked against independent computations.
 
 The reference computations here are written from REFERENCE.md ("The operations"), not
 from hidiff's code: windows are cut straight out of the rolled (H, W) grid with explicit
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hidiff import ops
+from hidiff.core import ops
 
 SIZES = [(8, 8), (7, 9), (5, 4), (3, 3), (2, 2), (6, 11), (9, 2)]
 # One u from each band of the published rule, so that every shift the rule can give appears.

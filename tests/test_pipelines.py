@@ -7,7 +7,7 @@ from conftest import latents_of, small_native
 from PIL import Image
 
 import hidiff
-from hidiff.testing import tiny_pipeline
+from hidiff.diffusers.testing import tiny_pipeline
 
 
 def _image(size, seed=0, mask=False):

@@ -1,7 +1,7 @@
 """When HiDiffusion acts: the preset table, the preset choice, and the step of each U-Net call.
 
 The expected values are written out from REFERENCE.md ("When it acts") and from how the
-diffusers schedulers and pipelines work, independently of hidiff.schedule's own code.
+diffusers schedulers and pipelines work, independently of hidiff.core.presets's own code.
 The step tracker is driven the way StableDiffusionPipeline drives a scheduler:
 ``set_timesteps(N)``, then for every ``t`` in ``timesteps``: ``scale_model_input``, one
 U-Net call (here: ``locate``), ``scheduler.step``.
@@ -29,7 +29,7 @@ from diffusers import (
 )
 
 import hidiff
-from hidiff.schedule import PRESETS, StepTracker, choose_preset, in_range
+from hidiff.core.presets import PRESETS, StepTracker, choose_preset, in_range
 
 AGGRESSIVE = 8 / 50  # the published aggressive SDXL switch step, as a share of N
 

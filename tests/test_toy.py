@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import hidiff
-from hidiff.toy import NATIVE, PROMPTS, ToyPipeline, toy_components
-from hidiff.toy.count import count_objects
-from hidiff.toy.shapes import BACKGROUNDS, Scene, Shape, random_scene, render, separated_scene, training_batch
+from hidiff.app.toy import NATIVE, PROMPTS, ToyPipeline, toy_components
+from hidiff.app.toy.count import count_objects
+from hidiff.app.toy.shapes import BACKGROUNDS, Scene, Shape, random_scene, render, separated_scene, training_batch
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3])

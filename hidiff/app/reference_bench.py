@@ -1,8 +1,8 @@
 """Times the published ``hidiffusion`` package for ``hidiff bench --reference-python``.
 
 Runs in the other Python (hidiffusion 0.1.10 needs diffusers 0.27.x), as a script:
-``python _reference_bench.py SPEC.json``. It never imports hidiff; the timed loop is
-``_timing.py`` beside it, the same code hidiff's own modes are timed with.
+``python reference_bench.py SPEC.json``. It never imports hidiff; the timed loop is
+``timing.py`` beside it, the same code hidiff's own modes are timed with.
 
 Protocol, one JSON object per line on stdout, each prefixed with ``REPLY_PREFIX`` (library
 output on stdout is ignored): after loading the saved U-Net and applying the published
@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _timing  # noqa: E402
+import timing  # noqa: E402
 
 
 def reply(message):
-    print(_timing.REPLY_PREFIX + json.dumps(message), flush=True)
+    print(timing.REPLY_PREFIX + json.dumps(message), flush=True)
 
 
 def published_pipeline(diffusers, unet, name_or_path):
@@ -43,7 +43,7 @@ def published_pipeline(diffusers, unet, name_or_path):
 
 def run_steps(pipe, scheduler, inputs, steps):
     pipe._num_timesteps = steps
-    result = _timing.timed_loop(pipe.unet, scheduler, inputs, steps)
+    result = timing.timed_loop(pipe.unet, scheduler, inputs, steps)
     # The published code counts U-Net calls and wraps at _num_timesteps: a loop with
     # any other number of calls would leave its schedule off for the next repetition.
     if result["unet_calls"] != steps:
@@ -58,7 +58,7 @@ def count_flops(diffusers, spec, inputs):
         unet = diffusers.UNet2DConditionModel.from_config(config)
     pipe = published_pipeline(diffusers, unet, spec["name_or_path"])
     pipe._num_timesteps = spec["steps"]
-    per_step = _timing.loop_flops(unet, diffusers.DDIMScheduler(), _timing.move(inputs, "meta"), spec["steps"])
+    per_step = timing.loop_flops(unet, diffusers.DDIMScheduler(), timing.move(inputs, "meta"), spec["steps"])
     return [step[""] for step in per_step]
 
 
@@ -76,7 +76,7 @@ def main(spec_path):
     )
     pipe = published_pipeline(diffusers, unet, spec["name_or_path"])
     replaced = sorted(name for name, m in unet.named_modules() if type(m).__module__.startswith("hidiffusion"))
-    inputs = _timing.move(inputs, spec["device"], dtype)
+    inputs = timing.move(inputs, spec["device"], dtype)
     scheduler = diffusers.DDIMScheduler()
     reply(
         {

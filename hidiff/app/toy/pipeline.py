@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up in this module)
 from torch import nn
 
-from ..testing import SD15_UNET
+from ...diffusers.testing import SD15_UNET
 from .shapes import VOCABULARY
 
 #: Native size in pixels: the U-Net's ``sample_size`` (pixel space, so no factor 8).

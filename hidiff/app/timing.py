@@ -1,5 +1,5 @@
 """One timed denoising loop and its FLOP count, shared by ``hidiff bench`` and the runner
-of the published package (``_reference_bench.py``), which runs in another Python with an
+of the published package (``reference_bench.py``), which runs in another Python with an
 older diffusers. Both sides time exactly this code, so it imports torch only: no hidiff,
 no particular diffusers release.
 """

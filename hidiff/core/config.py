@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional
 
-from .schedule import PRESETS
+from .presets import PRESETS
 
 WindowShift = Literal["seeded", "reference", "none"]
 AtNative = Literal["skip", "apply"]

@@ -1,7 +1,7 @@
 """Samples the toy model with the published ``hidiffusion`` package, for ``hidiff eval --reference-python``.
 
 Runs in the other Python (hidiffusion 0.1.10 needs diffusers 0.27.x), as a script:
-``python _reference_eval.py SPEC.json``. The spec names a folder whose only entry is
+``python reference_eval.py SPEC.json``. The spec names a folder whose only entry is
 this ``hidiff`` package (so the toy pipeline class loads, and nothing else of hidiff's
 environment shadows the other Python's diffusers), the toy model folder, the prompts,
 sizes, steps, seed and guidance, and the file to write: for every size the pictures
@@ -27,7 +27,7 @@ def main(spec_path):
     import torch
     from hidiffusion import apply_hidiffusion
 
-    from hidiff.toy.pipeline import load_toy_pipeline
+    from hidiff.app.toy.pipeline import load_toy_pipeline
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

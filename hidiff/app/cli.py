@@ -35,7 +35,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, base: Any = None):
     """The HiDiffusionConfig of the flags given, on top of ``base`` (a config, or the defaults)."""
-    from .config import HiDiffusionConfig
+    from ..core.config import HiDiffusionConfig
 
     options: dict[str, Any] = {}
     for name in (
@@ -69,7 +69,7 @@ def load_unet_skeleton(model: str):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .testing import FULL_UNET_CONFIGS
+    from ..diffusers.testing import FULL_UNET_CONFIGS
 
     if model in FULL_UNET_CONFIGS:
         config, factor = dict(FULL_UNET_CONFIGS[model]), 8
@@ -103,8 +103,8 @@ def _pixels_per_latent(pipeline_folder: Path) -> int:
 
 def describe(model: str, height: int, width: int, steps: int, config) -> dict[str, Any]:
     """What ``apply_hidiffusion`` would do for one call, without running anything."""
-    from .adapter import Patch
-    from .families import detect_layout
+    from ..diffusers.model import detect_layout
+    from ..diffusers.patch import Patch
 
     unet, factor = load_unet_skeleton(model)
     layout = detect_layout(unet)
@@ -399,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hidiff {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as error:  # an error the user can read, not a traceback
-        from .families import UnsupportedModelError
+        from ..diffusers.model import UnsupportedModelError
 
         code = EXIT_USAGE if isinstance(error, UnsupportedModelError) else EXIT_FAILURE
         print(f"hidiff {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)

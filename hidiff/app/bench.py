@@ -15,7 +15,7 @@ mode, and it is what a whole generation adds to the loop.
 
 The ``published`` mode runs the published ``hidiffusion`` package in another Python
 (``--reference-python``; it needs diffusers 0.27.x) on the same saved weights and
-inputs, timed by the same loop code (``_timing.py``), in a subprocess that stays alive
+inputs, timed by the same loop code (``timing.py``), in a subprocess that stays alive
 and runs one repetition whenever its turn in the interleaving comes.
 """
 
@@ -34,9 +34,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from . import adapter
-from ._timing import REPLY_PREFIX, loop_flops, move, timed_loop
-from .testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from ..diffusers import patch as adapter
+from ..diffusers.testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from .timing import REPLY_PREFIX, loop_flops, move, timed_loop
 
 #: Mode name -> apply_hidiffusion options (None: stock U-Net).
 MODES: dict[str, Optional[dict]] = {
@@ -60,7 +60,7 @@ PUBLISHED_NAMES = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
-_RUNNER = Path(__file__).with_name("_reference_bench.py")
+_RUNNER = Path(__file__).with_name("reference_bench.py")
 
 
 def _inputs(config: dict, batch: int, latent: tuple[int, int]) -> dict:
@@ -238,7 +238,7 @@ _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
 
 def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:
     """A real pipeline (hub id, folder or single file, as ``hidiff generate`` loads it) and its family name."""
-    from .families import detect_layout, find_unet
+    from ..diffusers.model import detect_layout, find_unet
     from .generate import Request, load_base_pipeline, torch_dtype_accepted
 
     with torch_dtype_accepted():

@@ -1,9 +1,9 @@
 """``hidiff eval``: does a method stop the toy model from duplicating objects above its native size?
 
-The shipped toy model (:mod:`hidiff.toy`) generates K samples of each prompt at 1x, 2x
+The shipped toy model (:mod:`hidiff.app.toy`) generates K samples of each prompt at 1x, 2x
 and 4x its native size with each method, from the same seeds (the same initial noise
 for every method that starts from noise at full size), and the counter
-(:mod:`hidiff.toy.count`) reads every picture. Per method and size: the duplication
+(:mod:`hidiff.app.toy.count`) reads every picture. Per method and size: the duplication
 rate (share of pictures with more than one object), the share with exactly one object
 of the prompt's shape and colour, the share with none, and the time (after an untimed
 one-step warm-up of the same method, size and batch).
@@ -21,7 +21,7 @@ Methods:
   strength 0.5 (its time includes both passes);
 * ``published``: the published ``hidiffusion`` package (0.1.10) on the same model,
   prompts and seeds, run by another Python that has it (``--reference-python``; see
-  ``_reference_eval.py``). Its presets go by absolute latent size (SD: below 256 the
+  ``reference_eval.py``). Its presets go by absolute latent size (SD: below 256 the
   "1024" preset, T1 0.4, no T2), so on the 16 px toy model it runs that preset at every
   size, where hidiff picks its 4x preset at 4x.
 """
@@ -54,7 +54,7 @@ HIRES_STRENGTH = 0.5
 @contextmanager
 def deep_shrink(pipe: Any, factor: int, end_ratio: float = DEEP_SHRINK_END) -> Iterator[list]:
     """Deep Shrink hooks on ``pipe.unet`` inside the block; yields the list of shrunk sizes (one per shrunk call)."""
-    from .schedule import StepTracker
+    from ..core.presets import StepTracker
 
     unet = pipe.unet
     tracker, state, shrunk = StepTracker(), {"on": False, "full": None}, []
@@ -130,13 +130,13 @@ def published_pictures(
     seed: int,
     guidance: float,
 ) -> dict[str, Any]:
-    """Every size's pictures and seconds from the published package (see ``_reference_eval.py``)."""
+    """Every size's pictures and seconds from the published package (see ``reference_eval.py``)."""
     from .bench import reference_env
     from .toy.pipeline import WEIGHTS
 
     with tempfile.TemporaryDirectory(prefix="hidiff-published-") as tmp:
         # the other Python sees this package and nothing else of this environment
-        os.symlink(Path(__file__).resolve().parent, Path(tmp) / "hidiff", target_is_directory=True)
+        os.symlink(Path(__file__).resolve().parents[1], Path(tmp) / "hidiff", target_is_directory=True)
         spec = {
             "package_parent": tmp,
             "model": str(Path(model).resolve()) if model else str(WEIGHTS),
@@ -150,7 +150,7 @@ def published_pictures(
         }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run(
-            [reference_python, str(Path(__file__).with_name("_reference_eval.py")), str(Path(tmp) / "spec.json")],
+            [reference_python, str(Path(__file__).with_name("reference_eval.py")), str(Path(tmp) / "spec.json")],
             capture_output=True,
             text=True,
             env=reference_env(),

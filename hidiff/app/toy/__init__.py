@@ -2,8 +2,8 @@
 
 It duplicates objects above its native size the way Stable Diffusion does, which makes
 it the project's offline stand-in for measuring HiDiffusion (``hidiff eval``) and its
-demo (``hidiff demo``). See :mod:`hidiff.toy.shapes` (pictures and prompts),
-:mod:`hidiff.toy.count` (the object counter) and :mod:`hidiff.toy.pipeline` (the model).
+demo (``hidiff demo``). See :mod:`hidiff.app.toy.shapes` (pictures and prompts),
+:mod:`hidiff.app.toy.count` (the object counter) and :mod:`hidiff.app.toy.pipeline` (the model).
 """
 
 from .pipeline import NATIVE, TOY_UNET_CONFIG, WEIGHTS, ToyPipeline, ToyTextEncoder, load_toy_pipeline, toy_components

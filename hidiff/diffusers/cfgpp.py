@@ -31,9 +31,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .adapter import _eager, _first
-from .families import find_unet
-from .schedule import _as_float
+from ..core.presets import _as_float
+from .model import find_unet
+from .patch import _eager, _first
 
 #: lam of the CFG++ paper's examples (paired there with an ordinary guidance scale of 7.5).
 DEFAULT_GUIDANCE = 0.6

@@ -30,10 +30,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from . import ops
-from .config import HiDiffusionConfig
-from .families import Layout, UnsupportedModelError, detect_layout, find_unet
-from .schedule import PRESETS, Preset, StepTracker, choose_preset, in_range
+from ..core import ops
+from ..core.config import HiDiffusionConfig
+from ..core.presets import PRESETS, Preset, StepTracker, choose_preset, in_range
+from .model import Layout, UnsupportedModelError, detect_layout, find_unet
 
 _PATCHES: weakref.WeakKeyDictionary[nn.Module, Patch] = weakref.WeakKeyDictionary()
 

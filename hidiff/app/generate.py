@@ -26,8 +26,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from ..core.config import HiDiffusionConfig
 from .cli import UsageError, config_from_args
-from .config import HiDiffusionConfig
 
 #: --scheduler name -> (diffusers class, config overrides, A1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -439,7 +439,7 @@ def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
     """(pipeline of the class the request needs, U-Net layout)."""
     import diffusers
 
-    from .families import detect_layout, find_unet
+    from ..diffusers.model import detect_layout, find_unet
 
     with torch_dtype_accepted():
         base = load_base_pipeline(request, dtype)
@@ -590,7 +590,7 @@ def prepare(request: Request) -> tuple[Request, Any, Any, dict, torch.device]:
     request = resolve(request, pipe, layout, images)
     set_scheduler(pipe, request.scheduler)
     if request.cfgpp is not None:
-        from .cfgpp import enable_cfgpp
+        from ..diffusers.cfgpp import enable_cfgpp
 
         try:
             enable_cfgpp(pipe, scheduler=request.scheduler, guidance=request.cfgpp)
@@ -641,7 +641,7 @@ class Run:
 def run_pipeline(request: Request, pipe: Any, images: dict, device: torch.device, label: str, quiet: bool) -> Run:
     import hidiff
 
-    from ._timing import PeakMemory
+    from .timing import PeakMemory
 
     kwargs = call_kwargs(request, pipe, images)
     pipe.set_progress_bar_config(desc=label, disable=quiet)
