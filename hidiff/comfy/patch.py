@@ -1,0 +1,409 @@
+"""HiDiffusion on a ComfyUI ``ModelPatcher``: patches as data on a clone.
+
+:func:`apply_hidiffusion` returns a clone of the given ``ModelPatcher`` carrying:
+
+* a ``SAMPLER_SAMPLE`` wrapper: once per sampling run, it hashes each image's initial
+  noise into that image's window seed and hands it down in the run's
+  ``transformer_options`` (a copy made for the run);
+* a ``DIFFUSION_MODEL`` wrapper: once per U-Net call, it finds the step from the sigma of
+  the call in ``transformer_options["sample_sigmas"]`` (the sigmas ComfyUI actually
+  samples: KSampler, KSamplerAdvanced start/end, denoise < 1 and custom sigmas all land on
+  the right step), asks :func:`hidiff.core.planner.plan_call` what to do, resizes ControlNet
+  / T2I-Adapter residuals to the plan's feature sizes, and passes a per-call
+  :class:`CallState` down in a copy of ``transformer_options``;
+* a ``forward_timestep_embed_patch`` for ``Downsample``: in the conv stage's block, while
+  the plan says so, the downsampler's conv runs with stride 4 / padding 2 / dilation 2 (a
+  shallow copy of the conv with that geometry: same weights, LoRA and casting included;
+  the model's own module is never changed);
+* an ``input_block_patch`` (avg-pool the pool stage's first block output) and an
+  ``output_block_patch`` (grow the map back to its skip connection's size);
+* ``attn1`` replacements on every self-attention of the top stage and its mirror: shifted
+  2x2 windows (:func:`hidiff.core.ops.window_partition`) around ComfyUI's own attention
+  function.
+
+ComfyUI hands every upsampler the size of the skip it meets (``output_shape``), so the up
+path lands on the right sizes by itself. Nothing global is changed: the original
+``ModelPatcher`` keeps its options, and dropping the clone drops every patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core import ops
+from ..core.architecture import UnsupportedModelError
+from ..core.config import HiDiffusionConfig
+from ..core.planner import Plan, Progress, Task, plan_call
+from ..core.progress import progress_from_sigmas
+from .structure import ComfyNetwork, describe
+
+#: Keys under which a patch's run and call state travel in ``transformer_options``.
+_RUN_KEY = "hidiff_run"
+_CALL_KEY = "hidiff_call"
+#: Key of this pack's wrappers in ComfyUI's wrapper registry (one HiDiffusion per model).
+WRAPPER_KEY = "hidiff.hidiffusion"
+
+
+class ComfyVersionError(RuntimeError):
+    """The running ComfyUI lacks an API the node needs."""
+
+
+@dataclass
+class CallRecord:
+    """What HiDiffusion did in one U-Net call (handed to a ``recorder``; for tests and debugging)."""
+
+    plan: Plan
+    batch: int
+    block_sizes: dict = field(default_factory=dict)  # input block id -> (H, W) of its output (after pooling)
+    conv_out: Optional[tuple[int, int]] = None  # size after the strided conv
+    pooled: Optional[tuple[tuple[int, int], tuple[int, int]]] = None  # (from, to)
+    unpooled: Optional[tuple[tuple[int, int], tuple[int, int]]] = None
+    windows: list = field(default_factory=list)  # (layer ordinal, (H, W), shifts per row)
+    control_sizes: dict = field(default_factory=dict)  # kind -> [sizes after resizing]
+
+
+@dataclass
+class CallState:
+    plan: Plan
+    seeds: list  # window seed of each row of the batch
+    record: Optional[CallRecord]
+
+
+class HiDiffusionPatch:
+    """The options and the network of one patched model; its methods are the patches."""
+
+    def __init__(self, network: ComfyNetwork, config: HiDiffusionConfig, recorder: Optional[Callable] = None):
+        self.network = network
+        self.config = config
+        self.recorder = recorder
+        self.layer_of = {key: n for n, key in enumerate(network.blocks.windowed)}
+        self.previous_attn1: dict = {}
+
+    # ------------------------------------------------------------ per run
+    def sampler_sample(self, executor: Any, guider: Any, sigmas: Any, extra_args: dict, callback: Any, noise: Any, *args: Any, **kwargs: Any) -> Any:
+        model_options = dict(extra_args.get("model_options", {}))
+        transformer_options = dict(model_options.get("transformer_options", {}))
+        transformer_options[_RUN_KEY] = {id(self): _noise_seeds(noise)}
+        model_options["transformer_options"] = transformer_options
+        extra_args = {**extra_args, "model_options": model_options}
+        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+
+    # ------------------------------------------------------------ per call
+    def plan(self, x: torch.Tensor, transformer_options: dict, control: Any) -> Plan:
+        latent = (int(x.shape[-2]), int(x.shape[-1]))
+        arch = self.network.architecture
+        progress = _progress(transformer_options)
+        task = Task(inpainting=arch.inpainting, edm=self.network.edm, text2img_controlnet=control is not None)
+        return plan_call(arch, latent, self.config, progress, task)
+
+    def diffusion_model(self, executor: Any, x: torch.Tensor, timesteps: Any, context: Any, y: Any, control: Any, transformer_options: dict, *args: Any, **kwargs: Any) -> Any:
+        plan = self.plan(x, transformer_options, control)
+        if not plan.active:
+            return executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
+        record = CallRecord(plan=plan, batch=int(x.shape[0])) if self.recorder is not None else None
+        state = CallState(plan=plan, seeds=self._row_seeds(x, transformer_options), record=record)
+        if control is not None:
+            control = self._fit_control(control, plan, record)
+        transformer_options = {**transformer_options, _CALL_KEY: {id(self): state}}
+        out = executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
+        if record is not None:
+            self.recorder(record)
+        return out
+
+    def _row_seeds(self, x: torch.Tensor, transformer_options: dict) -> list:
+        """The window seed of each row: rows are chunks of the latent batch (one per cond)."""
+        rows = int(x.shape[0])
+        if self.config.window_seed is not None:
+            return [int(self.config.window_seed)] * rows
+        run = transformer_options.get(_RUN_KEY, {}).get(id(self))
+        if run:
+            return [run[r % len(run)] for r in range(rows)]
+        # No run wrapper saw the noise (a U-Net call outside a sampler): seed from the input.
+        chunks = max(1, len(transformer_options.get("cond_or_uncond", ()) or ()) or 1)
+        images = rows // chunks if rows % chunks == 0 else rows
+        seeds = ops.image_seeds(x[:images])
+        return [seeds[r % images] for r in range(rows)]
+
+    def _state(self, transformer_options: dict) -> Optional[CallState]:
+        return (transformer_options.get(_CALL_KEY) or {}).get(id(self))
+
+    def _fit_control(self, control: dict, plan: Plan, record: Optional[CallRecord]) -> dict:
+        """ControlNet / T2I-Adapter residuals (made at full size) resized to the plan's features.
+
+        ComfyUI pops them from the end: ``output`` entry i is added to the skip of input block
+        i, ``input`` entry j to the output of input block len-1-j, ``middle`` to the mid block.
+        """
+        skips, blocks = plan.skip_sizes, self.network.blocks
+        fitted = dict(control)
+        if control.get("output") is not None:
+            fitted["output"] = [_fit(r, skips[i]) if i < len(skips) else r for i, r in enumerate(control["output"])]
+        if control.get("middle") is not None:
+            fitted["middle"] = [_fit(r, plan.mid_size) for r in control["middle"]]
+        if control.get("input") is not None:
+            entries = list(control["input"])
+            out = []
+            for j, r in enumerate(entries):
+                block = len(entries) - 1 - j
+                size = skips[block - 1] if block == blocks.pool_block and plan.pool else (
+                    skips[block] if block < len(skips) else None
+                )
+                out.append(_fit(r, size) if size is not None else r)
+            fitted["input"] = out
+        if record is not None:
+            for kind in ("input", "middle", "output"):
+                if fitted.get(kind) is not None:
+                    record.control_sizes[kind] = [None if r is None else tuple(r.shape[-2:]) for r in fitted[kind]]
+        return fitted
+
+    # ------------------------------------------------------------ RAU-Net
+    def downsample(self, layer: Any, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict, *rest: Any) -> torch.Tensor:
+        state = self._state(transformer_options)
+        if (
+            state is None
+            or not state.plan.conv
+            or tuple(transformer_options.get("block", ())) != ("input", self.network.blocks.conv_block)
+        ):
+            return layer(x)
+        conv = _strided_copy(layer.op)
+        out = conv(x)
+        if state.record is not None:
+            state.record.conv_out = (int(out.shape[-2]), int(out.shape[-1]))
+        return out
+
+    def input_block(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        state = self._state(transformer_options)
+        if state is None:
+            return h
+        block = transformer_options.get("block", ("", -1))[1]
+        if state.plan.pool and block == self.network.blocks.pool_block:
+            pooled = ops.rau_pool(h)
+            if state.record is not None:
+                state.record.pooled = (tuple(h.shape[-2:]), tuple(pooled.shape[-2:]))
+            h = pooled
+        if state.record is not None:
+            state.record.block_sizes[block] = (int(h.shape[-2]), int(h.shape[-1]))
+        return h
+
+    def output_block(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict) -> tuple:
+        state = self._state(transformer_options)
+        if state is None or not state.plan.pool:
+            return h, hsp
+        if transformer_options.get("block", ("", -1))[1] != self.network.blocks.unpool_block:
+            return h, hsp
+        size = (int(hsp.shape[-2]), int(hsp.shape[-1]))
+        grown = ops.rau_unpool(h, size)
+        if state.record is not None:
+            state.record.unpooled = (tuple(h.shape[-2:]), size)
+        return grown, hsp
+
+    # ------------------------------------------------------------ MSW-MSA
+    def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        block = extra_options.get("block") or ("", -1)
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        previous = self.previous_attn1.get(key) or self.previous_attn1.get((block[0], block[1]))
+        state = self._state(extra_options)
+        layer = self.layer_of.get(key)
+        heads = extra_options["n_heads"]
+        hw = _map_size(q.shape[1], extra_options)
+        if state is None or not state.plan.windows or layer is None or hw is None or min(hw) < 2:
+            return _attention(q, k, v, heads, None, extra_options, previous)
+        shifts = [self._shift(seed, state.plan.step, layer, hw) for seed in state.seeds]
+        wq, wk, wv = (ops.window_partition(t, hw[0], hw[1], shifts) for t in (q, k, v))
+        out = _attention(wq.tokens, wk.tokens, wv.tokens, heads, wq.key_bias, extra_options, previous)
+        if state.record is not None:
+            state.record.windows.append((layer, hw, shifts))
+        return ops.window_merge(out, wq)
+
+    def _shift(self, seed: int, step: int, layer: int, hw: tuple[int, int]) -> tuple[int, int]:
+        mode = self.config.window_shift
+        if mode == "none":
+            return (0, 0)
+        if mode == "reference":
+            return ops.shift_from_uniform(float(torch.rand(1)), hw[0], hw[1])
+        return ops.shift_for(seed, step, layer, hw[0], hw[1])
+
+
+# ---------------------------------------------------------------- helpers
+def _progress(transformer_options: dict) -> Progress:
+    sigmas = transformer_options.get("sigmas")
+    schedule = transformer_options.get("sample_sigmas")
+    if schedule is None:
+        raise ComfyVersionError(
+            "HiDiffusion: this ComfyUI does not pass transformer_options['sample_sigmas'] to the model, so the "
+            "denoising step cannot be read from the schedule. Update ComfyUI (0.3.x from 2025 has it)."
+        )
+    if sigmas is None:
+        raise ComfyVersionError("HiDiffusion: no current sigma in transformer_options['sigmas'].")
+    sigma = float(torch.as_tensor(sigmas).reshape(-1).max())
+    levels = [float(s) for s in torch.as_tensor(schedule).reshape(-1).tolist()]
+    progress = progress_from_sigmas(sigma, levels)
+    if progress is None:
+        # A call outside the sampled schedule (e.g. a model call made by another node): treat
+        # it as the last step, where HiDiffusion changes nothing but windows.
+        steps = max(1, len(levels) - 1)
+        return Progress(steps - 1, steps)
+    return progress
+
+
+def _noise_seeds(noise: Any) -> Optional[list]:
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 1 or noise.shape[0] == 0:
+        return None
+    return ops.image_seeds(noise)
+
+
+def _fit(residual: Any, size: tuple[int, int]) -> Any:
+    if not isinstance(residual, torch.Tensor) or residual.ndim != 4:
+        return residual
+    return ops.resize_to(residual, tuple(size))
+
+
+def _strided_copy(conv: Any) -> Any:
+    """A shallow copy of a 3x3 stride-2 conv with RAU-Net's geometry: the copy shares the
+    parameters (and ComfyUI's cast / LoRA state at call time); the model's conv is untouched."""
+    strided = object.__new__(type(conv))
+    strided.__dict__.update(conv.__dict__)
+    g = ops.RAU_CONV_GEOMETRY
+    strided.stride, strided.padding, strided.dilation = g["stride"], g["padding"], g["dilation"]
+    return strided
+
+
+def _map_size(tokens: int, extra_options: dict) -> Optional[tuple[int, int]]:
+    """H x W of the token map a self-attention runs on."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and int(shape[2]) * int(shape[3]) == tokens:
+        return int(shape[2]), int(shape[3])
+    original = extra_options.get("original_shape")
+    if original is None or len(original) != 4:
+        return None
+    # Every map in the network is the latent with its sides halved (rounded up) k times.
+    h, w = int(original[2]), int(original[3])
+    for _ in range(8):
+        if h * w == tokens:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return None
+
+
+def _attention(q, k, v, heads, key_bias, extra_options, previous):
+    if previous is not None:
+        if key_bias is not None:
+            raise ValueError(
+                "HiDiffusion: windowed attention on an odd-sized map needs an attention mask, which the other "
+                "self-attention patch on this block cannot take. Use a width and height whose top-resolution "
+                "latent sides are even, or turn window_attn off."
+            )
+        return previous(q, k, v, extra_options)
+    from comfy.ldm.modules import attention
+
+    kwargs = {"attn_precision": extra_options.get("attn_precision")}
+    if "transformer_options" in _parameters(attention.optimized_attention):
+        kwargs["transformer_options"] = extra_options
+    if key_bias is None:
+        return attention.optimized_attention(q, k, v, heads, **kwargs)
+    return attention.optimized_attention_masked(q, k, v, heads, key_bias, **kwargs)
+
+
+def _parameters(fn: Any) -> set:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(params) | {"transformer_options"}
+    return set(params)
+
+
+def check_comfy_api(model_patcher: Any) -> None:
+    """Refuse, with what is missing, on a ComfyUI without the patch APIs this node needs."""
+    needed = [
+        "clone",
+        "add_wrapper_with_key",
+        "set_model_forward_timestep_embed_patch",
+        "set_model_input_block_patch",
+        "set_model_output_block_patch",
+        "set_model_attn1_replace",
+    ]
+    missing = [name for name in needed if not hasattr(model_patcher, name)]
+    try:
+        from comfy import patcher_extension  # noqa: F401
+        from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the ComfyUI install
+        missing.append(f"comfy module ({e})")
+    if missing:
+        raise ComfyVersionError(
+            "HiDiffusion needs ComfyUI's model patch and wrapper APIs (ComfyUI 0.3.x from December 2024 or newer); "
+            f"this ComfyUI lacks: {', '.join(missing)}. Update ComfyUI to use the HiDiffusion node."
+        )
+
+
+def apply_hidiffusion(
+    model_patcher: Any,
+    config: Optional[HiDiffusionConfig] = None,
+    recorder: Optional[Callable[[CallRecord], None]] = None,
+    native: Optional[tuple[int, int]] = None,
+    **options: Any,
+) -> Any:
+    """A clone of ``model_patcher`` with HiDiffusion on it (the original is not changed).
+
+    ``options`` are fields of :class:`HiDiffusionConfig`; ``recorder`` (optional) receives
+    a :class:`CallRecord` after every U-Net call HiDiffusion acts on; ``native`` overrides
+    the native latent (height, width) of the family (for a fine-tune trained at another size).
+    """
+    cfg = HiDiffusionConfig.from_options(config, **options)
+    check_comfy_api(model_patcher)
+    network = describe(model_patcher)
+    if native is not None:
+        arch = dataclasses.replace(network.architecture, native=(int(native[0]), int(native[1])))
+        network = dataclasses.replace(network, architecture=arch)
+    cfg.check_ratios(network.architecture.kind)
+    if cfg.controlnet == "native":
+        raise ValueError(
+            "HiDiffusion in ComfyUI resizes ControlNet residuals to the U-Net's features (controlnet='resize'); "
+            "ComfyUI runs its ControlNets itself, so the 'native' mode is not available here."
+        )
+    from comfy import patcher_extension
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+
+    wrappers = patcher_extension.WrappersMP
+    for kind in (wrappers.SAMPLER_SAMPLE, wrappers.DIFFUSION_MODEL):
+        existing = getattr(model_patcher, "wrappers", {}).get(kind, {}).get(WRAPPER_KEY)
+        if existing:
+            raise ValueError(
+                "HiDiffusion is already applied to this model: chain one HiDiffusion node per model "
+                "(change the options on the first one instead)."
+            )
+
+    patch = HiDiffusionPatch(network, cfg, recorder)
+    clone = model_patcher.clone()
+    replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    patch.previous_attn1 = {key: fn for key, fn in replaces.items()}
+    clone.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, WRAPPER_KEY, patch.sampler_sample)
+    clone.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, patch.diffusion_model)
+    if cfg.raunet:
+        clone.set_model_forward_timestep_embed_patch((Downsample, patch.downsample))
+        clone.set_model_input_block_patch(patch.input_block)
+        clone.set_model_output_block_patch(patch.output_block)
+    elif recorder is not None:
+        clone.set_model_input_block_patch(patch.input_block)
+    if cfg.window_attn:
+        for kind, block, index in network.blocks.windowed:
+            clone.set_model_attn1_replace(patch.attn1, kind, block, index)
+    clone.hidiffusion = patch  # for inspection (tests, other nodes); the clone owns it
+    return clone
+
+
+__all__ = [
+    "apply_hidiffusion",
+    "check_comfy_api",
+    "CallRecord",
+    "ComfyVersionError",
+    "HiDiffusionPatch",
+    "UnsupportedModelError",
+]

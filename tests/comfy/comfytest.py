@@ -1,0 +1,136 @@
+"""Tiny random-weight ComfyUI models and runs for the node tests (imported after conftest set ComfyUI up)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import torch
+
+#: Native latent side of the tiny models in these tests (256 px): 2x native is a 64x64 latent.
+NATIVE = 32
+CONTEXT = 64
+
+
+def sd15_unet_config(**overrides: Any) -> dict:
+    """SD 1.5's layout at width 32: 4 levels, attention on the first three, conv proj_in."""
+    cfg = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+        "model_channels": 32, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "transformer_depth_middle": 1, "use_spatial_transformer": True,
+        "legacy": False, "context_dim": CONTEXT, "use_linear_in_transformer": False, "adm_in_channels": None,
+        "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def sdxl_unet_config(**overrides: Any) -> dict:
+    """SDXL's layout at width 32: 3 levels, attention on the last two, linear proj_in, adm 2816."""
+    cfg = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+        "model_channels": 32, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 2],
+        "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "transformer_depth_middle": 1, "use_spatial_transformer": True,
+        "legacy": False, "context_dim": CONTEXT, "use_linear_in_transformer": True, "adm_in_channels": 2816,
+        "num_classes": "sequential", "use_temporal_resblock": False, "use_temporal_attention": False,
+        "num_heads": -1, "num_head_channels": 64,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def seed_weights(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI builds models uninitialised: fill every parameter from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _accepted(cfg: dict) -> dict:
+    """The keys this ComfyUI's UNetModel takes (older trees take fewer)."""
+    import inspect
+
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    params = inspect.signature(UNetModel.__init__).parameters
+    return {k: v for k, v in cfg.items() if k in params}
+
+
+def model_class(family: str):
+    import comfy.supported_models as sm
+
+    return {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family]
+
+
+def build(family: str = "sd15", seed: int = 0, model_type: Optional[str] = None, **overrides: Any):
+    """(ModelPatcher, unet_config) of a tiny random model built with ComfyUI's own classes."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+
+    if family == "sdxl":
+        cfg = sdxl_unet_config(**overrides)
+    else:
+        cfg = sd15_unet_config(**({"context_dim": 1024, "use_linear_in_transformer": True} if family == "sd2" else {}))
+        cfg.update(overrides)
+    cfg = _accepted(cfg)
+    mc = model_class(family)(copy.deepcopy(cfg))
+    mc.set_inference_dtype(torch.float32, None)
+    if model_type is None:
+        model = mc.get_model({}, "", device=torch.device("cpu"))
+    else:
+        cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+        model = cls(mc, model_type=getattr(comfy.model_base.ModelType, model_type), device=torch.device("cpu"))
+    seed_weights(model.diffusion_model, seed)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    return patcher, mc.unet_config
+
+
+def conds(family: str, height: int, width: int, seed: int = 1, tokens: int = 8):
+    """(positive, negative) in ComfyUI's CONDITIONING format; sizes in pixels for SDXL's adm."""
+    g = torch.Generator().manual_seed(seed)
+    context = 1024 if family == "sd2" else CONTEXT
+
+    def one():
+        extra = {}
+        if family == "sdxl":
+            extra = {"pooled_output": torch.randn(1, 1280, generator=g), "width": width, "height": height,
+                     "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}
+        return [[torch.randn(1, tokens, context, generator=g), extra]]
+
+    return one(), one()
+
+
+def sample(patcher, family: str, latent_hw, steps: int = 4, cfg: float = 1.0, seed: int = 7, sampler: str = "euler",
+           scheduler: str = "normal", denoise: float = 1.0, latent_image=None, start_step=None, last_step=None,
+           positive=None, negative=None, batch: int = 1):
+    import comfy.sample
+
+    h, w = latent_hw
+    latent = latent_image if latent_image is not None else torch.zeros(batch, 4, h, w)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos, neg = conds(family, 8 * h, 8 * w) if positive is None else (positive, negative)
+    return comfy.sample.sample(
+        patcher, noise, steps, cfg, sampler, scheduler, pos, neg, latent, denoise=denoise,
+        start_step=start_step, last_step=last_step, disable_pbar=True, seed=seed,
+    )
+
+
+class Recorder(list):
+    """Collects hidiff.comfy CallRecords."""
+
+    def __call__(self, record) -> None:
+        self.append(record)
