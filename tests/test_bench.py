@@ -134,7 +134,7 @@ def test_bench_rejects_bad_input(capsys, tmp_path):
     assert main(["bench", "--tiny", "--width", "641", "--height", "640"]) == 2
     assert "multiples of 8" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--repeats", "0"]) == 2
-    assert "repeats must be at least 1" in capsys.readouterr().err
+    assert "--repeats: must be at least 1" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--modes", "hidiff,fast"]) == 2
     assert "unknown mode" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--modes", "hidiff,published"]) == 2

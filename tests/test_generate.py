@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import hidiff.app.generate as generate
+import hidiff.app.loading as loading
 from hidiff import HiDiffusionConfig
+from hidiff.app.args import UsageError
 from hidiff.app.cli import main
 from hidiff.diffusers.testing import tiny_pipeline
 
@@ -210,9 +212,9 @@ def test_single_file_checkpoint_loads_like_its_folder(models, tmp_path, capsys):
 
     checkpoint = tmp_path / "tiny-sd15.safetensors"
     save_file(ldm_state_dict(models["pipe"]), str(checkpoint))
-    assert generate.single_file_kind(generate.checkpoint_keys(str(checkpoint))) == "sd"
+    assert loading.single_file_kind(loading.checkpoint_keys(str(checkpoint))) == "sd"
     common = ["--prompt", "x", *SIZE, "--seed", 2]
-    if not generate.single_file_takes_config():  # older diffusers: only original YAML configs, fetched online
+    if not loading.single_file_takes_config():  # older diffusers: only original YAML configs, fetched online
         assert gen("--model", checkpoint, "--config", models["sd"], *common, "--out", tmp_path / "file.png") == 1
         assert "--config needs a newer diffusers" in capsys.readouterr().err
         return
@@ -249,9 +251,9 @@ def test_single_file_sdxl_checkpoint_loads_like_its_folder(models, tmp_path, cap
     pipe.save_pretrained(tmp_path / "sdxl")
     checkpoint = tmp_path / "tiny-sdxl.safetensors"
     save_file(ldm_state_dict(pipe), str(checkpoint))
-    assert generate.single_file_kind(generate.checkpoint_keys(str(checkpoint))) == "sdxl"
+    assert loading.single_file_kind(loading.checkpoint_keys(str(checkpoint))) == "sdxl"
     common = ["--prompt", "one red circle", *SIZE, "--seed", 3]
-    if not generate.single_file_takes_config():  # older diffusers: only original YAML configs, fetched online
+    if not loading.single_file_takes_config():  # older diffusers: only original YAML configs, fetched online
         assert gen("--model", checkpoint, "--config", tmp_path / "sdxl", *common, "--out", tmp_path / "f.png") == 1
         assert "--config needs a newer diffusers" in capsys.readouterr().err
         return
@@ -271,7 +273,7 @@ def test_single_file_controlnet_loads_like_its_folder(models, tmp_path, capsys):
     checkpoint = tmp_path / "control_tiny.safetensors"
     save_file(controlnet_ldm_state_dict(controlnet), str(checkpoint))
     common = ["--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 4, "--control-image", models["photo"]]
-    if not generate.single_file_takes_config():
+    if not loading.single_file_takes_config():
         assert gen(*common, "--controlnet", checkpoint, "--out", tmp_path / "file.png") == 1
         assert "cannot configure a single-file ControlNet offline" in capsys.readouterr().err
         return
@@ -292,10 +294,10 @@ def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
         "model.diffusion_model.input_blocks.0.0.weight",
         "model.diffusion_model.label_emb.0.0.weight",
     ]
-    assert generate.single_file_kind(sdxl) == "sdxl"
-    assert generate.single_file_kind(["model.diffusion_model.input_blocks.0.0.weight"]) == "sd"
-    with pytest.raises(generate.UsageError, match="no Stable Diffusion U-Net"):
-        generate.single_file_kind(["transformer_blocks.0.attn.to_q.weight"])
+    assert loading.single_file_kind(sdxl) == "sdxl"
+    assert loading.single_file_kind(["model.diffusion_model.input_blocks.0.0.weight"]) == "sd"
+    with pytest.raises(UsageError, match="no Stable Diffusion U-Net"):
+        loading.single_file_kind(["transformer_blocks.0.attn.to_q.weight"])
 
 
 def test_vae_tiling_turns_on_when_a_one_piece_decode_would_not_fit(models, tmp_path, capsys, monkeypatch):
@@ -330,8 +332,8 @@ def test_cfgpp_flag_runs_cfgpp_with_the_named_sampler(models, tmp_path):
         (["--controlnet", "cn"], "--controlnet needs --control-image"),
         (["--controlnet", "cn", "--control-image", "missing.png"], "no such file"),
         (["--cfgpp", "0.5"], "--cfgpp needs --scheduler"),
-        (["--scheduler", "ddim", "--cfgpp", "1.5"], "lambda in [0, 1]"),
-        (["--strength", "0"], "--strength must lie in (0, 1]"),
+        (["--scheduler", "ddim", "--cfgpp", "1.5"], "lam in [0, 1]"),
+        (["--strength", "0"], "--strength: must lie in (0, 1]"),
     ],
 )
 def test_bad_usage_exits_2_before_loading(models, tmp_path, capsys, argv, needle):

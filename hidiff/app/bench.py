@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -36,21 +35,37 @@ import torch
 
 from ..diffusers import patch as adapter
 from ..diffusers.testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from .args import (
+    ALL,
+    BASELINE,
+    DEFAULT_BENCH_MODES,
+    DTYPES,
+    FAMILY_NAMES,
+    HIDIFF_METHODS,
+    PUBLISHED,
+    add_reference_python_flag,
+    add_threads_flag,
+    comma_list,
+    file_name,
+    flag,
+    image_side,
+    names,
+    non_negative,
+    png_file,
+    positive,
+)
+from .reference import check_reference_python, reference_env
 from .timing import REPLY_PREFIX, loop_flops, move, timed_loop
 
-#: Mode name -> apply_hidiffusion options (None: stock U-Net).
-MODES: dict[str, Optional[dict]] = {
-    "baseline": None,
-    "hidiff": {},
-    "raunet": {"window_attn": False},
-    "msw": {"raunet": False},
-}
-#: The published package, run by ``--reference-python``.
-PUBLISHED = "published"
+#: Mode name -> apply_hidiffusion options (None: stock U-Net); ``published`` (the published
+#: package, run by ``--reference-python``) comes on top.
+MODES: dict[str, Optional[dict]] = {BASELINE: None, **HIDIFF_METHODS}
 #: What a plain ``hidiff bench`` runs (plus ``published`` given a reference Python): the
 #: comparison a user asks for. The one-part modes are ablations, asked for by name or
 #: with ``all``; at SD 1.5 1024x1024 batch 2 each costs minutes on a 2-core CPU.
-DEFAULT_MODES = ("baseline", "hidiff")
+DEFAULT_MODES = DEFAULT_BENCH_MODES
+#: Every mode; ``--modes`` may also name ``all`` (alone) for all of them.
+RUN_MODES = (*MODES, PUBLISHED)
 
 #: The hub name the published package is shown for each family: it picks its preset from it.
 PUBLISHED_NAMES = {
@@ -61,6 +76,52 @@ PUBLISHED_NAMES = {
 }
 
 _RUNNER = Path(__file__).with_name("reference_bench.py")
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hidiff bench`` flags (their dests are :func:`run_bench`'s parameters)."""
+    parser.add_argument("--family", choices=FAMILY_NAMES, help="random-weight U-Net of this family (default sd15)")
+    parser.add_argument(
+        "--model",
+        help="a real model instead (hub id, diffusers folder or single file): its U-Net, "
+        "and its text encoders and VAE timed on their own",
+    )
+    parser.add_argument(
+        "--config",
+        dest="config_folder",
+        metavar="FOLDER",
+        help="component configs for a single-file --model (a local diffusers folder)",
+    )
+    parser.add_argument("--width", type=flag(image_side), default=1024, help="a positive multiple of 8")
+    parser.add_argument("--height", type=flag(image_side), default=1024, help="a positive multiple of 8")
+    parser.add_argument("--steps", type=flag(positive), default=4)
+    parser.add_argument(
+        "--batch", type=flag(positive), default=2, help="U-Net batch (classifier-free guidance doubles it)"
+    )
+    parser.add_argument("--repeats", type=flag(positive), default=1)
+    parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
+    parser.add_argument(
+        "--modes",
+        type=comma_list((*RUN_MODES, ALL), "mode"),
+        help=f"comma-separated subset of {','.join(RUN_MODES)}, or {ALL} "
+        f"(default: {','.join(DEFAULT_MODES)}, plus {PUBLISHED} with --reference-python)",
+    )
+    add_reference_python_flag(parser, f"the mode {PUBLISHED!r}")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto")
+    parser.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
+    add_threads_flag(parser)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        type=file_name,
+        metavar="FILE",
+        help="print JSON instead of the table; with FILE: write it there and print the table",
+    )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", type=png_file, help="also write a chart of the times and speed-ups"
+    )
 
 
 def _inputs(config: dict, batch: int, latent: tuple[int, int]) -> dict:
@@ -94,8 +155,9 @@ def count_flops(config: dict, options: Optional[dict], batch: int, latent: tuple
         patch = adapter.get_patch(unet)
         if patch is None:
             return "stock"
-        progress = patch.tracker.locate(t, scheduler)
-        return patch.plan(latent, progress.index, progress.total)[1:3]  # (conv, pool)
+        progress = patch.run_state().tracker.locate(t, scheduler)
+        plan = patch.plan(latent, progress.index, progress.total)
+        return plan.conv, plan.pool
 
     if options is not None:
         # window shifts do not change the count; a fixed seed avoids reading meta values
@@ -213,25 +275,6 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def reference_env() -> dict:
-    """The environment for the reference Python: this one without PYTHONPATH, so it sees its own packages only."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
-def check_reference_python(reference_python: Optional[str], what: str) -> None:
-    """ValueError unless ``reference_python`` runs and has the published package (checked before long work)."""
-    if not reference_python:
-        raise ValueError(f"{what} needs --reference-python PATH, a Python with hidiffusion installed")
-    if not (os.path.isfile(reference_python) and os.access(reference_python, os.X_OK)):
-        raise ValueError(f"--reference-python {reference_python!r} is not an executable file")
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hidiffusion') is None)"
-    if subprocess.run([reference_python, "-c", probe], env=reference_env()).returncode != 0:
-        raise ValueError(
-            f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
-            "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"
-        )
-
-
 #: The family name a loaded model is benchmarked (and shown to the published package) as.
 _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
 
@@ -239,10 +282,10 @@ _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
 def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:
     """A real pipeline (hub id, folder or single file, as ``hidiff generate`` loads it) and its family name."""
     from ..diffusers.model import detect_layout, find_unet
-    from .generate import Request, load_base_pipeline, torch_dtype_accepted
+    from .loading import load_base_pipeline, torch_dtype_accepted
 
     with torch_dtype_accepted():
-        pipe = load_base_pipeline(Request(model=model, config_folder=config_folder), dtype)
+        pipe = load_base_pipeline(model, config_folder, dtype)
     layout = detect_layout(find_unet(pipe)[0])
     return pipe, _LAYOUT_FAMILIES[layout.family]
 
@@ -364,7 +407,7 @@ def run_bench(
     if published is not None:
         published.close()
     results = {m: _summary(samples[m], flops[m]) for m in modes}
-    base = results["baseline"]
+    base = results[BASELINE]
     for r in results.values():
         r["speedup"] = base["total_s"] / r["total_s"]
         r["flop_speedup"] = base["flops"] / r["flops"]
@@ -403,22 +446,19 @@ def _check(
     reference_python: Optional[str],
 ) -> tuple:
     """The modes to run, baseline first; ValueError for input the user has to fix."""
-    if family not in FULL_UNET_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FULL_UNET_CONFIGS)}")
+    names([family], FAMILY_NAMES, "family")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
             f"steps and repeats must be at least 1 and warmup at least 0, got {steps}, {repeats}, {warmup}"
         )
-    if modes is None or tuple(modes) == ("all",):
+    if modes is None or tuple(modes) == (ALL,):
         modes = (DEFAULT_MODES if modes is None else tuple(MODES)) + ((PUBLISHED,) if reference_python else ())
-    unknown = [m for m in modes if m not in MODES and m != PUBLISHED]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}, {PUBLISHED} (or all)")
+    names(modes, RUN_MODES, "mode")
     if PUBLISHED in modes:
         check_reference_python(reference_python, f"mode {PUBLISHED!r}")
-    return ("baseline",) + tuple(m for m in dict.fromkeys(modes) if m != "baseline")
+    return (BASELINE,) + tuple(m for m in dict.fromkeys(modes) if m != BASELINE)
 
 
 def _local_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:

@@ -1,4 +1,8 @@
-"""The ``hidiff`` command: ``info`` (a dry run of what HiDiffusion would do) and ``demo``."""
+"""The ``hidiff`` command: its parser and subcommands, and ``info`` (a dry run of what HiDiffusion would do).
+
+``generate``, ``demo``/``eval`` and ``bench`` live in their own modules (their flags too);
+what they share (flags, checks, choices, exit codes) is in :mod:`hidiff.app.args`.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-FAMILY_NAMES = ("sd15", "sd21", "sd21-768", "sdxl")
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line input: exit code 2."""
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("HiDiffusion options (see hidiff.HiDiffusionConfig)")
-    on_off = argparse.BooleanOptionalAction
-    group.add_argument("--raunet", action=on_off, help="RAU-Net on or off (default on)")
-    group.add_argument("--window-attn", action=on_off, help="MSW-MSA on or off (default on)")
-    group.add_argument("--preset", help="force a preset instead of the automatic choice")
-    group.add_argument("--t1", type=float, dest="t1_ratio", help="T1 ratio override, in [0, 1]")
-    group.add_argument("--t2", type=float, dest="t2_ratio", help="T2 ratio override, in [0, 1]")
-    group.add_argument("--aggressive", action=on_off, help="SDXL below 4x native: strided conv first, then pool")
-    group.add_argument("--aggressive-step-ratio", type=float, help="where the aggressive schedule switches to pool")
-    group.add_argument("--window-shift", choices=("seeded", "reference", "none"), help="window shift mode")
-    group.add_argument("--window-seed", type=int, help="fixed seed for 'seeded' window shifts")
-    group.add_argument("--at-native", choices=("skip", "apply"), help="behaviour at or below native size")
-    group.add_argument("--controlnet-mode", choices=("native", "resize"), help="how ControlNets run under HiDiffusion")
-    group.add_argument("--controlnet-steps-ratio", type=float, help="share of steps ControlNets run in 'native' mode")
-
-
-def config_from_args(args: argparse.Namespace, base: Any = None):
-    """The HiDiffusionConfig of the flags given, on top of ``base`` (a config, or the defaults)."""
-    from ..core.config import HiDiffusionConfig
-
-    options: dict[str, Any] = {}
-    for name in (
-        "raunet",
-        "window_attn",
-        "preset",
-        "t1_ratio",
-        "t2_ratio",
-        "aggressive",
-        "aggressive_step_ratio",
-        "window_shift",
-        "window_seed",
-        "at_native",
-        "controlnet_steps_ratio",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    if args.controlnet_mode is not None:
-        options["controlnet"] = args.controlnet_mode
-    try:
-        return HiDiffusionConfig.from_options(base, **options)
-    except (TypeError, ValueError) as error:
-        raise UsageError(str(error)) from None
+from .args import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    FAMILY_NAMES,
+    ArgumentParser,
+    UsageError,
+    add_config_flags,
+    config_from_args,
+    flag,
+    keywords_for,
+    positive,
+    set_threads,
+)
 
 
 def load_unet_skeleton(model: str):
@@ -103,6 +69,7 @@ def _pixels_per_latent(pipeline_folder: Path) -> int:
 
 def describe(model: str, height: int, width: int, steps: int, config) -> dict[str, Any]:
     """What ``apply_hidiffusion`` would do for one call, without running anything."""
+    from ..core.presets import PRESETS
     from ..diffusers.model import detect_layout
     from ..diffusers.patch import Patch
 
@@ -113,7 +80,7 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
     latent = (height // factor, width // factor)
     patch = Patch(unet, None, layout, config, None)
     plans = [patch.plan(latent, i, steps) for i in range(steps)]
-    preset = plans[0][0]
+    preset = PRESETS[plans[0].preset] if plans[0].active else None
     info: dict[str, Any] = {
         "model": model,
         "family": layout.family,
@@ -125,10 +92,10 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
         "steps": steps,
         "preset": preset.name if preset else None,
         "why": _why(layout, (height, width), latent, steps, config, preset),
-        "modules": layout.module_names(config.raunet, config.window_attn, unet=unet) if preset else {},
-        "conv_steps": [i for i, p in enumerate(plans) if p[1]],
-        "pool_steps": [i for i, p in enumerate(plans) if p[2]],
-        "window_steps": [i for i, p in enumerate(plans) if p[3] and p[0] is not None],
+        "modules": patch.describe() if preset else {},
+        "conv_steps": [i for i, p in enumerate(plans) if p.conv],
+        "pool_steps": [i for i, p in enumerate(plans) if p.pool],
+        "window_steps": [i for i, p in enumerate(plans) if p.windows],
         "config": config.to_dict(),
     }
     return info
@@ -197,28 +164,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401  (checked before minutes of timing, not after)
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'hidiff[bench]'") from None
-    if args.threads:
-        import torch
+    from .loading import resolve_device
 
-        torch.set_num_threads(args.threads)
-    modes = tuple(args.modes.split(",")) if args.modes else None
+    device, _ = resolve_device(args.device, args.dtype)  # a device this torch has, before any model is built
+    set_threads(args)
     try:
-        result = run_bench(
-            family=args.family,
-            height=args.height,
-            width=args.width,
-            steps=args.steps,
-            batch=args.batch,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            modes=modes,
-            device=args.device,
-            dtype=args.dtype,
-            tiny=args.tiny,
-            reference_python=args.reference_python,
-            model=args.model,
-            config_folder=args.config_folder,
-        )
+        result = run_bench(**keywords_for(run_bench, args, device=str(device)))
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.json and args.json != "-":
@@ -243,99 +194,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generate_parser(sub: Any) -> None:
-    from .generate import SCHEDULERS
+    from .generate import add_arguments
 
     gen = sub.add_parser(
         "generate",
         help="generate images with HiDiffusion; every PNG carries what re-runs it",
         description="Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
         "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
-        "model's native size (or the input image's size). Exit codes: 0 done, 2 bad usage, 1 failure.",
+        "model's native size (or the input image's size). Output files that exist are kept unless --overwrite. "
+        "Exit codes: 0 done, 2 bad usage, 1 failure.",
     )
-    model = gen.add_argument_group("model and inputs")
-    model.add_argument("--model", help="hub id, local diffusers folder, or a single .safetensors/.ckpt file")
-    model.add_argument(
-        "--config",
-        dest="config_folder",
-        metavar="FOLDER",
-        help="a local diffusers folder of the same family, for a single-file --model offline",
-    )
-    model.add_argument("--image", help="init image: img2img (with --mask: inpaint)")
-    model.add_argument("--mask", help="inpainting mask (white is repainted); needs --image")
-    model.add_argument("--strength", type=float, help="img2img/inpaint strength, in (0, 1]")
-    model.add_argument(
-        "--controlnet",
-        metavar="MODEL",
-        help="ControlNet: hub id, local diffusers folder, or one original-layout .safetensors/.pth/.ckpt file",
-    )
-    model.add_argument("--control-image", metavar="FILE", help="the ControlNet conditioning image")
-    model.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale")
-    model.add_argument("--from-image", metavar="PNG", help="re-run a PNG written by hidiff generate (flags override)")
-    run = gen.add_argument_group("generation")
-    run.add_argument("--prompt")
-    run.add_argument("--negative-prompt")
-    run.add_argument("--width", type=int)
-    run.add_argument("--height", type=int)
-    run.add_argument("--steps", type=int)
-    run.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    run.add_argument("--seed", type=int, help="image k of a batch uses seed + k (default: random, recorded)")
-    run.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="default: the model's own")
-    run.add_argument("--batch", type=int, help="images per run")
-    run.add_argument(
-        "--cfgpp",
-        type=float,
-        metavar="LAMBDA",
-        help="CFG++ guidance (needs --scheduler ddim, euler, euler-a or dpmpp-2m)",
-    )
-    run.add_argument("--hidiff", action=argparse.BooleanOptionalAction, help="HiDiffusion on (default) or off")
-    run.add_argument(
-        "--compare",
-        action="store_true",
-        help="same seed without and with HiDiffusion: both images, a side-by-side PNG and both times",
-    )
-    run.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    run.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        help="auto (default): float16 on GPUs, float32 on CPU",
-    )
-    run.add_argument(
-        "--vae-tiling",
-        choices=("auto", "on", "off"),
-        help="auto (default): on when decoding in one piece would not fit in free memory",
-    )
-    run.add_argument(
-        "--out", help="output PNG (default hidiff-SEED.png; batches add -K, --compare adds -plain/-hidiff/-compare)"
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(gen)
+    add_arguments(gen)
     gen.set_defaults(run=cmd_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
+    from .bench import add_arguments as add_bench_arguments
+    from .eval import add_arguments as add_eval_arguments
+    from .eval import add_demo_arguments
+
+    parser = ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="dry run: what HiDiffusion would change for a model and size")
     info.add_argument(
         "--model", required=True, help=f"a family name ({', '.join(FAMILY_NAMES)}) or a local diffusers folder"
     )
-    info.add_argument("--width", type=int, required=True)
-    info.add_argument("--height", type=int, required=True)
-    info.add_argument("--steps", type=int, default=50)
+    info.add_argument("--width", type=flag(positive), required=True)
+    info.add_argument("--height", type=flag(positive), required=True)
+    info.add_argument("--steps", type=flag(positive), default=50)
     info.add_argument("--json", action="store_true", help="print JSON")
-    _add_config_flags(info)
+    add_config_flags(info)
     info.set_defaults(run=cmd_info)
 
     _add_generate_parser(sub)
 
-    from .eval import add_demo_arguments
-
     demo = sub.add_parser("demo", help="the shipped toy model at 4x native without and with HiDiffusion (CPU, ~1 min)")
     add_demo_arguments(demo)
     demo.set_defaults(run=cmd_demo)
-
-    from .eval import add_arguments as add_eval_arguments
 
     evaluate = sub.add_parser(
         "eval", help="duplication metric on the shipped toy model: methods x sizes, counted objects"
@@ -346,53 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"
     )
-    bench.add_argument("--family", choices=FAMILY_NAMES, help="random-weight U-Net of this family (default sd15)")
-    bench.add_argument(
-        "--model",
-        help="a real model instead (hub id, diffusers folder or single file): its U-Net, "
-        "and its text encoders and VAE timed on their own",
-    )
-    bench.add_argument(
-        "--config",
-        dest="config_folder",
-        metavar="FOLDER",
-        help="component configs for a single-file --model (a local diffusers folder)",
-    )
-    bench.add_argument("--width", type=int, default=1024)
-    bench.add_argument("--height", type=int, default=1024)
-    bench.add_argument("--steps", type=int, default=4)
-    bench.add_argument("--batch", type=int, default=2, help="U-Net batch (classifier-free guidance doubles it)")
-    bench.add_argument("--repeats", type=int, default=1)
-    bench.add_argument("--warmup", type=int, default=1, help="one-step warm-up runs per mode")
-    bench.add_argument(
-        "--modes",
-        help="comma-separated subset of baseline,hidiff,raunet,msw,published, or all "
-        "(default: baseline,hidiff, plus published with --reference-python)",
-    )
-    bench.add_argument(
-        "--reference-python",
-        metavar="PATH",
-        help="a Python with the published hidiffusion (and diffusers 0.27.x): adds the mode 'published'",
-    )
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    bench.add_argument("--threads", type=int, help="torch CPU threads")
-    bench.add_argument("--tiny", action="store_true", help="tiny widths (for a quick check, not for timing)")
-    bench.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help="print JSON instead of the table; with FILE: write it there and print the table",
-    )
-    bench.add_argument("--plot", metavar="FILE.png", help="also write a chart of the times and speed-ups")
+    add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0), or bad usage already told in one line (2)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         return args.run(args)
     except UsageError as error:

@@ -40,13 +40,31 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .args import (
+    BASELINE,
+    HIDIFF_METHODS,
+    PUBLISHED,
+    add_reference_python_flag,
+    add_threads_flag,
+    comma_list,
+    finite,
+    flag,
+    keywords_for,
+    names,
+    png_file,
+    positive,
+    seed,
+    set_threads,
+)
+from .reference import check_reference_python, reference_env
 from .toy.count import count_objects, summarize
-from .toy.pipeline import load_toy_pipeline
+from .toy.pipeline import load_toy_pipeline, tensor_to_pil
 
-METHODS = ("baseline", "hidiff", "raunet", "msw", "deepshrink", "hiresfix")
-PUBLISHED = "published"  # the published package, in the Python given as reference_python
+#: The methods compared; ``published`` (the published package, in the Python given as
+#: reference_python) comes on top.
+METHODS = (BASELINE, *HIDIFF_METHODS, "deepshrink", "hiresfix")
 #: apply_hidiffusion options of the HiDiffusion methods.
-HIDIFF_OPTIONS = {"hidiff": {}, "raunet": {"window_attn": False}, "msw": {"raunet": False}}
+HIDIFF_OPTIONS = HIDIFF_METHODS
 DEEP_SHRINK_END = 0.35
 HIRES_STRENGTH = 0.5
 
@@ -54,7 +72,7 @@ HIRES_STRENGTH = 0.5
 @contextmanager
 def deep_shrink(pipe: Any, factor: int, end_ratio: float = DEEP_SHRINK_END) -> Iterator[list]:
     """Deep Shrink hooks on ``pipe.unet`` inside the block; yields the list of shrunk sizes (one per shrunk call)."""
-    from ..core.presets import StepTracker
+    from ..diffusers.steps import StepTracker
 
     unet = pipe.unet
     tracker, state, shrunk = StepTracker(), {"on": False, "full": None}, []
@@ -104,7 +122,7 @@ def generate(
         gen = torch.Generator().manual_seed(seed)
         return pipe(prompts, height=height, width=height, generator=gen, **kwargs, **extra).images
 
-    if method == "baseline":
+    if method == BASELINE:
         return sample(size)
     if method in HIDIFF_OPTIONS:
         with hidiff.hidiffusion(pipe, **HIDIFF_OPTIONS[method]):
@@ -131,7 +149,6 @@ def published_pictures(
     guidance: float,
 ) -> dict[str, Any]:
     """Every size's pictures and seconds from the published package (see ``reference_eval.py``)."""
-    from .bench import reference_env
     from .toy.pipeline import WEIGHTS
 
     with tempfile.TemporaryDirectory(prefix="hidiff-published-") as tmp:
@@ -160,6 +177,17 @@ def published_pictures(
         return torch.load(spec["out"])
 
 
+def _methods(methods: Optional[Sequence[str]], reference_python: Optional[str]) -> Sequence[str]:
+    """The methods to run (default: all, ``published`` with a reference Python); ValueError for unknown
+    ones or ``published`` without a Python that has the package."""
+    if methods is None:
+        methods = METHODS + ((PUBLISHED,) if reference_python else ())
+    names(methods, (*METHODS, PUBLISHED), "method")
+    if PUBLISHED in methods:
+        check_reference_python(reference_python, f"method {PUBLISHED!r}")
+    return methods
+
+
 def run_eval(
     pipe: Any,
     prompts: Sequence[str],
@@ -179,11 +207,7 @@ def run_eval(
     is given; ``model`` is the folder ``pipe`` was loaded from (default: the shipped weights),
     which the published package loads too.
     """
-    if methods is None:
-        methods = METHODS + ((PUBLISHED,) if reference_python else ())
-    unknown = [m for m in methods if m not in METHODS and m != PUBLISHED]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}, {PUBLISHED}")
+    methods = _methods(methods, reference_python)
     bad_scales = [s for s in scales if not isinstance(s, int) or s < 1]
     if bad_scales:
         raise ValueError(f"scales must be whole multiples of the native size (1, 2, 4, ...), got {bad_scales}")
@@ -193,9 +217,6 @@ def run_eval(
     native = pipe.native_size
     published = None
     if PUBLISHED in methods:
-        from .bench import check_reference_python
-
-        check_reference_python(reference_python, f"method {PUBLISHED!r}")
         published = published_pictures(
             reference_python, model, batch, [s * native for s in scales], steps, seed, guidance
         )
@@ -285,33 +306,39 @@ def save_grid(result: dict, path: str, per_cell: int = 4, cell: int = 64) -> Non
                 continue
             step = max(1, len(pictures) // per_cell)  # spread over the prompts
             for k, picture in enumerate(pictures[::step][:per_cell]):
-                array = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+                tile = tensor_to_pil(picture).resize((cell, cell), Image.NEAREST)
                 canvas.paste(tile, (label + j * (per_cell * cell + gap) + k * cell, top))
     canvas.save(path)
 
 
+def _add_common_arguments(parser: Any) -> None:
+    """The flags that ``hidiff eval`` and ``hidiff demo`` share."""
+    parser.add_argument("--model", help="a toy model folder (default: the weights shipped with hidiff)")
+    parser.add_argument("--steps", type=flag(positive), default=20)
+    parser.add_argument("--seed", type=flag(seed), default=0)
+    add_threads_flag(parser)
+
+
 def add_arguments(parser: Any) -> None:
     """The ``hidiff eval`` flags."""
-    parser.add_argument("--model", help="a toy model folder (default: the weights shipped with hidiff)")
-    parser.add_argument("--samples", type=int, default=2, help="samples per prompt (K)")
+    _add_common_arguments(parser)
+    parser.add_argument("--samples", type=flag(positive), default=2, help="samples per prompt (K)")
     parser.add_argument("--prompts", help="comma-separated prompts (default: every prompt of the toy vocabulary)")
-    parser.add_argument("--scales", default="1,2,4", help="sizes as multiples of the native size")
+    parser.add_argument(
+        "--scales",
+        type=comma_list(noun="scale", item=flag(positive)),
+        default="1,2,4",
+        help="sizes as whole multiples of the native size",
+    )
     parser.add_argument(
         "--methods",
+        type=comma_list((*METHODS, PUBLISHED), "method"),
         help=f"comma-separated subset of {','.join(METHODS)},{PUBLISHED} (default: all "
         f"of them, {PUBLISHED} only with --reference-python)",
     )
-    parser.add_argument(
-        "--reference-python",
-        metavar="PATH",
-        help=f"a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds the {PUBLISHED} method",
-    )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--grid", metavar="FILE.png", help="write a grid of samples per method and size")
+    add_reference_python_flag(parser, f"the {PUBLISHED} method")
+    parser.add_argument("--guidance", type=flag(finite, float), default=1.0, help="classifier-free guidance (1: off)")
+    parser.add_argument("--grid", metavar="FILE.png", type=png_file, help="write a grid of samples per method and size")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
@@ -321,33 +348,16 @@ def main(args: Any) -> dict:
 
     from .toy.shapes import PROMPTS, parse_prompt
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else list(PROMPTS)
     for prompt in prompts:
         parse_prompt(prompt)  # a clear error before any work
-    try:
-        scales = [int(s) for s in args.scales.split(",")]
-    except ValueError:
-        raise ValueError(f"--scales takes whole numbers like 1,2,4, got {args.scales!r}") from None
+    methods = _methods(args.methods, args.reference_python)
     pipe = load_toy_pipeline(args.model)
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     if log:
         log(HEADER)
-    methods = args.methods.split(",") if args.methods else None
-    result = run_eval(
-        pipe,
-        prompts,
-        samples=args.samples,
-        scales=scales,
-        methods=methods,
-        steps=args.steps,
-        seed=args.seed,
-        guidance=args.guidance,
-        log=log,
-        reference_python=args.reference_python,
-        model=args.model,
-    )
+    result = run_eval(**keywords_for(run_eval, args, pipe=pipe, prompts=prompts, methods=methods, log=log))
     print(to_json(result) if args.json else format_table(result))
     if args.grid:
         save_grid(result, args.grid)
@@ -355,12 +365,16 @@ def main(args: Any) -> dict:
     return result
 
 
+#: The rows of ``hidiff demo``: method -> label.
+DEMO_ROWS = {BASELINE: "without HiDiffusion", "hidiff": "with HiDiffusion"}
+
+
 def run_demo(
     pipe: Any, prompt: str, samples: int = 4, scale: int = 4, steps: int = 20, seed: int = 0, guidance: float = 1.0
 ) -> dict[str, Any]:
     """``prompt`` at ``scale`` x native without and with HiDiffusion, same seed: pictures, counts, times."""
     out: dict[str, Any] = {"prompt": prompt, "size": scale * pipe.native_size, "steps": steps, "seed": seed}
-    for method in ("baseline", "hidiff"):
+    for method in DEMO_ROWS:
         start = time.perf_counter()
         pictures = generate(pipe, method, [prompt] * samples, scale * pipe.native_size, steps, seed, guidance)
         seconds = time.perf_counter() - start
@@ -378,18 +392,15 @@ def save_side_by_side(demo: dict, path: str, cell: int = 192) -> None:
     """Top row without HiDiffusion, bottom row with it (nearest upscale, each sample ``cell`` px)."""
     from PIL import Image, ImageDraw
 
-    rows = ("baseline", "hidiff")
-    n = len(demo["baseline"]["images"])
+    n = len(demo[BASELINE]["images"])
     label, gap = 20, 4
-    canvas = Image.new("RGB", (n * (cell + gap), len(rows) * (cell + label)), "gray")
+    canvas = Image.new("RGB", (n * (cell + gap), len(DEMO_ROWS) * (cell + label)), "gray")
     draw = ImageDraw.Draw(canvas)
-    for i, method in enumerate(rows):
+    for i, (method, name) in enumerate(DEMO_ROWS.items()):
         top = i * (cell + label)
-        name = "without HiDiffusion" if method == "baseline" else "with HiDiffusion"
         draw.text((4, top + 4), f"{name}: objects {demo[method]['counts']}", fill="white")
         for k, picture in enumerate(demo[method]["images"]):
-            array = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            canvas.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (k * (cell + gap), top + label))
+            canvas.paste(tensor_to_pil(picture).resize((cell, cell), Image.NEAREST), (k * (cell + gap), top + label))
     canvas.save(path)
 
 
@@ -398,19 +409,19 @@ def demo_main(args: Any) -> dict:
     from .toy.shapes import parse_prompt
 
     parse_prompt(args.prompt)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     pipe = load_toy_pipeline(args.model)
-    demo = run_demo(pipe, args.prompt, samples=args.samples, scale=args.scale, steps=args.steps, seed=args.seed)
+    demo = run_demo(**keywords_for(run_demo, args, pipe=pipe))
     print(
         f"toy model (SD 1.5 layout, pixel space, native {pipe.native_size}px): {args.prompt!r} at "
         f"{demo['size']}x{demo['size']} ({args.scale}x native), {args.samples} samples, {args.steps} steps, "
         f"seed {args.seed}"
     )
-    for method, name in (("baseline", "without HiDiffusion"), ("hidiff", "with HiDiffusion   ")):
+    width = max(map(len, DEMO_ROWS.values()))
+    for method, name in DEMO_ROWS.items():
         row = demo[method]
         print(
-            f"{name}  objects per image {row['counts']}  one {args.prompt.split()[1]} {args.prompt.split()[2]}: "
+            f"{name:<{width}}  objects per image {row['counts']}  one {args.prompt.split()[1]} {args.prompt.split()[2]}: "
             f"{sum(row['right'])}/{len(row['right'])}  {row['seconds']:.1f} s"
         )
     save_side_by_side(demo, args.out)
@@ -420,11 +431,10 @@ def demo_main(args: Any) -> dict:
 
 def add_demo_arguments(parser: Any) -> None:
     """The ``hidiff demo`` flags."""
-    parser.add_argument("--model", help="a toy model folder (default: the weights shipped with hidiff)")
+    _add_common_arguments(parser)
     parser.add_argument("--prompt", default="one red circle on white", help="a prompt of the toy vocabulary")
-    parser.add_argument("--scale", type=int, default=4, help="size as a multiple of the native size")
-    parser.add_argument("--samples", type=int, default=4, help="images per row (one batch drawn from --seed)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--out", default="hidiff-demo.png", help="the side-by-side PNG")
+    parser.add_argument("--scale", type=flag(positive), default=4, help="size as a whole multiple of the native size")
+    parser.add_argument(
+        "--samples", type=flag(positive), default=4, help="images per row (one batch drawn from --seed)"
+    )
+    parser.add_argument("--out", type=png_file, default="hidiff-demo.png", help="the side-by-side PNG")

@@ -10,6 +10,7 @@ JSON chunk holding the whole :class:`Request` and HiDiffusion config, so that
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import inspect
@@ -18,54 +19,42 @@ import math
 import os
 import random
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional, get_args, get_type_hints
 
 import torch
 
 from ..core.config import HiDiffusionConfig
-from .cli import UsageError, config_from_args
+from .args import (
+    AUTO,
+    CFGPP_SCHEDULERS,
+    DTYPES,
+    SCHEDULERS,
+    SEED_MAX,
+    VAE_TILING,
+    UsageError,
+    add_config_flags,
+    cfgpp_lambda,
+    check_value,
+    config_from_args,
+    denoising_steps,
+    finite,
+    flag,
+    image_side,
+    png_path,
+    positive,
+    seed,
+    side_multiple_of,
+    strength,
+)
+from .loading import load_pipeline, quiet_libraries, resolve_device, set_scheduler
 
-#: --scheduler name -> (diffusers class, config overrides, A1111 sampler name)
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpmpp-2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-        "DPM++ 2M",
-    ),
-    "dpmpp-2m-karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-        "DPM++ 2M Karras",
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
-CFGPP_SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
-
-_TASK_NAMES = {"text2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
-
-
-def pipeline_class_name(kind: str, task: str, controlnet: bool) -> str:
-    """The diffusers pipeline for a U-Net layout and task, e.g. StableDiffusionXLControlNetInpaintPipeline."""
-    return f"StableDiffusion{'XL' if kind == 'sdxl' else ''}{'ControlNet' if controlnet else ''}{_TASK_NAMES[task]}Pipeline"
-
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 METADATA_KEY = "hidiff"
 # Peak memory of decoding in one piece, in full-resolution maps of the decoder's last stage
 # (measured about 8 on CPU for SD's VAE at 256 and 512 px, fp32).
 VAE_DECODE_MAPS = 8
 VAE_FREE_SHARE = 0.8  # tile when a one-piece decode would take more than this share of the free memory
-
-
-class ModelLoadError(RuntimeError):
-    """The model or ControlNet could not be loaded (exit code 1)."""
 
 
 @dataclass
@@ -92,9 +81,9 @@ class Request:
     hidiff: bool = True
     hidiff_config: dict = field(default_factory=dict)
     cfgpp: Optional[float] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    vae_tiling: str = "auto"
+    device: str = AUTO
+    dtype: str = AUTO
+    vae_tiling: str = AUTO
 
     @property
     def task(self) -> str:
@@ -103,6 +92,101 @@ class Request:
     @property
     def config(self) -> HiDiffusionConfig:
         return HiDiffusionConfig.from_options(**self.hidiff_config)
+
+
+#: The check of each numeric Request field: the type of its flag, and run again on values read
+#: back from a PNG's metadata.
+CHECKS: dict[str, Any] = {
+    "width": image_side,
+    "height": image_side,
+    "steps": positive,
+    "batch": positive,
+    "guidance": finite,
+    "seed": seed,
+    "strength": strength,
+    "controlnet_scale": finite,
+    "cfgpp": cfgpp_lambda,
+}
+#: The choices of each Request field that has them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scheduler": tuple(SCHEDULERS),
+    "dtype": (AUTO, *DTYPES),
+    "vae_tiling": VAE_TILING,
+}
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(name: str) -> Any:
+    """The argparse type of a Request field's flag."""
+    return flag(CHECKS[name], _kind(get_type_hints(Request)[name]))
+
+
+# ------------------------------------------------------------------ the command line
+def add_arguments(gen: argparse.ArgumentParser) -> None:
+    """The ``hidiff generate`` flags; each Request field but the config has one of the same name (its dest)."""
+    model = gen.add_argument_group("model and inputs")
+    model.add_argument("--model", help="hub id, local diffusers folder, or a single .safetensors/.ckpt file")
+    model.add_argument(
+        "--config",
+        dest="config_folder",
+        metavar="FOLDER",
+        help="a local diffusers folder of the same family, for a single-file --model offline",
+    )
+    model.add_argument("--image", help="init image: img2img (with --mask: inpaint)")
+    model.add_argument("--mask", help="inpainting mask (white is repainted); needs --image")
+    model.add_argument(
+        "--strength", type=_typed("strength"), help="img2img/inpaint strength, in (0, 1]; steps x strength >= 1"
+    )
+    model.add_argument(
+        "--controlnet",
+        metavar="MODEL",
+        help="ControlNet: hub id, local diffusers folder, or one original-layout .safetensors/.pth/.ckpt file",
+    )
+    model.add_argument("--control-image", metavar="FILE", help="the ControlNet conditioning image")
+    model.add_argument("--controlnet-scale", type=_typed("controlnet_scale"), help="ControlNet conditioning scale")
+    model.add_argument("--from-image", metavar="PNG", help="re-run a PNG written by hidiff generate (flags override)")
+    run = gen.add_argument_group("generation")
+    run.add_argument("--prompt")
+    run.add_argument("--negative-prompt")
+    run.add_argument("--width", type=_typed("width"), help="a positive multiple of 8")
+    run.add_argument("--height", type=_typed("height"), help="a positive multiple of 8")
+    run.add_argument("--steps", type=_typed("steps"))
+    run.add_argument("--guidance", type=_typed("guidance"), help="classifier-free guidance scale")
+    run.add_argument(
+        "--seed", type=_typed("seed"), help="in [0, 2**64 - 1]; image k of a batch uses seed + k (default: random)"
+    )
+    run.add_argument("--scheduler", choices=CHOICES["scheduler"], help="default: the model's own")
+    run.add_argument("--batch", type=_typed("batch"), help="images per run")
+    run.add_argument(
+        "--cfgpp",
+        type=_typed("cfgpp"),
+        metavar="LAMBDA",
+        help=f"CFG++ guidance, in [0, 1] (needs --scheduler {', '.join(CFGPP_SCHEDULERS)})",
+    )
+    run.add_argument("--hidiff", action=argparse.BooleanOptionalAction, help="HiDiffusion on (default) or off")
+    run.add_argument(
+        "--compare",
+        action="store_true",
+        help="same seed without and with HiDiffusion: both images, a side-by-side PNG and both times",
+    )
+    run.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    run.add_argument("--dtype", choices=CHOICES["dtype"], help="auto (default): float16 on GPUs, float32 on CPU")
+    run.add_argument(
+        "--vae-tiling",
+        choices=CHOICES["vae_tiling"],
+        help="auto (default): on when decoding in one piece would not fit in free memory",
+    )
+    run.add_argument(
+        "--out",
+        help="output PNG (default hidiff-SEED.png; a name without a suffix gets .png; an existing folder, or a "
+        "name ending in /: hidiff-SEED.png inside it); batches add -K, --compare adds -plain/-hidiff/-compare",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(gen)
 
 
 # ------------------------------------------------------------------ request from the command line
@@ -146,36 +230,36 @@ def _absolute_paths(request: Request) -> Request:
 
 def check_request(request: Request) -> dict[str, Any]:
     """Refuse bad input before anything is loaded; returns the opened input images."""
+    for name, check in CHECKS.items():
+        if getattr(request, name) is not None:
+            check_value(_flag_name(name), getattr(request, name), check)
+    for name, choices in CHOICES.items():
+        value = getattr(request, name)
+        if value is not None and value not in choices:
+            raise UsageError(f"{_flag_name(name)} {value!r} is not one of {', '.join(choices)}")
+    if request.seed is not None and request.seed + request.batch - 1 > SEED_MAX:
+        raise UsageError(
+            f"--seed {request.seed} with --batch {request.batch}: image k uses seed + k, which must stay "
+            f"at most 2**64 - 1; pass --seed {SEED_MAX - request.batch + 1} or less"
+        )
     if request.mask and not request.image:
         raise UsageError("--mask needs --image: inpainting repaints the white part of the mask on that image")
     if request.controlnet and not request.control_image:
         raise UsageError("--controlnet needs --control-image FILE (the conditioning image: edges, depth, pose...)")
     if request.control_image and not request.controlnet:
         raise UsageError("--control-image needs --controlnet MODEL (a ControlNet hub id or local diffusers folder)")
-    if request.scheduler is not None and request.scheduler not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if request.cfgpp is not None:
         if request.scheduler not in CFGPP_SCHEDULERS:
             raise UsageError(
                 f"--cfgpp needs --scheduler, one of {', '.join(CFGPP_SCHEDULERS)} (got {request.scheduler})"
-            )
-        if not 0.0 <= request.cfgpp <= 1.0:
-            raise UsageError(
-                f"--cfgpp takes lambda in [0, 1] (it stands for a guidance scale of 1 + 11.5 lambda), "
-                f"got {request.cfgpp}"
             )
         if request.guidance is not None and request.guidance <= 1:
             raise UsageError(
                 "--cfgpp needs the unconditional branch: leave --guidance unset or above 1 "
                 "(its value is not used under CFG++)"
             )
-    check_size(request.width, request.height, 8)  # every supported family's VAE scales by 8
-    for name in ("steps", "batch"):
-        value = getattr(request, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
-    if request.strength is not None and not 0.0 < request.strength <= 1.0:
-        raise UsageError(f"--strength must lie in (0, 1], got {request.strength}")
+    if request.task != "text2img" and request.steps is not None and request.strength is not None:
+        denoising_steps(request.steps, request.strength)
     if request.config_folder and not os.path.isdir(request.config_folder):
         raise UsageError(
             f"--config {request.config_folder}: not a folder; pass a local diffusers model folder "
@@ -183,8 +267,8 @@ def check_request(request: Request) -> dict[str, Any]:
         )
     resolve_device(request.device, request.dtype)
     return {
-        name: load_image(getattr(request, name), flag, mode)
-        for name, flag, mode in (
+        name: load_image(getattr(request, name), flag_name, mode)
+        for name, flag_name, mode in (
             ("image", "--image", "RGB"),
             ("mask", "--mask", "L"),
             ("control_image", "--control-image", "RGB"),
@@ -195,289 +279,23 @@ def check_request(request: Request) -> dict[str, Any]:
 
 def check_size(width: Optional[int], height: Optional[int], multiple: int) -> None:
     """Refuse a side (of those given) that is not a positive multiple of the VAE's scale factor."""
-    for flag, side in (("--width", width), ("--height", height)):
-        if side is not None and (side <= 0 or side % multiple):
-            raise UsageError(
-                f"{flag} {side}: sizes must be positive multiples of {multiple} for this model family "
-                f"(its VAE scales by {multiple}); e.g. {max(multiple, side // multiple * multiple)}"
-            )
+    for name, side in (("--width", width), ("--height", height)):
+        if side is not None:
+            check_value(name, side, side_multiple_of(multiple))
 
 
-def load_image(path: str, flag: str, mode: str) -> Any:
+def load_image(path: str, flag_name: str, mode: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag_name} {path}: no such file")
     try:
         with Image.open(path) as image:
             return image.convert(mode)
     except (UnidentifiedImageError, OSError) as error:
         raise UsageError(
-            f"{flag} {path} is not an image that can be read ({error}); pass a PNG, JPEG or WebP file"
+            f"{flag_name} {path} is not an image that can be read ({error}); pass a PNG, JPEG or WebP file"
         ) from None
-
-
-def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``auto``: cuda, then mps, then cpu; half precision on GPUs, float32 on CPU."""
-    if device == "auto":
-        mps = getattr(torch.backends, "mps", None)
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but this torch sees no CUDA GPU; use --device auto or cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps, but MPS is not available here; use --device auto or cpu")
-    if dtype == "auto":
-        return dev, torch.float16 if dev.type in ("cuda", "mps") else torch.float32
-    return dev, getattr(torch, dtype)
-
-
-# ------------------------------------------------------------------ loading
-def model_source(model: str) -> str:
-    """``file``, ``folder`` or ``hub`` for a --model value; bad local paths are refused."""
-    if os.path.isdir(model):
-        return "folder"
-    if os.path.isfile(model):
-        if not model.lower().endswith(SINGLE_FILE_SUFFIXES):
-            raise UsageError(
-                f"--model {model}: a single checkpoint must be a .safetensors or .ckpt file; "
-                "for a diffusers model pass its folder"
-            )
-        return "file"
-    if model.lower().endswith(SINGLE_FILE_SUFFIXES) or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(f"--model {model}: no such file or folder")
-    return "hub"
-
-
-def _hub_error(what: str, name: str, error: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"{what} {name!r} is not a local file or folder, and the Hugging Face Hub could not provide it "
-        f"({_short(error)}). Offline, pass a local path instead: a diffusers folder (saved with "
-        "save_pretrained or downloaded beforehand) or a .safetensors/.ckpt file with --config FOLDER."
-    )
-
-
-def _short(error: Exception, limit: int = 160) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def checkpoint_shapes(path: str, flag: str = "--model") -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a single-file checkpoint, without loading a .safetensors file's tensors."""
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # safetensors and pickle raise many types for a file that is not theirs
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise UsageError(f"{flag} {path} holds no state dict")
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def checkpoint_keys(path: str) -> list[str]:
-    """Tensor names of a single-file checkpoint."""
-    return list(checkpoint_shapes(path))
-
-
-def single_file_kind(keys: list[str]) -> str:
-    """``sd`` or ``sdxl`` from an original-layout (LDM/SGM) checkpoint's tensor names."""
-    if (
-        any(k.startswith("conditioner.embedders.") for k in keys)
-        or "model.diffusion_model.label_emb.0.0.weight" in keys
-    ):
-        return "sdxl"
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
-        return "sd"
-    raise UsageError(
-        "the checkpoint has no Stable Diffusion U-Net in the original layout "
-        "(model.diffusion_model.input_blocks.*); pass an SD 1.x/2.x/SDXL checkpoint or a diffusers folder"
-    )
-
-
-def single_file_takes_config() -> bool:
-    """Whether this diffusers' ``from_single_file`` takes ``config=`` (a local diffusers folder for the configs).
-
-    It came with the single-file loaders shared by every model class (``FromOriginalModelMixin``);
-    before them, configs came only from the original LDM YAML files.
-    """
-    import diffusers.loaders
-
-    return hasattr(diffusers.loaders, "FromOriginalModelMixin")
-
-
-def load_base_pipeline(request: Request, dtype: torch.dtype) -> Any:
-    """The model as diffusers loads it (its own pipeline class)."""
-    import diffusers
-
-    source = model_source(request.model)
-    if source == "file":
-        kind = single_file_kind(checkpoint_keys(request.model))
-        cls = getattr(diffusers, pipeline_class_name(kind, "text2img", False))
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
-        if request.config_folder:
-            if not single_file_takes_config():
-                raise ModelLoadError(
-                    f"this diffusers ({diffusers.__version__}) builds single-file pipelines only from the original "
-                    "LDM YAML configs, fetched online, and ignores a local diffusers folder: --config needs a newer "
-                    "diffusers (with the single-file loaders of FromOriginalModelMixin). Upgrade diffusers, or convert "
-                    "the checkpoint to a diffusers folder once while online and pass that folder as --model."
-                )
-            kwargs["config"] = request.config_folder
-        try:
-            return cls.from_single_file(request.model, **kwargs)
-        except Exception as error:
-            if request.config_folder:
-                raise ModelLoadError(
-                    f"cannot load {request.model} with the configs of {request.config_folder}: {error}"
-                ) from None
-            raise ModelLoadError(
-                f"cannot load {request.model} ({_short(error)}). Without --config, diffusers fetches the component "
-                "configs of the checkpoint's family from the Hugging Face Hub; offline, pass --config FOLDER, a "
-                "local diffusers folder of the same family (SD 1.x, 2.x or SDXL)."
-            ) from None
-    if source == "folder" and not os.path.isfile(os.path.join(request.model, "model_index.json")):
-        raise UsageError(
-            f"--model {request.model} is a folder without model_index.json: pass the folder of a whole "
-            "diffusers pipeline (the one save_pretrained writes), not of one component"
-        )
-    try:
-        return diffusers.DiffusionPipeline.from_pretrained(request.model, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        if source == "hub":
-            raise _hub_error("--model", request.model, error) from None
-        raise ModelLoadError(f"cannot load the diffusers folder {request.model}: {error}") from None
-
-
-def load_controlnet(name: str, dtype: torch.dtype, unet: Any) -> Any:
-    """A ControlNet from a hub id, a diffusers folder or one original-layout file (configured from ``unet``)."""
-    import diffusers
-
-    if os.path.isfile(name):
-        return load_controlnet_file(name, dtype, unet)
-    source = "folder" if os.path.isdir(name) else "hub"
-    if source == "hub" and (
-        name.lower().endswith(CONTROLNET_FILE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") > 1
-    ):
-        raise UsageError(
-            f"--controlnet {name}: no such file or folder; pass a ControlNet hub id, a local diffusers "
-            "ControlNet folder or a .safetensors/.pth/.ckpt file"
-        )
-    try:
-        return diffusers.ControlNetModel.from_pretrained(name, torch_dtype=dtype)
-    except OSError as error:
-        if source == "hub":
-            raise _hub_error("--controlnet", name, error) from None
-        raise ModelLoadError(f"cannot load the ControlNet folder {name}: {error}") from None
-
-
-CONTROLNET_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
-
-
-def load_controlnet_file(path: str, dtype: torch.dtype, unet: Any) -> Any:
-    """A ControlNet file in the original layout (``input_hint_block``, ``zero_convs``, as ControlNet releases
-    ship them), offline: its config is the base U-Net's encoder (a ControlNet copies it) with the
-    conditioning embedding's widths and the input channels read from the file's tensor shapes."""
-    import tempfile
-
-    import diffusers
-
-    if not path.lower().endswith(CONTROLNET_FILE_SUFFIXES):
-        raise UsageError(f"--controlnet {path}: a ControlNet file must be .safetensors, .pth or .ckpt")
-    if not single_file_takes_config():
-        raise ModelLoadError(
-            f"this diffusers ({diffusers.__version__}) cannot configure a single-file ControlNet "
-            "offline; upgrade diffusers, or pass the ControlNet as a diffusers folder"
-        )
-    shapes = checkpoint_shapes(path, "--controlnet")
-    prefix = "control_model." if any(k.startswith("control_model.") for k in shapes) else ""
-    hint = sorted(
-        (int(k.split(".")[-2]), shape)
-        for k, shape in shapes.items()
-        if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight")
-    )
-    conv_in = shapes.get(prefix + "input_blocks.0.0.weight")
-    if not hint or conv_in is None or prefix + "zero_convs.0.0.weight" not in shapes:
-        raise UsageError(
-            f"--controlnet {path} is not a ControlNet in the original layout (no input_hint_block / "
-            "zero_convs tensors); pass a diffusers ControlNet folder instead"
-        )
-    # hint convs: conv_in, then (c_i -> c_i, c_i -> c_i+1) pairs, then conv_out: every other output, last dropped
-    widths = tuple(shape[0] for _, shape in hint[:-1])[0::2]
-    with torch.device("meta"):
-        skeleton = diffusers.ControlNetModel.from_unet(
-            unet, load_weights_from_unet=False, conditioning_embedding_out_channels=widths
-        )
-    skeleton.register_to_config(in_channels=conv_in[1], conditioning_channels=hint[0][1][1])
-    with tempfile.TemporaryDirectory(prefix="hidiff-controlnet-") as folder:
-        skeleton.save_config(folder)
-        try:
-            return diffusers.ControlNetModel.from_single_file(path, config=folder, torch_dtype=dtype)
-        except Exception as error:
-            raise ModelLoadError(
-                f"cannot load the ControlNet file {path} for this model ({_short(error)}); it may "
-                "be for another family (SD 1.x, 2.x, SDXL)"
-            ) from None
-
-
-@contextmanager
-def torch_dtype_accepted() -> Iterator[None]:
-    """Newer diffusers renamed ``torch_dtype`` (still accepted, with a FutureWarning); older ones need it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
-
-
-def load_pipeline(request: Request, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(pipeline of the class the request needs, U-Net layout)."""
-    import diffusers
-
-    from ..diffusers.model import detect_layout, find_unet
-
-    with torch_dtype_accepted():
-        base = load_base_pipeline(request, dtype)
-        controlnet = load_controlnet(request.controlnet, dtype, base.unet) if request.controlnet else None
-    layout = detect_layout(find_unet(base)[0])
-    if layout.inpainting and request.task != "inpaint":
-        raise UsageError(f"{request.model} is an inpainting model (9-channel U-Net): pass --image and --mask")
-    if controlnet is not None and controlnet.config.cross_attention_dim != base.unet.config.cross_attention_dim:
-        raise UsageError(
-            f"--controlnet {request.controlnet} is for another family (text width "
-            f"{controlnet.config.cross_attention_dim}, the model's is {base.unet.config.cross_attention_dim})"
-        )
-    name = pipeline_class_name(layout.kind, request.task, controlnet is not None)
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ModelLoadError(f"this diffusers ({diffusers.__version__}) has no {name}; upgrade diffusers for this task")
-    return _rebuild(base, cls, controlnet), layout
-
-
-def _rebuild(pipe: Any, cls: Any, controlnet: Any) -> Any:
-    """The same components as a pipeline of class ``cls`` (plus a ControlNet)."""
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {name: value for name, value in pipe.components.items() if name in params}
-    for name in params:  # pipeline options kept in the config (requires_safety_checker, force_zeros_...)
-        if name not in kwargs and name in pipe.config and not isinstance(pipe.config[name], (list, tuple)):
-            kwargs[name] = pipe.config[name]
-    if controlnet is not None:
-        kwargs["controlnet"] = controlnet
-    return cls(**kwargs)
-
-
-def set_scheduler(pipe: Any, name: Optional[str]) -> None:
-    if name is None:
-        return
-    import diffusers
-
-    class_name, overrides, _ = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
 # ------------------------------------------------------------------ running
@@ -513,7 +331,16 @@ def resolve(request: Request, pipe: Any, layout: Any, images: dict) -> Request:
         )
         if request.controlnet
         else None,
-        seed=request.seed if request.seed is not None else random.SystemRandom().randrange(2**32),
+        seed=with_seed(request).seed,
+    )
+
+
+def with_seed(request: Request) -> Request:
+    """The request with a seed: a random one (recorded in the metadata) when none was given."""
+    return (
+        request
+        if request.seed is not None
+        else dataclasses.replace(request, seed=random.SystemRandom().randrange(2**32))
     )
 
 
@@ -581,13 +408,17 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def prepare(request: Request) -> tuple[Request, Any, Any, dict, torch.device]:
-    """Check, load and configure: (resolved request, pipeline, layout, input images, device)."""
-    images = check_request(request)
+def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, Any, Any, dict, torch.device]:
+    """Check (unless ``images``, what :func:`check_request` returned, are given), load and configure:
+    (resolved request, pipeline, layout, input images, device)."""
+    if images is None:
+        images = check_request(request)
     device, dtype = resolve_device(request.device, request.dtype)
-    _quiet_libraries()
-    pipe, layout = load_pipeline(request, dtype)
+    quiet_libraries()
+    pipe, layout = load_pipeline(request.model, request.config_folder, request.controlnet, request.task, dtype)
     request = resolve(request, pipe, layout, images)
+    if request.strength is not None:  # the model's default steps or strength
+        denoising_steps(request.steps, request.strength)
     set_scheduler(pipe, request.scheduler)
     if request.cfgpp is not None:
         from ..diffusers.cfgpp import enable_cfgpp
@@ -610,21 +441,6 @@ def prepare(request: Request) -> tuple[Request, Any, Any, dict, torch.device]:
         )
         print(f"VAE tiling on: {request.width}x{request.height} x{request.batch} ({why})")
     return request, pipe, layout, images, device
-
-
-def _quiet_libraries() -> None:
-    """Loading chatter off (safety-checker notices, weight-loading bars); the step bar stays."""
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
 
 
 @dataclass
@@ -734,28 +550,81 @@ def read_metadata(path: str) -> tuple[Request, Optional[int]]:
         )
     try:
         meta = json.loads(text[METADATA_KEY])
-        known = {f.name for f in dataclasses.fields(Request)}
-        unknown = sorted(set(meta["request"]) - known)
+        if not isinstance(meta, dict) or not isinstance(meta.get("request"), dict):
+            raise ValueError("it holds no 'request' object")
+        fields, hints = meta["request"], get_type_hints(Request)
+        unknown = sorted(set(fields) - set(hints))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} (written by a newer hidiff?)")
-        request = Request(**meta["request"])
+        for name, value in fields.items():
+            if not _of_type(value, hints[name]):
+                raise ValueError(f"{name} is {value!r}, of the wrong type")
+        request = Request(**fields)
         request.config  # noqa: B018 - validates the stored HiDiffusion config
+        digests, index = meta.get("inputs_sha256") or {}, meta.get("index")
+        if not isinstance(digests, dict) or not (index is None or _of_type(index, int)):
+            raise ValueError("its inputs_sha256 or index is of the wrong type")
     except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"--from-image {path}: unreadable hidiff metadata: {error}") from None
-    for name, digest in (meta.get("inputs_sha256") or {}).items():
-        value = getattr(request, name)
+        raise UsageError(
+            f"--from-image {path}: unreadable hidiff metadata ({error}); re-run from a PNG that hidiff generate wrote"
+        ) from None
+    for name, digest in digests.items():
+        value = getattr(request, name, None)
         if value and os.path.isfile(value) and _sha256(value) != digest:
             print(f"warning: {value} changed since {path} was made; the result will differ")
-    return request, meta.get("index") if request.batch > 1 else None
+    return request, index if request.batch > 1 else None
+
+
+def _kind(hint: Any) -> Any:
+    """The type of a Request field's annotation: ``X`` of ``Optional[X]`` or of ``X``."""
+    return next((a for a in get_args(hint) if a is not type(None)), hint)
+
+
+def _of_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a Request field's annotation (``Optional[X]``, ``X``; no bool for a number)."""
+    if value is None:
+        return type(None) in get_args(hint)
+    kind = _kind(hint)
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 # ------------------------------------------------------------------ output
+def output_base(out: Optional[str], seed: int) -> Path:
+    """The PNG that ``--out`` names, before the batch and --compare suffixes: ``hidiff-SEED.png`` by default
+    or inside a folder (one that exists, or a name ending in /); ``.png`` added to a name without a suffix."""
+    default = f"hidiff-{seed}.png"
+    if not out:
+        return Path(default)
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        return Path(out) / default
+    try:
+        return png_path(
+            Path(out), "hidiff writes PNG only, as the metadata that re-runs an image needs PNG text chunks"
+        )
+    except ValueError as error:
+        raise UsageError(f"--out {error}") from None
+
+
 def output_path(out: Optional[str], request: Request, index: Optional[int], suffix: str = "") -> Path:
-    base = Path(out) if out else Path(f"hidiff-{request.seed}.png")
-    stem = base.stem if base.suffix.lower() == ".png" else base.name
-    if request.batch > 1:
-        stem += f"-{index}"
+    base = output_base(out, request.seed)
+    stem = base.stem + (f"-{index}" if request.batch > 1 else "")
     return base.with_name(f"{stem}{suffix}.png")
+
+
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything runs, outputs that exist (unless ``overwrite``) or cannot be written."""
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"cannot write {path}: a folder of that name exists; pass another --out")
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it, or another --out")
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write {path}: {folder} is not a writable folder; pass another --out")
 
 
 def side_by_side(left: Any, right: Any) -> Any:
@@ -773,14 +642,26 @@ def generate(
     compare: bool = False,
     only_index: Optional[int] = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Run a request and write its PNGs; returns the paths written."""
+    """Run a request and write its PNGs (refusing to replace files unless ``overwrite``); returns the paths written.
+
+    ``only_index``: write that image of the batch only (what ``--from-image`` of a batch image asks for)."""
     import hidiff
 
     if compare and not request.hidiff:
         raise UsageError("--compare runs with and without HiDiffusion; drop --no-hidiff")
-    request, pipe, layout, images, device = prepare(request)
+    images = check_request(request)
+    request = with_seed(request)  # the default file name has it
+    if only_index is not None and not 0 <= only_index < request.batch:
+        raise UsageError(
+            f"the --from-image metadata names image {only_index} of a batch of {request.batch}, which does not "
+            f"exist; pass --batch {request.batch} to re-run the whole batch"
+        )
     indices = [only_index] if only_index is not None else list(range(request.batch))
+    suffixes = _suffixes(compare)
+    check_outputs([output_path(out, request, i, s) for s in suffixes.values() for i in indices], overwrite)
+    request, pipe, layout, images, device = prepare(request, images)
     written: list[Path] = []
     runs: dict[str, Run] = {}
     if compare:
@@ -791,11 +672,11 @@ def generate(
         pipe.set_progress_bar_config(desc="warm-up", disable=quiet)
         pipe(**dict(call_kwargs(plain, pipe, images), num_inference_steps=warmup_steps, output_type="latent"))
         runs["plain"] = run_pipeline(plain, pipe, images, device, "plain", quiet)
-        written += _write(plain, runs["plain"], pipe, device, out, indices, "-plain")
+        written += _write(plain, runs["plain"], pipe, device, out, indices, suffixes["plain"])
     if request.hidiff:
         hidiff.apply_hidiffusion(pipe, config=request.config)
     runs["hidiff"] = run = run_pipeline(request, pipe, images, device, "hidiff" if request.hidiff else "plain", quiet)
-    written += _write(request, run, pipe, device, out, indices, "-hidiff" if compare else "")
+    written += _write(request, run, pipe, device, out, indices, suffixes["hidiff"])
     if compare:
         times = {
             "plain_s": round(runs["plain"].seconds, 3),
@@ -803,7 +684,7 @@ def generate(
             "speedup": round(runs["plain"].seconds / run.seconds, 3),
         }
         for i in indices:
-            path = output_path(out, request, i, "-compare")
+            path = output_path(out, request, i, suffixes["compare"])
             save_png(
                 side_by_side(runs["plain"].images[i], run.images[i]),
                 path,
@@ -826,6 +707,11 @@ def generate(
     return written
 
 
+def _suffixes(compare: bool) -> dict[str, str]:
+    """The file name suffix of each image a run writes: with --compare plain, hidiff and side by side."""
+    return {"plain": "-plain", "hidiff": "-hidiff", "compare": "-compare"} if compare else {"hidiff": ""}
+
+
 def _write(
     request: Request, run: Run, pipe: Any, device: torch.device, out: Optional[str], indices: list, suffix: str
 ) -> list[Path]:
@@ -845,10 +731,10 @@ def _write(
 
 
 def main(args: Any) -> int:
-    """``hidiff generate`` (argument parsing lives in :mod:`hidiff.cli`)."""
+    """``hidiff generate`` from the flags of :func:`add_arguments`."""
     request, index = request_from_args(args)
     out = args.out
     if args.from_image and not out:
         out = str(Path(args.from_image).with_name(Path(args.from_image).stem + "-rerun.png"))
-    generate(request, out=out, compare=args.compare, only_index=index, quiet=args.quiet)
+    generate(request, out=out, compare=args.compare, only_index=index, quiet=args.quiet, overwrite=args.overwrite)
     return 0

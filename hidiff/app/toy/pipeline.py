@@ -187,7 +187,7 @@ class ToyPipeline(DiffusionPipeline):
         if output_type == "np":
             images = images.permute(0, 2, 3, 1).numpy()
         elif output_type == "pil":
-            images = [_tensor_to_pil(img) for img in images]
+            images = [tensor_to_pil(img) for img in images]
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -206,7 +206,8 @@ def load_toy_pipeline(path: Optional[str] = None) -> Any:
     return pipe
 
 
-def _tensor_to_pil(image: torch.Tensor) -> Any:
+def tensor_to_pil(image: torch.Tensor) -> Any:
+    """A 3 x H x W picture in [0, 1] as an RGB PIL image."""
     from PIL import Image
 
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
