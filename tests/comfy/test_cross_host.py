@@ -1,0 +1,166 @@
+"""The same tiny U-Net in diffusers (hidiff applied) and in ComfyUI (the node's patch applied)
+gives the same final latents with HiDiffusion on.
+
+Which loop is mirrored: ComfyUI samples with its own ``euler`` sampler on the sigmas of the
+diffusers ``EulerDiscreteScheduler`` (trailing spacing, so every sigma is the sigma of an
+integer timestep and ComfyUI's sigma-to-timestep map lands on the same t); the diffusers
+side is the plain scheduler loop (``scale_model_input``, U-Net, ``step``). diffusers starts
+from noise x its scheduler's scale, ComfyUI from its model's noise
+scaling: sqrt(1 + sigma_max^2) at full noise, where diffusers 0.42's Euler with trailing spacing
+uses sigma_max (its ``init_noise_sigma``), so the diffusers side starts from ComfyUI's value;
+noise x sigma + latent for img2img on both sides, as diffusers' ``add_noise``). ComfyUI returns latents divided by the latent format's scale factor; they
+are multiplied back. Window shifts come from the same ``window_seed`` on both sides.
+Random-weight U-Nets do not denoise (final latents stay at noise scale), so the tolerance
+is relative to max|x|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfytest import CONTEXT, NATIVE, Recorder, build, conds
+
+TOLERANCE = 1e-4  # relative to max |latent|, fp32
+
+
+def diffusers_config(family: str) -> dict:
+    if family == "sd15":
+        return dict(
+            sample_size=NATIVE, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=CONTEXT,
+            attention_head_dim=8, norm_num_groups=32,
+        )
+    return dict(
+        sample_size=NATIVE, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 1, 1),
+        cross_attention_dim=CONTEXT, attention_head_dim=(1, 1, 1), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    )
+
+
+def twin_models(family: str, seed: int = 0):
+    """(diffusers U-Net, ComfyUI ModelPatcher) holding the same weights."""
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from comfytest import seed_weights
+
+    unet = UNet2DConditionModel(**diffusers_config(family)).eval()
+    seed_weights(unet, seed)  # diffusers zero-inits some layers: reseed them all
+    patcher, unet_config = build(family, seed=seed + 1)
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    diff_sd = unet.state_dict()
+    comfy_sd = {comfy_key: diff_sd[diff_key] for diff_key, comfy_key in mapping.items() if diff_key in diff_sd}
+    target = patcher.model.diffusion_model
+    missing, unexpected = target.load_state_dict(comfy_sd, strict=False)
+    assert not unexpected and not missing, (missing[:5], unexpected[:5])
+    assert len(comfy_sd) == len(diff_sd)
+    return unet, patcher
+
+
+def scheduler(steps: int):
+    from diffusers import EulerDiscreteScheduler
+
+    s = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+    )
+    s.set_timesteps(steps)
+    return s
+
+
+def run_diffusers(unet, family, noise, steps, start, positive, latent_in, hw_px, **options):
+    import hidiff
+
+    sched = scheduler(steps)
+    context = positive[0][0]
+    added = None
+    if family == "sdxl":
+        h, w = hw_px
+        added = {"text_embeds": positive[0][1]["pooled_output"],
+                 "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+    timesteps = sched.timesteps[start:]
+    sigma0 = float(sched.sigmas[start])
+    # ComfyUI starts a full-noise run at noise x sqrt(1 + sigma_max^2) (its max_denoise); diffusers
+    # 0.42's Euler with trailing spacing at noise x sigma_max (its init_noise_sigma): mirror ComfyUI.
+    x = noise * (1 + sigma0**2) ** 0.5 if start == 0 else latent_in + noise * sigma0
+    sched.set_begin_index(start)
+    hidiff.apply_hidiffusion(unet, scheduler=sched, **options)
+    try:
+        with torch.no_grad():
+            for t in timesteps:
+                inp = sched.scale_model_input(x, t)
+                eps = unet(inp, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+                x = sched.step(eps, t, x).prev_sample
+    finally:
+        hidiff.remove_hidiffusion(unet)
+    return x, sched.sigmas[start:]
+
+
+def run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=None, **options):
+    import comfy.sample
+    import comfy.samplers
+
+    from hidiff.comfy.patch import apply_hidiffusion
+
+    model = apply_hidiffusion(patcher, recorder=recorder, native=(NATIVE, NATIVE), **options)
+    sampler = comfy.samplers.ksampler("euler")
+    out = comfy.sample.sample_custom(
+        model, noise, 1.0, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
+        disable_pbar=True, seed=0,
+    )
+    return out * patcher.model.latent_format.scale_factor
+
+
+CASES = [
+    # family, latent (h, w), steps, img2img start step
+    ("sd15", (64, 64), 5, 0),  # 2x
+    ("sd15", (37, 53), 5, 0),  # odd sides at every level, odd windows
+    ("sd15", (64, 64), 6, 2),  # img2img (denoise 2/3)
+    ("sdxl", (64, 64), 5, 0),
+    ("sdxl", (37, 53), 5, 0),
+    ("sdxl", (128, 128), 4, 0),  # 4x, the few-step preset
+]
+
+
+@pytest.mark.parametrize("family,hw,steps,start", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}steps-from{c[3]}" for c in CASES])
+def test_same_latents_in_both_hosts(family, hw, steps, start):
+    unet, patcher = twin_models(family)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(1, 4, *hw, generator=g)
+    latent_image = torch.zeros(1, 4, *hw) if start == 0 else torch.randn(1, 4, *hw, generator=g) * 5
+    positive, negative = conds(family, 8 * hw[0], 8 * hw[1])
+    scale = patcher.model.latent_format.scale_factor
+    options = dict(window_seed=1234)
+    want, sigmas = run_diffusers(unet, family, noise, steps, start, positive, latent_image * scale, (8 * hw[0], 8 * hw[1]), **options)
+    rec = Recorder()
+    got = run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=rec, **options)
+    # HiDiffusion really acted in ComfyUI: features shrunk in the first step, windows ran.
+    assert rec and rec[0].plan.step == 0 and rec[0].plan.total == steps - start
+    assert rec[0].plan.conv or rec[0].plan.pool
+    assert rec[0].conv_out is not None or rec[0].pooled is not None
+    assert all(len(r.windows) == 5 for r in rec)
+    err = float((got - want).abs().max())
+    ref = float(want.abs().max())
+    assert err <= TOLERANCE * ref, f"max |diff| {err:.3g} vs max |x| {ref:.3g}"
+    # ... and not because HiDiffusion did nothing on both sides.
+    stock = run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image)
+    assert float((stock - got).abs().max()) > 100 * TOLERANCE * ref
+
+
+def run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image):
+    import comfy.sample
+    import comfy.samplers
+
+    sampler = comfy.samplers.ksampler("euler")
+    out = comfy.sample.sample_custom(
+        patcher, noise, 1.0, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
+        disable_pbar=True, seed=0,
+    )
+    return out * patcher.model.latent_format.scale_factor
