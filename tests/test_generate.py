@@ -122,6 +122,20 @@ def test_png_metadata_reruns_to_the_same_pixels(models, tmp_path, capsys):
     assert not (tmp_path / "b-0.png").exists()  # only the image that was asked for
 
 
+def test_out_folder_gets_the_png_inside_and_an_existing_file_needs_overwrite(models, tmp_path, capsys):
+    common = ["--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 9, "--out", tmp_path]
+    assert gen(*common) == 0
+    written = tmp_path / "hidiff-9.png"
+    assert meta(written)[1]["request"]["seed"] == 9
+    assert not (tmp_path.parent / f"{tmp_path.name}.png").exists()  # not beside the folder
+    capsys.readouterr()
+    assert gen(*common) == 2
+    assert f"{written} exists; pass --overwrite" in capsys.readouterr().err
+    assert gen(*common[:-2], "--out", tmp_path / "shot", "--overwrite") == 0  # no suffix: .png added
+    assert (tmp_path / "shot.png").exists()
+    assert gen(*common, "--overwrite") == 0
+
+
 def test_flags_given_with_from_image_override_its_metadata(models, tmp_path):
     out = tmp_path / "a.png"
     assert (

@@ -17,9 +17,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
 
+from ..core.cfgpp import SAMPLERS as CFGPP_SAMPLERS
+from ..core.cfgpp import check_guidance
 from ..core.config import AtNative, ControlNetMode, HiDiffusionConfig, WindowShift
-from ..diffusers.cfgpp import SAMPLERS as CFGPP_SAMPLERS
-from ..diffusers.cfgpp import _check_guidance
 from ..diffusers.testing import FULL_UNET_CONFIGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -129,7 +129,7 @@ def seed(value: int) -> int:
 def cfgpp_lambda(value: float) -> float:
     """CFG++'s lam, checked by hidiff.enable_cfgpp's own rule."""
     try:
-        return _check_guidance(value)
+        return check_guidance(value)
     except TypeError as error:
         raise ValueError(str(error)) from None
 
@@ -246,11 +246,21 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def add_reference_python_flag(parser: argparse.ArgumentParser, adds: str) -> None:
+def add_method_flags(parser: argparse.ArgumentParser, flag_name: str, methods: Sequence[str], default: str) -> None:
+    """``--modes`` / ``--methods``: a comma-separated subset of ``methods`` and ``published`` (or ``all``
+    where ``methods`` has it); and ``--reference-python``, the Python that runs ``published``."""
+    noun = flag_name.lstrip("-").rstrip("s")
+    parser.add_argument(
+        flag_name,
+        type=comma_list((*methods, PUBLISHED), noun),
+        help=f"comma-separated subset of {','.join(m for m in methods if m != ALL)},{PUBLISHED}"
+        f"{f' or {ALL}' if ALL in methods else ''} (default: {default}, plus {PUBLISHED} with --reference-python)",
+    )
     parser.add_argument(
         "--reference-python",
         metavar="PATH",
-        help=f"a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds {adds}",
+        help=f"a Python with the published hidiffusion package (0.1.10, diffusers 0.27.x): adds the {noun} "
+        f"{PUBLISHED!r}",
     )
 
 

@@ -43,9 +43,8 @@ from .args import (
     FAMILY_NAMES,
     HIDIFF_METHODS,
     PUBLISHED,
-    add_reference_python_flag,
+    add_method_flags,
     add_threads_flag,
-    comma_list,
     file_name,
     flag,
     image_side,
@@ -100,13 +99,7 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument("--repeats", type=flag(positive), default=1)
     parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
-    parser.add_argument(
-        "--modes",
-        type=comma_list((*RUN_MODES, ALL), "mode"),
-        help=f"comma-separated subset of {','.join(RUN_MODES)}, or {ALL} "
-        f"(default: {','.join(DEFAULT_MODES)}, plus {PUBLISHED} with --reference-python)",
-    )
-    add_reference_python_flag(parser, f"the mode {PUBLISHED!r}")
+    add_method_flags(parser, "--modes", (*MODES, ALL), ",".join(DEFAULT_MODES))
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto")
     parser.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
     add_threads_flag(parser)

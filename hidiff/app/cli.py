@@ -193,30 +193,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_main(args)
 
 
-def _add_generate_parser(sub: Any) -> None:
-    from .generate import add_arguments
-
-    gen = sub.add_parser(
-        "generate",
-        help="generate images with HiDiffusion; every PNG carries what re-runs it",
-        description="Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
-        "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
-        "model's native size (or the input image's size). Output files that exist are kept unless --overwrite. "
-        "Exit codes: 0 done, 2 bad usage, 1 failure.",
-    )
-    add_arguments(gen)
-    gen.set_defaults(run=cmd_generate)
+GENERATE_DESCRIPTION = (
+    "Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
+    "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
+    "model's native size (or the input image's size). Output files that exist are kept unless --overwrite. "
+    "Exit codes: 0 done, 2 bad usage, 1 failure."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as add_bench_arguments
     from .eval import add_arguments as add_eval_arguments
     from .eval import add_demo_arguments
+    from .generate import add_arguments as add_generate_arguments
 
     parser = ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = (
+        ("info", "dry run: what HiDiffusion would change for a model and size", _add_info_arguments, cmd_info),
+        (
+            "generate",
+            "generate images with HiDiffusion; every PNG carries what re-runs it",
+            add_generate_arguments,
+            cmd_generate,
+        ),
+        (
+            "demo",
+            "the shipped toy model at 4x native without and with HiDiffusion (CPU, ~1 min)",
+            add_demo_arguments,
+            cmd_demo,
+        ),
+        (
+            "eval",
+            "duplication metric on the shipped toy model: methods x sizes, counted objects",
+            add_eval_arguments,
+            cmd_eval,
+        ),
+        (
+            "bench",
+            "time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side",
+            add_bench_arguments,
+            cmd_bench,
+        ),
+    )
+    for name, summary, add_arguments, run in commands:
+        command = sub.add_parser(
+            name, help=summary, description=GENERATE_DESCRIPTION if name == "generate" else summary
+        )
+        add_arguments(command)
+        command.set_defaults(run=run)
+    return parser
 
-    info = sub.add_parser("info", help="dry run: what HiDiffusion would change for a model and size")
+
+def _add_info_arguments(info: argparse.ArgumentParser) -> None:
     info.add_argument(
         "--model", required=True, help=f"a family name ({', '.join(FAMILY_NAMES)}) or a local diffusers folder"
     )
@@ -225,26 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--steps", type=flag(positive), default=50)
     info.add_argument("--json", action="store_true", help="print JSON")
     add_config_flags(info)
-    info.set_defaults(run=cmd_info)
-
-    _add_generate_parser(sub)
-
-    demo = sub.add_parser("demo", help="the shipped toy model at 4x native without and with HiDiffusion (CPU, ~1 min)")
-    add_demo_arguments(demo)
-    demo.set_defaults(run=cmd_demo)
-
-    evaluate = sub.add_parser(
-        "eval", help="duplication metric on the shipped toy model: methods x sizes, counted objects"
-    )
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=cmd_eval)
-
-    bench = sub.add_parser(
-        "bench", help="time baseline / hidiff / RAU-Net only / MSW-MSA only (/ the published package) side by side"
-    )
-    add_bench_arguments(bench)
-    bench.set_defaults(run=cmd_bench)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

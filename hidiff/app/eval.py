@@ -44,7 +44,7 @@ from .args import (
     BASELINE,
     HIDIFF_METHODS,
     PUBLISHED,
-    add_reference_python_flag,
+    add_method_flags,
     add_threads_flag,
     comma_list,
     finite,
@@ -330,13 +330,7 @@ def add_arguments(parser: Any) -> None:
         default="1,2,4",
         help="sizes as whole multiples of the native size",
     )
-    parser.add_argument(
-        "--methods",
-        type=comma_list((*METHODS, PUBLISHED), "method"),
-        help=f"comma-separated subset of {','.join(METHODS)},{PUBLISHED} (default: all "
-        f"of them, {PUBLISHED} only with --reference-python)",
-    )
-    add_reference_python_flag(parser, f"the {PUBLISHED} method")
+    add_method_flags(parser, "--methods", METHODS, "all of them")
     parser.add_argument("--guidance", type=flag(finite, float), default=1.0, help="classifier-free guidance (1: off)")
     parser.add_argument("--grid", metavar="FILE.png", type=png_file, help="write a grid of samples per method and size")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")

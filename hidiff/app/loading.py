@@ -62,9 +62,24 @@ def model_source(model: str) -> str:
                 "for a diffusers model pass its folder"
             )
         return "file"
-    if model.lower().endswith(SINGLE_FILE_SUFFIXES) or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if _local_looking(model, SINGLE_FILE_SUFFIXES):
         raise UsageError(f"--model {model}: no such file or folder")
     return "hub"
+
+
+def _local_looking(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a name that is no local file or folder was meant as one (not a hub id ``org/model``)."""
+    return name.lower().endswith(suffixes) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _from_pretrained(cls: Any, name: str, flag: str, what: str, dtype: torch.dtype, errors: tuple) -> Any:
+    """``cls.from_pretrained`` of a hub id or local folder, its ``errors`` a ModelLoadError that says what to pass."""
+    try:
+        return cls.from_pretrained(name, torch_dtype=dtype)
+    except errors as error:
+        if not os.path.isdir(name):
+            raise _hub_error(flag, name, error) from None
+        raise ModelLoadError(f"cannot load the {what} folder {name}: {error}") from None
 
 
 def _hub_error(what: str, name: str, error: Exception) -> ModelLoadError:
@@ -162,12 +177,7 @@ def load_base_pipeline(model: str, config_folder: Optional[str], dtype: torch.dt
             f"--model {model} is a folder without model_index.json: pass the folder of a whole "
             "diffusers pipeline (the one save_pretrained writes), not of one component"
         )
-    try:
-        return diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        if source == "hub":
-            raise _hub_error("--model", model, error) from None
-        raise ModelLoadError(f"cannot load the diffusers folder {model}: {error}") from None
+    return _from_pretrained(diffusers.DiffusionPipeline, model, "--model", "diffusers", dtype, (OSError, ValueError))
 
 
 def load_controlnet(name: str, dtype: torch.dtype, unet: Any) -> Any:
@@ -176,20 +186,12 @@ def load_controlnet(name: str, dtype: torch.dtype, unet: Any) -> Any:
 
     if os.path.isfile(name):
         return load_controlnet_file(name, dtype, unet)
-    source = "folder" if os.path.isdir(name) else "hub"
-    if source == "hub" and (
-        name.lower().endswith(CONTROLNET_FILE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") > 1
-    ):
+    if not os.path.isdir(name) and _local_looking(name, CONTROLNET_FILE_SUFFIXES):
         raise UsageError(
             f"--controlnet {name}: no such file or folder; pass a ControlNet hub id, a local diffusers "
             "ControlNet folder or a .safetensors/.pth/.ckpt file"
         )
-    try:
-        return diffusers.ControlNetModel.from_pretrained(name, torch_dtype=dtype)
-    except OSError as error:
-        if source == "hub":
-            raise _hub_error("--controlnet", name, error) from None
-        raise ModelLoadError(f"cannot load the ControlNet folder {name}: {error}") from None
+    return _from_pretrained(diffusers.ControlNetModel, name, "--controlnet", "ControlNet", dtype, (OSError,))
 
 
 def load_controlnet_file(path: str, dtype: torch.dtype, unet: Any) -> Any:
