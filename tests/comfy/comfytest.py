@@ -48,6 +48,8 @@ def seed_weights(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if p.numel() == 0:
+                continue
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
             elif name.endswith("weight"):
@@ -81,7 +83,9 @@ def build(family: str = "sd15", seed: int = 0, model_type: Optional[str] = None,
     if family == "sdxl":
         cfg = sdxl_unet_config(**overrides)
     else:
-        cfg = sd15_unet_config(**({"context_dim": 1024, "use_linear_in_transformer": True} if family == "sd2" else {}))
+        # SD 2.x sets 64 channels per head: width 64 gives it one head at the top stage.
+        sd2 = {"context_dim": 1024, "use_linear_in_transformer": True, "model_channels": 64}
+        cfg = sd15_unet_config(**(sd2 if family == "sd2" else {}))
         cfg.update(overrides)
     cfg = _accepted(cfg)
     mc = model_class(family)(copy.deepcopy(cfg))

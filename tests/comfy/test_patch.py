@@ -1,0 +1,271 @@
+"""The HiDiffusion patch on ComfyUI's own model classes and samplers (tiny random models, CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from comfytest import NATIVE, Recorder, build, conds, sample, seed_weights
+from hidiff.core.architecture import UnsupportedModelError
+
+
+def hidiffusion(patcher, recorder=None, **options):
+    from hidiff.comfy.patch import apply_hidiffusion
+
+    return apply_hidiffusion(patcher, recorder=recorder, native=(NATIVE, NATIVE), **options)
+
+
+# ------------------------------------------------------------------ structure
+@pytest.mark.parametrize(
+    "family,overrides,model_type,want",
+    [
+        ("sd15", {"context_dim": 768}, None, ("sd1", (64, 64))),
+        ("sd2", {}, None, ("sd2", (64, 64))),
+        ("sd2", {}, "V_PREDICTION", ("sd2", (96, 96))),
+        ("sdxl", {}, None, ("sdxl", (128, 128))),
+        ("sd15", {"in_channels": 9}, None, ("sd", (64, 64))),
+    ],
+    ids=["sd1", "sd2-eps", "sd2-v", "sdxl", "sd-inpainting"],
+)
+def test_family_and_native_size_from_structure(family, overrides, model_type, want):
+    from hidiff.comfy.structure import describe
+
+    patcher, _ = build(family, model_type=model_type, **overrides)
+    net = describe(patcher)
+    assert (net.architecture.family, net.architecture.native) == want
+    assert net.architecture.inpainting == (overrides.get("in_channels") == 9)
+    b = net.blocks
+    if family == "sdxl":
+        assert (b.conv_block, b.pool_block, b.unpool_block) == (6, 4, 5)
+        assert b.windowed == (("input", 4, 0), ("input", 5, 0), ("output", 3, 0), ("output", 4, 0), ("output", 5, 0))
+    else:
+        assert (b.conv_block, b.pool_block, b.unpool_block) == (3, 4, 8)
+        assert [w[1] for w in b.windowed] == [1, 2, 9, 10, 11]
+
+
+def test_refiner_layout_is_refused_with_a_clear_message():
+    from hidiff.comfy.patch import apply_hidiffusion
+
+    # SDXL-refiner-like: 4 levels, cross-attention only in the middle two.
+    patcher, _ = build(
+        "sd15", channel_mult=[1, 2, 2, 2], transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    )
+    with pytest.raises(UnsupportedModelError, match=r"cross-attention at stages \[1, 2\]"):
+        apply_hidiffusion(patcher)
+
+
+def test_non_unet_model_is_refused_with_a_clear_message():
+    from hidiff.comfy.patch import apply_hidiffusion
+
+    patcher, _ = build("sd15")
+    clone = patcher.clone()
+
+    class FakeDiT(torch.nn.Module):
+        pass
+
+    class Holder:
+        model = type("M", (), {"diffusion_model": FakeDiT(), "model_config": None})()
+
+        def __getattr__(self, name):
+            return getattr(clone, name)
+
+    with pytest.raises(UnsupportedModelError, match="not a Stable Diffusion U-Net.*SD3, Flux"):
+        apply_hidiffusion(Holder())
+
+
+def test_bad_options_are_refused_before_the_model_is_touched():
+    from hidiff.comfy.patch import apply_hidiffusion
+
+    patcher, _ = build("sd15")
+    before = dict(patcher.model_options["transformer_options"])
+    with pytest.raises(ValueError, match="T2 must not be larger than T1"):
+        apply_hidiffusion(patcher, t1_ratio=0.2, t2_ratio=0.5)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_hidiffusion(apply_hidiffusion(patcher))
+    assert patcher.model_options["transformer_options"] == before
+
+
+# ------------------------------------------------------------------ what it does
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_2x_shrinks_features_runs_windows_and_leaves_the_original_untouched(family):
+    patcher, _ = build(family)
+    first = sample(patcher, family, (64, 64), steps=5)
+    rec = Recorder()
+    patched = hidiffusion(patcher, rec)
+    out = sample(patched, family, (64, 64), steps=5)
+    assert out.shape == first.shape and torch.isfinite(out).all()
+    assert [r.plan.step for r in rec] == [0, 1, 2, 3, 4] and all(r.plan.total == 5 for r in rec)
+    r0 = rec[0]
+    if family == "sd15":
+        # sd-1024: stage 0's downsampler strides 4 (64 -> 16) for the first int(5 * 0.4) = 2 steps
+        assert r0.plan.preset == "sd-1024" and r0.conv_out == (16, 16) and r0.block_sizes[4] == (16, 16)
+        assert [r.plan.conv for r in rec] == [True, True, False, False, False]
+    else:
+        # sdxl-2048: the pooled stage 1 (32 -> 16) until T1 = 2, grown back before output block 5
+        assert r0.plan.preset == "sdxl-2048" and r0.pooled == ((32, 32), (16, 16)) and r0.unpooled == ((16, 16), (32, 32))
+        assert [r.plan.pool for r in rec] == [True, True, False, False, False]
+    assert all(len(r.windows) == 5 for r in rec)
+    for r in rec:
+        maps = [hw for _, hw, _ in r.windows]
+        if family == "sd15":
+            assert maps == [(64, 64)] * 5  # the windowed stage is never shrunk in SD
+        elif r.plan.pool:  # SDXL pools inside the windowed stage: its second layer and the mirror run pooled
+            assert maps == [(32, 32), (16, 16), (16, 16), (16, 16), (32, 32)]
+        else:
+            assert maps == [(32, 32)] * 5
+    assert float((out - first).abs().max()) > 1e-3
+    # The original MODEL after the patched one: bitwise its first result.
+    again = sample(patcher, family, (64, 64), steps=5)
+    assert torch.equal(again, first)
+    assert "hidiff_call" not in str(patcher.model_options)
+
+
+def test_at_or_below_native_does_nothing_bitwise():
+    patcher, _ = build("sd15")
+    first = sample(patcher, "sd15", (NATIVE, NATIVE - 8), steps=3, cfg=2.0)
+    rec = Recorder()
+    out = sample(hidiffusion(patcher, rec), "sd15", (NATIVE, NATIVE - 8), steps=3, cfg=2.0)
+    assert rec == [] and torch.equal(out, first)
+
+
+@pytest.mark.parametrize("family,preset", [("sd15", "sd-2048"), ("sdxl", "sdxl-4096")])
+@pytest.mark.parametrize("hw", [(37, 53), (36, 52), (65, 33)])
+def test_any_size_with_conv_and_pool_at_once(family, preset, hw):
+    """Odd latents (ComfyUI accepts any multiple of 8 px): conv and pool active in the same step."""
+    patcher, _ = build(family)
+    rec = Recorder()
+    out = sample(hidiffusion(patcher, rec, preset=preset, at_native="apply"), family, hw, steps=4)
+    assert out.shape[-2:] == hw and torch.isfinite(out).all()
+    r0 = rec[0]
+    assert r0.plan.conv and r0.plan.pool
+    ceil = lambda n, k: -(-n // k)  # noqa: E731
+    if family == "sd15":
+        assert r0.conv_out == (ceil(hw[0], 4), ceil(hw[1], 4))
+        assert r0.pooled == ((ceil(hw[0], 4), ceil(hw[1], 4)), (ceil(hw[0], 8), ceil(hw[1], 8)))
+        top = hw
+    else:
+        half = (ceil(hw[0], 2), ceil(hw[1], 2))
+        assert r0.pooled == (half, (ceil(hw[0], 4), ceil(hw[1], 4)))
+        assert r0.conv_out == (ceil(hw[0], 16), ceil(hw[1], 16))
+        top = half
+    assert r0.unpooled[1] == r0.pooled[0]
+    # Windows ran on the top map: whole at first, pooled for the pooled block's mirror in SDXL.
+    assert len(r0.windows) == 5 and r0.windows[0][1] == top
+
+
+def test_cfg_batches_and_split_calls_share_shifts_per_image():
+    """cond and uncond rows of one image get the same shifts; images of a batch their own."""
+    patcher, _ = build("sd15")
+    rec = Recorder()
+    sample(hidiffusion(patcher, rec), "sd15", (64, 64), steps=2, cfg=3.0, batch=2)
+    shifts = [s for r in rec for _, _, s in r.windows]
+    for per_row in shifts:
+        n = len(per_row)
+        assert n in (2, 4)
+        if n == 4:  # cond and uncond in one call: rows (img0, img1, img0, img1)
+            assert per_row[0] == per_row[2] and per_row[1] == per_row[3]
+    assert any(len(set(s)) > 1 for s in shifts)  # the two images are shifted differently somewhere
+
+
+def test_window_seed_fixes_the_shifts_and_the_noise_decides_them_otherwise():
+    patcher, _ = build("sd15")
+
+    def shifts(seed, **options):
+        rec = Recorder()
+        sample(hidiffusion(patcher, rec, raunet=False, **options), "sd15", (64, 64), steps=3, seed=seed)
+        return [s for r in rec for _, _, s in r.windows]
+
+    assert shifts(1, window_seed=5) == shifts(2, window_seed=5)
+    assert shifts(1) == shifts(1) and shifts(1) != shifts(2)
+    assert all(s == [(0, 0)] for s in shifts(1, window_shift="none"))
+
+
+def test_ksampler_advanced_and_denoise_follow_the_sampled_sigmas():
+    patcher, _ = build("sd15")
+    rec = Recorder()
+    model = hidiffusion(patcher, rec)
+    sample(model, "sd15", (64, 64), steps=8, start_step=2, last_step=6)
+    assert [(r.plan.step, r.plan.total) for r in rec] == [(i, 4) for i in range(4)]
+    rec.clear()
+    latent = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
+    sample(model, "sd15", (64, 64), steps=5, denoise=0.5, latent_image=latent)
+    assert [(r.plan.step, r.plan.total) for r in rec] == [(i, 5) for i in range(5)]
+    assert rec[0].plan.conv  # img2img still starts with RAU-Net at its first sampled step
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "euler_ancestral", "dpmpp_sde"])
+def test_sampler_custom_with_any_sampler(sampler):
+    import comfy.sample
+    import comfy.samplers
+
+    patcher, _ = build("sd15")
+    rec = Recorder()
+    model = hidiffusion(patcher, rec)
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "karras", 4)
+    noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    pos, neg = conds("sd15", 512, 512)
+    out = comfy.sample.sample_custom(
+        model, noise, 1.0, comfy.samplers.ksampler(sampler), sigmas, pos, neg, torch.zeros(1, 4, 64, 64),
+        disable_pbar=True, seed=0,
+    )
+    assert torch.isfinite(out).all()
+    steps = [r.plan.step for r in rec]
+    assert steps == sorted(steps) and steps[0] == 0 and set(steps) <= {0, 1, 2, 3}
+    if sampler == "heun":
+        # Two calls per step but the last; the correction of step i is evaluated at sigma i+1,
+        # which a call cannot tell from step i+1's first call: it runs with step i+1's plan.
+        assert steps == [0, 1, 1, 2, 2, 3, 3]
+
+
+def tiny_controlnet(unet_config):
+    import inspect
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    params = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
+    kwargs = {k: v for k, v in unet_config.items() if k in params and k not in ("dtype", "device", "operations")}
+    model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **kwargs)
+    seed_weights(model, 5)
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), manual_cast_dtype=None)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnet_through_comfy_nodes_at_2x(family, caplog):
+    import nodes
+
+    patcher, unet_config = build(family)
+    cnet = tiny_controlnet(unet_config)
+    pos, neg = conds(family, 512, 512)
+    image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(2))
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, cnet, image, 1.0, 0.0, 1.0)
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING):
+        out = sample(hidiffusion(patcher, rec), family, (64, 64), steps=4, cfg=2.0, positive=pos, negative=neg)
+    assert "control could not be applied" not in caplog.text
+    assert torch.isfinite(out).all()
+    shrunk = [r for r in rec if r.plan.conv or r.plan.pool]
+    assert shrunk
+    for r in shrunk:
+        assert r.control_sizes["output"] == list(r.plan.skip_sizes)
+        assert r.control_sizes["middle"] == [r.plan.mid_size]
+    plain = sample(hidiffusion(patcher), family, (64, 64), steps=4, cfg=2.0)
+    assert float((plain - out).abs().max()) > 1e-3  # the ControlNet had an effect
+
+
+def test_weight_patches_after_the_node_reach_the_strided_conv():
+    """A LoRA-style weight patch added after HiDiffusion still applies inside the strided conv."""
+    patcher, _ = build("sd15")
+    model = hidiffusion(patcher, raunet=True, window_attn=False)
+    base = sample(model, "sd15", (64, 64), steps=2)
+    lora = model.clone()
+    key = "diffusion_model.input_blocks.3.0.op.weight"
+    weight = patcher.model.state_dict()[key]
+    lora.add_patches({key: (torch.ones_like(weight) * 0.05,)}, 1.0)
+    changed = sample(lora, "sd15", (64, 64), steps=2)
+    assert float((changed - base).abs().max()) > 1e-3
+    assert torch.equal(sample(model, "sd15", (64, 64), steps=2), base)
