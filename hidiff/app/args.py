@@ -64,7 +64,6 @@ BASELINE = "baseline"
 HIDIFF_METHODS: dict[str, dict] = {"hidiff": {}, "raunet": {"window_attn": False}, "msw": {"raunet": False}}
 PUBLISHED = "published"
 ALL = "all"
-BENCH_MODES = (BASELINE, *HIDIFF_METHODS)
 #: What a plain ``hidiff bench`` runs (plus ``published`` given a reference Python).
 DEFAULT_BENCH_MODES = (BASELINE, "hidiff")
 
@@ -114,7 +113,7 @@ def probability(value: float) -> float:
     return value
 
 
-def strength(value: float) -> float:
+def img2img_strength(value: float) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"must lie in (0, 1] (the share of the steps that repaint the input image), got {value}")
     return value

@@ -42,11 +42,11 @@ from .args import (
     finite,
     flag,
     image_side,
+    img2img_strength,
     png_path,
     positive,
     seed,
     side_multiple_of,
-    strength,
 )
 from .loading import load_pipeline, quiet_libraries, resolve_device, set_scheduler
 
@@ -103,7 +103,7 @@ CHECKS: dict[str, Any] = {
     "batch": positive,
     "guidance": finite,
     "seed": seed,
-    "strength": strength,
+    "strength": img2img_strength,
     "controlnet_scale": finite,
     "cfgpp": cfgpp_lambda,
 }
