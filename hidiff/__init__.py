@@ -7,10 +7,11 @@ with hidiff.hidiffusion(pipe): ...      # scoped
 hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
 """
 
+from .core.architecture import Architecture, UnsupportedModelError
 from .core.config import HiDiffusionConfig
 from .core.presets import PRESETS, Preset
 from .diffusers.cfgpp import disable_cfgpp, enable_cfgpp, invert
-from .diffusers.model import Layout, UnsupportedModelError, detect_layout
+from .diffusers.model import detect_layout
 from .diffusers.patch import (
     CallRecord,
     apply_hidiffusion,
@@ -20,6 +21,9 @@ from .diffusers.patch import (
     last_call,
     remove_hidiffusion,
 )
+
+#: The name ``detect_layout``'s result had before the core/host split.
+Layout = Architecture
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,7 @@ __all__ = [
     "PRESETS",
     "Preset",
     "Layout",
+    "Architecture",
     "detect_layout",
     "UnsupportedModelError",
     "last_call",

@@ -84,7 +84,7 @@ def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
     ours, records = _run(pipe, side, _control_image(side, n_controlnets))
     assert ours.shape == stock.shape == (1, 4, 80, 80)
     assert torch.isfinite(ours).all() and not torch.equal(ours, stock)
-    assert hidiff.get_patch(pipe)._controlnet_mode() == "resize"
+    assert hidiff.get_patch(pipe).controlnet_mode == "resize"
     patch = hidiff.get_patch(pipe)
     for rec, sizes in zip(records, probe.unet_residual_sizes):
         expected, _, _ = patch.feature_sizes(rec.latent, rec.conv, rec.pool)
@@ -109,7 +109,7 @@ def test_sdxl_text2img_controlnet_runs_native_then_stops():
     assert not torch.equal(ours, stock)
     assert ours.shape == (1, 4, 96, 96) and torch.isfinite(ours).all()
     assert records[0].preset == "sdxl-2048-controlnet"
-    assert hidiff.get_patch(pipe)._controlnet_mode() == "native"
+    assert hidiff.get_patch(pipe).controlnet_mode == "native"
     active = int(STEPS * 0.6)
     # native size: 96 / 1.5 = 64, a multiple of 8; after the ControlNet phase its call is
     # made nearly free (the smallest map its two downsamplers take), and its residuals unused
@@ -167,7 +167,7 @@ def test_controlnet_img2img_and_inpaint(family, task):
     assert [r.step for r in records] == list(range(6))  # strength 0.6 of 10 steps
     # SD: the strided conv acts first; SDXL (6 steps: no conv phase): the pool does
     assert records[0].conv if family == "sd15" else records[0].pool
-    assert hidiff.get_patch(pipe)._controlnet_mode() == "resize"
+    assert hidiff.get_patch(pipe).controlnet_mode == "resize"
     assert set(probe.controlnet_sizes) == {(side // 8, side // 8)}
     patch = hidiff.get_patch(pipe)
     for rec, sizes in zip(records, probe.unet_residual_sizes):

@@ -18,6 +18,7 @@ from torch import nn
 
 import hidiff
 from hidiff import UnsupportedModelError, apply_hidiffusion, detect_layout, is_patched
+from hidiff.diffusers.patch import changes
 from hidiff.diffusers.testing import make_unet, tiny_components, tiny_pipeline, tiny_unet_config
 
 SD_NATIVE = 8  # latent side of the tiny SD pipelines (64 px)
@@ -227,12 +228,12 @@ def test_sd21_768_tiny_config_is_v_prediction_with_native_96():
     apply_hidiffusion(unet768)
     apply_hidiffusion(unet512)
     plan768, plan512 = hidiff.get_patch(unet768).plan, hidiff.get_patch(unet512).plan
-    assert plan768((80, 80), 0, 10)[0] is None
-    assert plan512((80, 80), 0, 10)[0].name == "sd-1024"
-    assert plan768((97, 97), 0, 10)[0].name == "sd-1024"
-    assert plan768((256, 256), 0, 10)[0].name == "sd-1024"
-    assert plan512((256, 256), 0, 10)[0].name == "sd-2048"
-    assert plan768((384, 384), 0, 10)[0].name == "sd-2048"
+    assert plan768((80, 80), 0, 10).preset is None
+    assert plan512((80, 80), 0, 10).preset == "sd-1024"
+    assert plan768((97, 97), 0, 10).preset == "sd-1024"
+    assert plan768((256, 256), 0, 10).preset == "sd-1024"
+    assert plan512((256, 256), 0, 10).preset == "sd-2048"
+    assert plan768((384, 384), 0, 10).preset == "sd-2048"
 
 
 def test_misleading_name_is_ignored():
@@ -265,7 +266,7 @@ def test_module_names_exist_and_match_hooks(case):
     family, overrides, _ = DETECTION_CASES[case]
     unet = make_unet(tiny_unet_config(family, **overrides))
     layout = detect_layout(unet)
-    names = layout.module_names(unet=unet)
+    names = changes(unet)
     assert names
     for name in names:
         module = unet.get_submodule(name)  # raises if it does not exist
@@ -286,8 +287,8 @@ def test_module_names_exist_and_match_hooks(case):
     assert f"down_blocks.{layout.conv_stage}.downsamplers.0" in names
 
     # The switches select the parts: without RAU-Net only the windowed stages are named.
-    raunet_only = layout.module_names(window_attn=False, unet=unet)
-    windows_only = layout.module_names(raunet=False, unet=unet)
+    raunet_only = changes(unet, window_attn=False)
+    windows_only = changes(unet, raunet=False)
     assert not [n for n in raunet_only if "attn1" in n]
     assert set(attn1) <= set(windows_only)
     assert all(n.startswith((f"down_blocks.{layout.window_stage}.", f"up_blocks.{up}.")) for n in windows_only)

@@ -29,7 +29,8 @@ from diffusers import (
 )
 
 import hidiff
-from hidiff.core.presets import PRESETS, StepTracker, choose_preset, in_range
+from hidiff.core.presets import PRESETS, choose_preset, in_range
+from hidiff.diffusers.steps import StepTracker
 
 AGGRESSIVE = 8 / 50  # the published aggressive SDXL switch step, as a share of N
 

@@ -7,11 +7,14 @@ transformer blocks of a Stable Diffusion U-Net see them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from typing import NamedTuple, Optional
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import TypeGuard
 
 #: Geometry of the resolution-aware conv downsampler: the stock 3x3 stride-2 conv
 #: re-run with stride 4, padding 2 and dilation 2 (same weights), so that a side of
@@ -61,6 +64,33 @@ def shift_from_uniform(u: float, h: int, w: int) -> tuple[int, int]:
     return (wh // 4) * quarters, (ww // 4) * quarters
 
 
+def shift_for(seed: int, step: int, layer: int, height: int, width: int) -> tuple[int, int]:
+    """The window shift of one image at one denoising step in one windowed layer.
+
+    A pure function of its arguments (a hash, no generator state): every host gives the
+    same shifts for the same seed, however it batches the images or splits the
+    conditional and unconditional halves of a step into calls. ``layer`` is the ordinal
+    of the windowed self-attention among all windowed ones, in forward order.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{layer}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    return shift_from_uniform(u, height, width)
+
+
+def image_seeds(x: torch.Tensor) -> list[int]:
+    """One seed per batch row of ``x``, hashed from the row's first values.
+
+    A run's first latents are a function of the caller's generator, so seeding each image's
+    window shifts from its own latents makes any image of a batch reproducible alone with
+    its own generator, and the global RNG is never touched.
+    """
+    rows = x.detach().reshape(x.shape[0], -1)[:, :256].to("cpu", torch.float32)
+    return [int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little") for row in rows]
+
+
+Shift = tuple[int, int]
+
+
 class Windows(NamedTuple):
     """What :func:`window_partition` returns: the windows and what undoes them."""
 
@@ -69,12 +99,15 @@ class Windows(NamedTuple):
     batch: int
     height: int
     width: int
-    shift: tuple[int, int]
+    shift: Union[Shift, tuple[Shift, ...]]  # one shift for the batch, or one per sample
 
 
-def window_partition(x: torch.Tensor, height: int, width: int, shift: tuple[int, int] = (0, 0)) -> Windows:
+def window_partition(
+    x: torch.Tensor, height: int, width: int, shift: Union[Shift, Sequence[Shift]] = (0, 0)
+) -> Windows:
     """Cut the (B, H*W, C) token map into a 2x2 grid of windows after a cyclic shift.
 
+    ``shift`` is one (dy, dx) for every sample, or a sequence of B of them (one per sample).
     Odd sides give uneven windows (ceil and floor halves); they are padded to the
     larger size and ``key_bias`` masks the padding, so attention inside each window
     is exact: no resampling of the map.
@@ -85,9 +118,14 @@ def window_partition(x: torch.Tensor, height: int, width: int, shift: tuple[int,
     b, n, c = x.shape
     if n != height * width:
         raise ValueError(f"token count {n} does not match a {height}x{width} map")
+    shifts = _normalise_shift(shift, b)
     wh, ww = window_sides(height, width)
-    source, _ = _window_order(height, width, shift, x.device)
-    tokens = x.index_select(1, source).view(b * 4, wh * ww, c)
+    if _is_pair(shifts):
+        source, _ = _window_order(height, width, shifts, x.device)
+        tokens = x.index_select(1, source).view(b * 4, wh * ww, c)
+    else:
+        source = torch.stack([_window_order(height, width, s, x.device)[0] for s in shifts])
+        tokens = x.gather(1, source.unsqueeze(-1).expand(-1, -1, c)).view(b * 4, wh * ww, c)
     key_bias = None
     if 2 * wh != height or 2 * ww != width:
         valid = torch.zeros(2 * wh, 2 * ww, dtype=torch.bool, device=x.device)
@@ -96,18 +134,36 @@ def window_partition(x: torch.Tensor, height: int, width: int, shift: tuple[int,
         bias = torch.zeros(4, wh * ww, dtype=x.dtype, device=x.device)
         bias.masked_fill_(~valid, torch.finfo(x.dtype).min)
         key_bias = bias.repeat(b, 1).unsqueeze(1)
-    return Windows(tokens, key_bias, b, height, width, shift)
+    return Windows(tokens, key_bias, b, height, width, shifts)
 
 
 def window_merge(tokens: torch.Tensor, windows: Windows) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (4B, wh*ww, C) back to (B, H*W, C), one gather."""
-    b, c = windows.batch, tokens.shape[-1]
-    _, target = _window_order(windows.height, windows.width, windows.shift, tokens.device)
-    return tokens.reshape(b, -1, c).index_select(1, target)
+    b, c, shift = windows.batch, tokens.shape[-1], windows.shift
+    flat = tokens.reshape(b, -1, c)
+    if _is_pair(shift):
+        _, target = _window_order(windows.height, windows.width, shift, tokens.device)
+        return flat.index_select(1, target)
+    target = torch.stack([_window_order(windows.height, windows.width, s, tokens.device)[1] for s in shift])
+    return flat.gather(1, target.unsqueeze(-1).expand(-1, -1, c))
+
+
+def _is_pair(shift: Any) -> TypeGuard[Shift]:
+    return len(shift) == 2 and all(isinstance(v, int) for v in shift)
+
+
+def _normalise_shift(shift: Any, batch: int) -> Union[Shift, tuple[Shift, ...]]:
+    """One (dy, dx) pair, or a tuple of ``batch`` of them (collapsed to one when all are equal)."""
+    if _is_pair(shift):
+        return (int(shift[0]), int(shift[1]))
+    shifts = tuple((int(s[0]), int(s[1])) for s in shift)
+    if len(shifts) != batch:
+        raise ValueError(f"{len(shifts)} window shifts for a batch of {batch}: give one per sample, or one for all")
+    return shifts[0] if len(set(shifts)) == 1 else shifts
 
 
 @functools.lru_cache(maxsize=64)
-def _window_order(height: int, width: int, shift: tuple[int, int], device: torch.device):
+def _window_order(height: int, width: int, shift: Shift, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Index maps between a map's tokens and its windows, batch-major and row-major.
 
     ``source[j]``: the token that window position j holds, where j runs over window k of
@@ -120,7 +176,7 @@ def _window_order(height: int, width: int, shift: tuple[int, int], device: torch
     wh, ww = window_sides(height, width)
     rows = torch.arange(2).view(2, 1, 1, 1) * wh + torch.arange(wh).view(1, 1, wh, 1)
     cols = torch.arange(2).view(1, 2, 1, 1) * ww + torch.arange(ww).view(1, 1, 1, ww)
-    rows, cols = torch.broadcast_tensors(rows, cols)  # (window row, window col, row, col)
+    rows, cols = rows.expand(2, 2, wh, ww), cols.expand(2, 2, wh, ww)  # (window row, window col, row, col)
     padding = (rows >= height) | (cols >= width)
     source = ((rows + shift[0]) % height) * width + (cols + shift[1]) % width
     source = source.masked_fill(padding, 0).reshape(-1)

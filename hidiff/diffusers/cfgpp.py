@@ -23,35 +23,20 @@ stock diffusers scheduler run on the unconditional prediction: that is the reduc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-import numbers
 import weakref
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..core.presets import _as_float
+from ..core import cfgpp as rules
+from ..core.cfgpp import DEFAULT_GUIDANCE, SAMPLERS, cfg_scale_for, check_guidance, guidance_for
+from .hooks import Hook, first_tensor
 from .model import find_unet
-from .patch import _eager, _first
-
-#: lam of the CFG++ paper's examples (paired there with an ordinary guidance scale of 7.5).
-DEFAULT_GUIDANCE = 0.6
-
-#: lam in [0, 1] plays the role of ordinary guidance scales in [1, 12.5] (the paper's
-#: correspondence); hidiff uses the straight line between the two ends.
-CFG_SCALE_AT_LAMBDA_0 = 1.0
-CFG_SCALE_AT_LAMBDA_1 = 12.5
-
-
-def cfg_scale_for(guidance: float) -> float:
-    """The ordinary guidance scale that CFG++ guidance ``guidance`` (lam) stands for: 1 + 11.5 * lam."""
-    return CFG_SCALE_AT_LAMBDA_0 + (CFG_SCALE_AT_LAMBDA_1 - CFG_SCALE_AT_LAMBDA_0) * guidance
-
-
-def guidance_for(cfg_scale: float) -> float:
-    """The CFG++ lam that stands for an ordinary guidance scale: (scale - 1) / 11.5."""
-    return (cfg_scale - CFG_SCALE_AT_LAMBDA_0) / (CFG_SCALE_AT_LAMBDA_1 - CFG_SCALE_AT_LAMBDA_0)
+from .patch import get_patch
+from .steps import as_float
 
 
 # ---------------------------------------------------------------------- schedulers
@@ -70,8 +55,7 @@ class _CFGppScheduler:
         bound.apply_defaults()
         self._refuse_options(bound.arguments)
         uncond, cond = self._predictions(model_output, timestep, sample)
-        # uncond + 0 * (...) is uncond bit for bit: the reducing case stays exact.
-        guided = uncond + self.guidance * (cond - uncond)
+        guided = rules.guided(uncond, cond, self.guidance)
         return_dict = bound.arguments.get("return_dict", True)
         bound.arguments["return_dict"] = True
         out = self._guided_step(bound, uncond, guided)
@@ -127,9 +111,8 @@ class _CFGppScheduler:
         """The stock step on ``uncond``, then the clean estimate moved by its guidance shift."""
         bound.arguments["model_output"] = uncond
         out = self._stock.step(*bound.args, **bound.kwargs)
-        clean_per_output, carry = self._coefficients(bound.arguments["timestep"])
-        shift = clean_per_output * (guided.float() - uncond.float())  # guided x0 minus unconditional x0
-        out.prev_sample = (out.prev_sample.float() + carry * shift).to(out.prev_sample.dtype)
+        coefficients = self._coefficients(bound.arguments["timestep"])
+        out.prev_sample, shift = rules.shift_clean_estimate(out.prev_sample, uncond, guided, coefficients)
         if getattr(out, "pred_original_sample", None) is not None:
             x0 = out.pred_original_sample
             out.pred_original_sample = (x0.float() + shift).to(x0.dtype)
@@ -158,9 +141,7 @@ def _sigma_form_coefficients(scheduler: Any) -> tuple[Any, Any]:
     """Euler-type schedulers (x = x0 + sigma * eps): x0 moves by -sigma * d eps (or the v form), and a
     change of x0 reaches the next sample unchanged (x_next = x0 + sigma_next * direction)."""
     sigma = scheduler.sigmas[scheduler.step_index - 1].float()
-    if scheduler.config.prediction_type == "v_prediction":
-        return -sigma / (sigma**2 + 1) ** 0.5, 1.0
-    return -sigma, 1.0
+    return rules.sigma_coefficients(sigma, scheduler.config.prediction_type == "v_prediction")
 
 
 def _make_classes() -> dict[str, type]:
@@ -193,9 +174,7 @@ def _make_classes() -> dict[str, type]:
             a_t = self.alphas_cumprod[t]
             a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
             a_prev = torch.as_tensor(a_prev, dtype=torch.float32)
-            if self.config.prediction_type == "v_prediction":
-                return -((1 - a_t) ** 0.5), a_prev**0.5
-            return -((1 - a_t) ** 0.5) / a_t**0.5, a_prev**0.5
+            return rules.ddim_coefficients(a_t, a_prev, self.config.prediction_type == "v_prediction")
 
     class CFGppEulerDiscreteScheduler(_CFGppScheduler, EulerDiscreteScheduler):
         """Euler with CFG++: x_next = D_l + sigma_next * (x - D_u) / sigma (D: denoised)."""
@@ -252,7 +231,7 @@ def _make_classes() -> dict[str, type]:
             self._guided_outputs = guided_history
             i = self.step_index - 1
             ratio = self.sigmas[i + 1].float() / self.sigmas[i].float()
-            out.prev_sample = (out.prev_sample + (with_guided - out.prev_sample) / (1 - ratio)).to(dtype)
+            out.prev_sample = rules.dpmpp_2m_combine(out.prev_sample, with_guided, ratio).to(dtype)
             return out
 
     return {
@@ -282,10 +261,6 @@ def sampler_classes() -> dict[str, type]:
     return _CLASSES
 
 
-#: The sampler names of :func:`enable_cfgpp`.
-SAMPLERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
-
-
 def stock_scheduler(sampler: str, config: Any) -> Any:
     """The stock diffusers scheduler that CFG++ ``sampler`` reduces to at lam = 0, built from ``config``."""
     cls = sampler_classes()[sampler]
@@ -306,7 +281,7 @@ class _Session:
         self._outputs: list = []
 
     def attach(self) -> None:
-        self._handle = self.unet.register_forward_hook(_eager(self._on_unet_output), with_kwargs=True)
+        self._handle = self.unet.register_forward_hook(Hook(self, "_on_unet_output"), with_kwargs=True)
         self.scheduler._session = self
 
     def detach(self) -> None:
@@ -325,36 +300,23 @@ class _Session:
                 "scheduler=...) to sample with CFG++ again."
             )
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        key = (self.scheduler.timesteps, _as_float(timestep))
+        key = (self.scheduler.timesteps, as_float(timestep))
         if not self._same_key(key):
             self._outputs = []  # a new step: what an unfinished one left is dropped
         self._key = key
-        self._outputs.append(_first(output))
+        self._outputs.append(first_tensor(output))
 
     def _same_key(self, key: tuple) -> bool:
         return self._key is not None and self._key[0] is key[0] and math.isclose(self._key[1], key[1], abs_tol=1e-6)
 
     def take(self, scheduler: Any, timestep: Any) -> list:
         """The U-Net outputs of this run at ``timestep`` (consumed)."""
-        found = self._outputs if self._same_key((scheduler.timesteps, _as_float(timestep))) else []
+        found = self._outputs if self._same_key((scheduler.timesteps, as_float(timestep))) else []
         self._outputs, self._key = [], None
         return found
 
 
 _SESSIONS: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
-
-
-def _check_guidance(guidance: Any) -> float:
-    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
-        raise TypeError(f"guidance must be a number lam in [0, 1], got {type(guidance).__name__} {guidance!r}")
-    value = float(guidance)
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise ValueError(
-            f"CFG++ guidance must be lam in [0, 1], got {guidance!r}. lam = 0 samples the unconditional model; "
-            f"lam stands for the ordinary guidance scale 1 + 11.5 * lam (an ordinary scale w is lam = (w - 1) / 11.5, "
-            f"e.g. 7.5 -> {guidance_for(7.5):.2f})."
-        )
-    return value
 
 
 def _check_pipeline(pipe: Any, scheduler_config: Any, forced_config: dict) -> torch.nn.Module:
@@ -420,7 +382,7 @@ def enable_cfgpp(pipe: Any, scheduler: str = "ddim", guidance: float = DEFAULT_G
     """
     if not isinstance(scheduler, str) or scheduler not in SAMPLERS:
         raise ValueError(f"unknown CFG++ sampler {scheduler!r}; choose one of {', '.join(SAMPLERS)}.")
-    lam = _check_guidance(guidance)
+    lam = check_guidance(guidance)
     previous = _SESSIONS.get(pipe) if _is_weakrefable(pipe) else None
     original = previous.original if previous is not None else getattr(pipe, "scheduler", None)
     cls = sampler_classes()[scheduler]
@@ -495,14 +457,13 @@ def invert(
     if guidance is not None and cfg_scale is not None:
         raise ValueError("pass guidance (CFG++ lam) or cfg_scale (ordinary CFG), not both")
     if cfg_scale is not None:
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
-            raise TypeError(f"cfg_scale must be a number, got {cfg_scale!r}")
+        cfg_scale = rules.check_cfg_scale(cfg_scale)
     elif guidance is None:
         settings = cfgpp_settings(pipe)
         if settings is None:
             raise ValueError("pass guidance=lam (or cfg_scale=w), or call hidiff.enable_cfgpp(pipe, 'ddim', lam) first")
         guidance = settings[1]
-    lam = _check_guidance(guidance) if cfg_scale is None else None
+    lam = check_guidance(guidance) if cfg_scale is None else None
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
     session = _SESSIONS.get(pipe) if _is_weakrefable(pipe) else None
@@ -519,9 +480,19 @@ def invert(
     latents = _encode_image(pipe, image, device)
     batch = latents.shape[0]
     call_kwargs = _conditioning(pipe, prompt, negative_prompt, batch, latents.shape[-2:], device)
-    prediction = ddim.config.prediction_type
     x = latents.float()
     step = ddim.config.num_train_timesteps // num_inference_steps
+    patch = get_patch(unet)
+    # With HiDiffusion applied, each inversion call is planned as the sampling step it inverts.
+    with patch.mirrored(ddim.timesteps) if patch is not None else contextlib.nullcontext():
+        x = _invert_loop(unet, ddim, x, step, device, call_kwargs, lam, cfg_scale)
+    return x.to(unet.dtype)
+
+
+def _invert_loop(
+    unet: Any, ddim: Any, x: torch.Tensor, step: int, device: Any, call_kwargs: dict, lam: Any, cfg_scale: Any
+):
+    prediction = ddim.config.prediction_type
     for t in reversed(ddim.timesteps):
         t_from = int(t) - step
         a_from = ddim.alphas_cumprod[t_from] if t_from >= 0 else ddim.final_alpha_cumprod
@@ -532,12 +503,11 @@ def invert(
             out = a_to**0.5 * out + (1 - a_to) ** 0.5 * torch.cat([x, x])
         eps_u, eps_c = out.chunk(2)
         if cfg_scale is not None:
-            eps_denoise = eps_renoise = eps_u + cfg_scale * (eps_c - eps_u)
+            eps_denoise = eps_renoise = rules.guided(eps_u, eps_c, cfg_scale)
         else:
-            eps_denoise, eps_renoise = eps_u, eps_u + lam * (eps_c - eps_u)
-        x0 = (x - (1 - a_from) ** 0.5 * eps_denoise) / a_from**0.5
-        x = a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps_renoise
-    return x.to(unet.dtype)
+            eps_denoise, eps_renoise = eps_u, rules.guided(eps_u, eps_c, lam)
+        x = rules.ddim_invert_step(x, eps_denoise, eps_renoise, a_from, a_to)
+    return x
 
 
 def _encode_image(pipe: Any, image: Any, device: Any) -> torch.Tensor:
