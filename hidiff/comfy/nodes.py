@@ -103,7 +103,18 @@ class HiDiffusion:
     def apply(self, model: Any, **widgets: Any) -> tuple:
         from .patch import apply_hidiffusion
 
-        return (apply_hidiffusion(model, config=config_from_widgets(**widgets)),)
+        try:
+            return (apply_hidiffusion(model, config=config_from_widgets(**widgets)),)
+        except (TypeError, ValueError, RuntimeError) as e:
+            # ComfyUI shows the exception text as the node's error: say who is talking.
+            text = str(e)
+            if text.startswith("HiDiffusion"):
+                raise
+            try:
+                error = type(e)(f"HiDiffusion: {text}")
+            except Exception:  # an exception type that takes other arguments
+                raise e from None
+            raise error from e
 
 
 def config_from_widgets(
