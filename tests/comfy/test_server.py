@@ -163,3 +163,21 @@ def test_workflow_at_2x_native_saves_the_image_and_errors_carry_our_message(serv
 
     again = run_prompt(server, workflow(width=512, height=640, seed=1, steps=1))
     assert again["status"]["status_str"] == "success", error_message(again)
+
+
+def test_example_api_workflows_validate_except_for_the_model_files(server):
+    """The shipped API workflows name real nodes and widgets: the server refuses them only for
+    the model / image files this test server does not have."""
+    from hidiff.comfy import workflows
+
+    files_inputs = {"ckpt_name", "control_net_name", "image"}
+    for name in workflows.EXAMPLES:
+        prompt = json.loads((workflows.FOLDER / f"{name}.api.json").read_text())
+        status, body = _post(server["url"] + "/prompt", {"prompt": prompt})
+        assert status == 400, (name, body)
+        errors = body.get("node_errors", {})
+        assert errors, body
+        for node_id, err in errors.items():
+            for e in err["errors"]:
+                assert e["type"] in ("value_not_in_list", "custom_validation_failed"), (name, node_id, e)
+                assert e["extra_info"]["input_name"] in files_inputs, (name, node_id, e)
