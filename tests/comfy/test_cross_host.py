@@ -21,6 +21,8 @@ import torch
 
 from comfytest import CONTEXT, NATIVE, Recorder, build, conds
 
+pytestmark = pytest.mark.patch_api
+
 TOLERANCE = 1e-4  # relative to max |latent|, fp32
 
 

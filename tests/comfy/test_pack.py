@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -60,6 +62,7 @@ def test_widget_values_map_onto_the_library_config():
     assert (cfg.window_shift, cfg.at_native, cfg.raunet) == ("reference", "apply", False)
 
 
+@pytest.mark.patch_api
 def test_node_returns_a_clone_and_leaves_the_input_model_alone():
     from comfytest import build
     from hidiff.comfy.nodes import HiDiffusion

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import COMFY_ROOT
 
+pytestmark = pytest.mark.patch_api
+
 REPO = Path(__file__).resolve().parents[2]
 TESTKIT = Path(__file__).resolve().parent / "testkit"
 

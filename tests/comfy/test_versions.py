@@ -1,0 +1,22 @@
+"""Feature detection: the node runs where ComfyUI has its patch APIs and refuses clearly where not."""
+
+import pytest
+
+from conftest import PATCH_API
+from comfytest import build
+
+
+def test_node_on_this_comfyui():
+    from hidiff.comfy.nodes import HiDiffusion
+    from hidiff.comfy.patch import ComfyVersionError, check_comfy_api
+
+    patcher, _ = build("sd15")
+    required = HiDiffusion.INPUT_TYPES()["required"]
+    defaults = {k: v[1]["default"] for k, v in required.items() if k != "model"}
+    if PATCH_API:
+        check_comfy_api(patcher)
+        (out,) = HiDiffusion().apply(patcher, **defaults)
+        assert out is not patcher
+    else:
+        with pytest.raises(ComfyVersionError, match=r"this ComfyUI lacks: add_wrapper_with_key.*Update ComfyUI"):
+            HiDiffusion().apply(patcher, **defaults)
