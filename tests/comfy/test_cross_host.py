@@ -77,16 +77,17 @@ def scheduler(steps: int):
     return s
 
 
-def run_diffusers(unet, family, noise, steps, start, positive, latent_in, hw_px, **options):
+def run_diffusers(unet, family, noise, steps, start, positive, latent_in, hw_px, cfg=1.0, negative=None, **options):
     import hidiff
 
     sched = scheduler(steps)
-    context = positive[0][0]
+    branches = [positive] if cfg == 1.0 else [negative, positive]
+    context = torch.cat([b[0][0] for b in branches])
     added = None
     if family == "sdxl":
         h, w = hw_px
-        added = {"text_embeds": positive[0][1]["pooled_output"],
-                 "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+        added = {"text_embeds": torch.cat([b[0][1]["pooled_output"] for b in branches]),
+                 "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(branches), dtype=torch.float32)}
     timesteps = sched.timesteps[start:]
     sigma0 = float(sched.sigmas[start])
     # ComfyUI starts a full-noise run at noise x sqrt(1 + sigma_max^2) (its max_denoise); diffusers
@@ -97,15 +98,18 @@ def run_diffusers(unet, family, noise, steps, start, positive, latent_in, hw_px,
     try:
         with torch.no_grad():
             for t in timesteps:
-                inp = sched.scale_model_input(x, t)
+                inp = sched.scale_model_input(x, t).repeat(len(branches), 1, 1, 1)
                 eps = unet(inp, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+                if cfg != 1.0:
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + cfg * (cond - uncond)
                 x = sched.step(eps, t, x).prev_sample
     finally:
         hidiff.remove_hidiffusion(unet)
     return x, sched.sigmas[start:]
 
 
-def run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=None, **options):
+def run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=None, cfg=1.0, **options):
     import comfy.sample
     import comfy.samplers
 
@@ -114,25 +118,28 @@ def run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder
     model = apply_hidiffusion(patcher, recorder=recorder, native=(NATIVE, NATIVE), **options)
     sampler = comfy.samplers.ksampler("euler")
     out = comfy.sample.sample_custom(
-        model, noise, 1.0, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
+        model, noise, cfg, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
         disable_pbar=True, seed=0,
     )
     return out * patcher.model.latent_format.scale_factor
 
 
 CASES = [
-    # family, latent (h, w), steps, img2img start step
-    ("sd15", (64, 64), 5, 0),  # 2x
-    ("sd15", (37, 53), 5, 0),  # odd sides at every level, odd windows
-    ("sd15", (64, 64), 6, 2),  # img2img (denoise 2/3)
-    ("sdxl", (64, 64), 5, 0),
-    ("sdxl", (37, 53), 5, 0),
-    ("sdxl", (128, 128), 4, 0),  # 4x, the few-step preset
+    # family, latent (h, w), steps, img2img start step, guidance
+    ("sd15", (64, 64), 5, 0, 1.0),  # 2x
+    ("sd15", (37, 53), 5, 0, 1.0),  # odd sides at every level, odd windows
+    ("sd15", (64, 64), 6, 2, 1.0),  # img2img (denoise 2/3)
+    ("sd15", (64, 64), 4, 0, 3.0),  # classifier-free guidance: ComfyUI batches or splits cond/uncond
+    ("sdxl", (64, 64), 5, 0, 1.0),
+    ("sdxl", (37, 53), 5, 0, 1.0),
+    ("sdxl", (128, 128), 4, 0, 1.0),  # 4x, the few-step preset
 ]
 
 
-@pytest.mark.parametrize("family,hw,steps,start", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}steps-from{c[3]}" for c in CASES])
-def test_same_latents_in_both_hosts(family, hw, steps, start):
+@pytest.mark.parametrize(
+    "family,hw,steps,start,cfg", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}steps-from{c[3]}-cfg{c[4]:g}" for c in CASES]
+)
+def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
     unet, patcher = twin_models(family)
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(1, 4, *hw, generator=g)
@@ -140,9 +147,12 @@ def test_same_latents_in_both_hosts(family, hw, steps, start):
     positive, negative = conds(family, 8 * hw[0], 8 * hw[1])
     scale = patcher.model.latent_format.scale_factor
     options = dict(window_seed=1234)
-    want, sigmas = run_diffusers(unet, family, noise, steps, start, positive, latent_image * scale, (8 * hw[0], 8 * hw[1]), **options)
+    want, sigmas = run_diffusers(
+        unet, family, noise, steps, start, positive, latent_image * scale, (8 * hw[0], 8 * hw[1]), cfg=cfg,
+        negative=negative, **options,
+    )
     rec = Recorder()
-    got = run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=rec, **options)
+    got = run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=rec, cfg=cfg, **options)
     # HiDiffusion really acted in ComfyUI: features shrunk in the first step, windows ran.
     assert rec and rec[0].plan.step == 0 and rec[0].plan.total == steps - start
     assert rec[0].plan.conv or rec[0].plan.pool
@@ -150,19 +160,20 @@ def test_same_latents_in_both_hosts(family, hw, steps, start):
     assert all(len(r.windows) == 5 for r in rec)
     err = float((got - want).abs().max())
     ref = float(want.abs().max())
+    print(f"cross-host {family} {hw} steps={steps} start={start}: max|diff| {err:.3g}, max|x| {ref:.3g}, relative {err / ref:.2g}")
     assert err <= TOLERANCE * ref, f"max |diff| {err:.3g} vs max |x| {ref:.3g}"
     # ... and not because HiDiffusion did nothing on both sides.
-    stock = run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image)
+    stock = run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cfg)
     assert float((stock - got).abs().max()) > 100 * TOLERANCE * ref
 
 
-def run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image):
+def run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cfg=1.0):
     import comfy.sample
     import comfy.samplers
 
     sampler = comfy.samplers.ksampler("euler")
     out = comfy.sample.sample_custom(
-        patcher, noise, 1.0, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
+        patcher, noise, cfg, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
         disable_pbar=True, seed=0,
     )
     return out * patcher.model.latent_format.scale_factor
