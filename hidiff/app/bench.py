@@ -269,7 +269,7 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 #: The family name a loaded model is benchmarked (and shown to the published package) as.
-_LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl"}
+_LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
 
 
 def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:

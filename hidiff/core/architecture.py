@@ -56,6 +56,7 @@ class NetworkDescription:
 class ArchitectureRecord:
     """A family: how it is recognised and where HiDiffusion acts on it."""
 
+    name: str  # the family's name where the cross-attention width names no more precise one
     kind: str  # selects the presets ("sd" or "sdxl")
     num_stages: int
     first_attention_stage: int
@@ -70,6 +71,7 @@ class ArchitectureRecord:
 REGISTRY: tuple[ArchitectureRecord, ...] = (
     ArchitectureRecord(
         "sd",
+        "sd",
         num_stages=4,
         first_attention_stage=0,
         conv_offset=0,
@@ -80,12 +82,26 @@ REGISTRY: tuple[ArchitectureRecord, ...] = (
     ),
     ArchitectureRecord(
         "sdxl",
+        "sdxl",
         num_stages=3,
         first_attention_stage=1,
         conv_offset=0,
         pool_offset=0,
         default_native=128,
         description="SDXL: 3 stages, cross-attention in the last two",
+    ),
+    # The SDXL refiner: a fourth, deepest stage without attention below SDXL's layout.
+    # HiDiffusion acts where it acts on SDXL: the first attention stage strides or pools
+    # and its windows run at that stage's resolution.
+    ArchitectureRecord(
+        "sdxl-refiner",
+        "sdxl",
+        num_stages=4,
+        first_attention_stage=1,
+        conv_offset=0,
+        pool_offset=0,
+        default_native=128,
+        description="SDXL refiner: 4 stages, cross-attention in the middle two",
     ),
 )
 
@@ -101,7 +117,7 @@ SUPPORTED = (
 class Architecture:
     """Where HiDiffusion acts on one network (indices into the down / up stages)."""
 
-    family: str  # sd1, sd2, sd (other SD-layout widths), sdxl, or a record's own kind
+    family: str  # sd1, sd2, sd (other SD-layout widths), sdxl, sdxl-refiner
     kind: str  # selects the presets
     native: tuple[int, int]  # native latent size (height, width)
     num_stages: int
@@ -167,12 +183,12 @@ def recognise(network: NetworkDescription, registry: Sequence[ArchitectureRecord
         )
     if problems:
         raise UnsupportedModelError(
-            f"{name} looks like the {record.kind} layout, but " + "; ".join(problems) + f". {SUPPORTED}"
+            f"{name} looks like the {record.name} layout, but " + "; ".join(problems) + f". {SUPPORTED}"
         )
     native = network.native or (record.default_native, record.default_native)
     width = network.cross_attention_dim if network.cross_attention_dim is not None else -1
     return Architecture(
-        family=record.families.get(width, record.kind),
+        family=record.families.get(width, record.name),
         kind=record.kind,
         native=(int(native[0]), int(native[1])),
         num_stages=record.num_stages,

@@ -51,12 +51,31 @@ SDXL_UNET: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,
 )
 
-#: Full-size U-Net configs of the published families (what `hidiff bench` times).
+#: The SDXL refiner: SDXL's two attention stages with a plain stage on either side.
+SDXL_REFINER_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(384, 768, 1536, 1536),
+    layers_per_block=2,
+    transformer_layers_per_block=4,
+    cross_attention_dim=1280,
+    attention_head_dim=(6, 12, 24, 24),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,  # pooled text (1280) + 5 time ids (with the aesthetic score)
+)
+
+#: Full-size U-Net configs of the families (what `hidiff bench` times).
 FULL_UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": SD15_UNET,
     "sd21": SD21_UNET,
     "sd21-768": SD21_768_UNET,
     "sdxl": SDXL_UNET,
+    "sdxl-refiner": SDXL_REFINER_UNET,
 }
 
 # Tiny widths: the same layouts, hence the same module names.
@@ -87,8 +106,19 @@ def tiny_unet_config(family: str = "sd15", **overrides: Any) -> dict[str, Any]:
             addition_time_embed_dim=TINY_TIME_DIM,
             projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_DIM,
         )
+    elif family == "sdxl-refiner":
+        cfg = dict(
+            SDXL_REFINER_UNET,
+            block_out_channels=(32, 64, 64, 64),
+            transformer_layers_per_block=1,
+            cross_attention_dim=TINY_TEXT_DIM,  # the second text encoder only
+            attention_head_dim=(1, 1, 1, 1),
+            norm_num_groups=16,
+            addition_time_embed_dim=TINY_TIME_DIM,
+            projection_class_embeddings_input_dim=TINY_POOLED_DIM + 5 * TINY_TIME_DIM,
+        )
     else:
-        raise ValueError(f"unknown family {family!r}; choose one of sd15, sd21, sd21-768, sdxl")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FULL_UNET_CONFIGS)}")
     cfg.update(overrides)
     return cfg
 
@@ -181,7 +211,7 @@ def tiny_text_encoder(seed: int = 0, with_projection: bool = False, hidden_size:
 
 
 def tiny_components(family: str = "sd15", seed: int = 0, **unet_overrides: Any) -> dict[str, Any]:
-    """Components for a pipeline of ``family`` (sd15, sd21, sd21-768 or sdxl)."""
+    """Components for a pipeline of ``family`` (sd15, sd21, sd21-768, sdxl or sdxl-refiner)."""
     from diffusers import DDIMScheduler
 
     unet = make_unet(tiny_unet_config(family, **unet_overrides), seed=seed)
@@ -195,7 +225,15 @@ def tiny_components(family: str = "sd15", seed: int = 0, **unet_overrides: Any) 
         prediction_type="v_prediction" if family == "sd21-768" else "epsilon",
     )
     components: dict[str, Any] = dict(unet=unet, vae=tiny_vae(seed), scheduler=scheduler)
-    if family == "sdxl":
+    if family == "sdxl-refiner":
+        components.update(
+            text_encoder=None,
+            text_encoder_2=tiny_text_encoder(seed + 1, with_projection=True),
+            tokenizer=None,
+            tokenizer_2=tiny_tokenizer(),
+            requires_aesthetics_score=True,
+        )
+    elif family == "sdxl":
         components.update(
             text_encoder=tiny_text_encoder(seed),
             text_encoder_2=tiny_text_encoder(seed + 1, with_projection=True),
@@ -226,14 +264,16 @@ def tiny_pipeline(family: str = "sd15", task: str = "text2img", seed: int = 0, *
     """A tiny random-weight pipeline: ``task`` is text2img, img2img or inpaint."""
     import diffusers
 
-    kind = "sdxl" if family == "sdxl" else "sd"
+    kind = "sdxl" if family.startswith("sdxl") else "sd"
+    if family == "sdxl-refiner" and task == "text2img":
+        raise ValueError("the SDXL refiner is an img2img model: pass task='img2img' or 'inpaint'")
     try:
         cls = getattr(diffusers, _PIPELINES[(kind, task)])
     except KeyError:
         raise ValueError(f"unknown task {task!r}; choose text2img, img2img or inpaint") from None
     components = tiny_components(family, seed=seed, **unet_overrides)
     if kind == "sdxl" and task != "text2img":
-        components["requires_aesthetics_score"] = False
+        components.setdefault("requires_aesthetics_score", False)
     pipe = cls(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,6 +1,6 @@
 """Count and name the objects in a toy picture: the metric behind ``hidiff eval``.
 
-Rules (checked on rendered ground truth in tests/test_toy.py):
+Rules (checked on rendered ground truth in tests/app/test_toy.py):
 
 * background: the per-channel median of the picture's border pixels;
 * object pixel: a pixel whose largest channel difference from the background exceeds

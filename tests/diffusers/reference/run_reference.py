@@ -1,6 +1,6 @@
 """Run the published HiDiffusion on saved tiny models; executed by the reference Python.
 
-Usage: python run_reference.py SPEC.json  (see tests/test_exactness.py for the spec)
+Usage: python run_reference.py SPEC.json  (see tests/diffusers/test_exactness.py for the spec)
 """
 
 import json
