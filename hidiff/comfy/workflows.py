@@ -50,9 +50,9 @@ def graph(family: str, size: int, controlnet: bool) -> list[Node]:
     nodes = [
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")), pos=(40, 200)),
         Node(2, "HiDiffusion", hidiffusion_widgets(), {"model": (1, 0)}, (("MODEL", "MODEL"),), pos=(420, 40)),
-        Node(3, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 420), title="positive"),
-        Node(4, "CLIPTextEncode", {"text": "blurry, lowres, watermark"}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 660), title="negative"),
-        Node(5, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, outputs=(("LATENT", "LATENT"),), pos=(420, 880)),
+        Node(3, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 560), title="positive"),
+        Node(4, "CLIPTextEncode", {"text": "blurry, lowres, watermark"}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 800), title="negative"),
+        Node(5, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, outputs=(("LATENT", "LATENT"),), pos=(420, 1040)),
     ]
     positive, negative = (3, 0), (4, 0)
     if controlnet:
@@ -100,7 +100,7 @@ def ui_format(nodes: list[Node]) -> dict:
             outgoing = [link[0] for link in links if link[1] == n.id and link[2] == slot]
             outputs.append({"name": name, "type": typ, "links": outgoing, "slot_index": slot})
         node = {
-            "id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 120 + 26 * len(n.widgets)],
+            "id": n.id, "type": n.type, "pos": list(n.pos), "size": [340, 60 + 28 * len(n.widgets)],
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": name, "type": _TYPES[name], "link": link_of[(n.id, name)]} for name in n.inputs],
             "outputs": outputs,

@@ -47,46 +47,8 @@ def _post(url: str, payload: dict):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-base")
-    (base / "custom_nodes").mkdir()
-    # Any folder name works: ComfyUI imports the pack under a name of its own.
-    os.symlink(REPO, base / "custom_nodes" / "HiDiffusion-for.ComfyUI")
-    os.symlink(TESTKIT, base / "custom_nodes" / "hidiff_testkit")
-    (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text('{"Comfy.TutorialCompleted": true}')
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(COMFY_ROOT, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-         "--use-pytorch-cross-attention"],
-        cwd=str(base), stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{(base / 'server.log').read_text()[-3000:]}")
-            try:
-                _get(url + "/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() > deadline:
-                    pytest.fail("ComfyUI did not come up in 120 s:\n" + (base / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "base": base, "proc": proc}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def server(comfy_server):
+    return comfy_server
 
 
 def workflow(width=1024, height=1024, layout="sd15", seed=0, steps=2, **hidiff):
