@@ -19,16 +19,30 @@ def hidiffusion(patcher, recorder=None, **options):
     return apply_hidiffusion(patcher, recorder=recorder, native=(NATIVE, NATIVE), **options)
 
 
-def test_refiner_layout_is_refused_with_a_clear_message():
+def test_unknown_layout_is_refused_with_a_clear_message():
     from hidiff.comfy.patch import apply_hidiffusion
 
-    # SDXL-refiner-like: 4 levels, cross-attention only in the middle two.
+    # Two levels only: no known family has that layout.
     patcher, _ = build(
-        "sd15", channel_mult=[1, 2, 2, 2], transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "sd15", channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 0, 0, 0],
     )
-    with pytest.raises(UnsupportedModelError, match=r"cross-attention at stages \[1, 2\]"):
+    with pytest.raises(UnsupportedModelError, match=r"2 down stages with cross-attention at stages \[0\]"):
         apply_hidiffusion(patcher)
+
+
+REFINER = dict(transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+
+
+def test_sdxl_refiner_layout_runs():
+    """4 levels with cross-attention in the middle two (the SDXL refiner's layout, at tiny width)."""
+    patcher, _ = build("sd15", **REFINER)
+    rec = Recorder()
+    out = sample(hidiffusion(patcher, rec, preset="sdxl-4096"), "sd15", (64, 64), steps=4)
+    assert torch.isfinite(out).all()
+    r0 = rec[0]
+    assert r0.plan.conv and r0.plan.pool and r0.pooled == ((32, 32), (16, 16)) and r0.conv_out == (4, 4)
+    assert [hw for _, hw, _ in r0.windows] == [(32, 32), (16, 16), (16, 16), (16, 16), (32, 32)]
 
 
 def test_non_unet_model_is_refused_with_a_clear_message():

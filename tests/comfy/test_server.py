@@ -111,10 +111,10 @@ def test_workflow_at_2x_native_saves_the_image_and_errors_carry_our_message(serv
         assert json.loads(im.info["workflow"]) == {"hidiff": "test"}
         assert "HiDiffusion" in im.info["prompt"]
 
-    bad_model = run_prompt(server, workflow(layout="refiner", width=512, height=512))
+    bad_model = run_prompt(server, workflow(layout="unsupported", width=512, height=512))
     assert bad_model["status"]["status_str"] == "error"
     message = error_message(bad_model)
-    assert message.startswith("HiDiffusion | HiDiffusion: ") and "cross-attention at stages [1, 2]" in message
+    assert message.startswith("HiDiffusion | HiDiffusion: ") and "2 down stages with cross-attention at stages [0]" in message
 
     bad_option = run_prompt(server, workflow(width=512, height=512, t1_ratio=0.2, t2_ratio=0.5))
     assert bad_option["status"]["status_str"] == "error"

@@ -1,8 +1,8 @@
 """A node pack for the real-server tests: tiny random-weight models made on the spot.
 
 ``HiDiffTestCheckpoint`` returns (MODEL, CLIP-free positive / negative CONDITIONING, VAE)
-built with ComfyUI's own classes from a small SD 1.5-layout (or, for the refusal test, an
-SDXL-refiner-like) U-Net config with seeded weights, so a workflow can run model ->
+built with ComfyUI's own classes from a small SD 1.5-layout (or, for the refusal test, a
+two-level, unsupported) U-Net config with seeded weights, so a workflow can run model ->
 HiDiffusion -> KSampler -> VAEDecode -> SaveImage without any file.
 """
 
@@ -18,8 +18,9 @@ SD15 = {
     "adm_in_channels": None, "use_temporal_resblock": False, "use_temporal_attention": False,
     "num_heads": 8, "num_head_channels": -1,
 }
-REFINER = dict(SD15, transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0],
-               transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+# Two levels: a layout no HiDiffusion family has (the refusal test).
+UNSUPPORTED = dict(SD15, num_res_blocks=[2, 2], channel_mult=[1, 2], transformer_depth=[1, 1, 0, 0],
+                   transformer_depth_output=[1, 1, 1, 0, 0, 0])
 
 
 def _seed(module, seed):
@@ -70,7 +71,7 @@ class HiDiffTestCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "layout": (["sd15", "refiner"], {"default": "sd15"}),
+            "layout": (["sd15", "unsupported"], {"default": "sd15"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
         }}
 
@@ -79,7 +80,7 @@ class HiDiffTestCheckpoint:
     CATEGORY = "testing"
 
     def load(self, layout, seed):
-        model = _model(SD15 if layout == "sd15" else REFINER, seed)
+        model = _model(SD15 if layout == "sd15" else UNSUPPORTED, seed)
         g = torch.Generator().manual_seed(seed + 1)
         positive = [[torch.randn(1, 8, 64, generator=g), {}]]
         negative = [[torch.randn(1, 8, 64, generator=g), {}]]
