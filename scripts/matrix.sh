@@ -46,7 +46,8 @@ for v in "${VERSIONS[@]}"; do
 print("diffusers", diffusers.__version__, "transformers", transformers.__version__,
       "huggingface_hub", huggingface_hub.__version__, "peft", peft.__version__,
       "torch", torch.__version__, "numpy", numpy.__version__)'
-    if ! "$venv/bin/python" -m pytest -q --deselect tests/diffusers/test_exactness.py -p no:cacheprovider; then
+    # the published package and ComfyUI have their own environments, tested on the current release
+    if ! HIDIFF_CI= "$venv/bin/python" -m pytest -q -m "not reference and not comfy" -p no:cacheprovider; then
         failed+=("$v")
     fi
     echo "diffusers $v: $((SECONDS - start)) s"

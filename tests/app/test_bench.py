@@ -3,6 +3,7 @@ side, and the FLOP counts agree with hand counts."""
 
 import json
 
+import pytest
 from conftest import reference_python
 
 from hidiff.app.bench import count_flops
@@ -51,6 +52,8 @@ def test_raunet_flops_match_a_hand_count():
     assert count_flops(config, None, batch, (80, 80), steps)["total"] == sum(step[""] for step in base)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
     chart, saved = tmp_path / "bench.png", tmp_path / "bench.json"
     code = main(

@@ -157,6 +157,8 @@ def test_shipped_model_draws_one_object_natively_and_duplicates_at_4x_unless_hid
     assert ours["duplicated"] < baseline["duplicated"]
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_published_method_runs_the_published_package_on_the_same_model_and_seeds(pipe, saved):
     """The published package's pictures equal hidiff's in its reference mode with the preset
     the published code picks for any toy size (sd-1024): both sides really ran the same

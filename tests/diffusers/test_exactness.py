@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from common import build_pipeline, run_case  # noqa: E402
 from conftest import reference_python  # noqa: E402
 
+pytestmark = [pytest.mark.reference, pytest.mark.slow]
+
 RUNNER = Path(__file__).parent / "reference" / "run_reference.py"
 TOLERANCE = 1e-4
 
