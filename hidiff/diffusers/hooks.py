@@ -15,6 +15,7 @@ call stays on the long-lived patch.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -57,7 +58,11 @@ class CallState:
     conv_locked: int = 0
 
 
-_CALLS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("hidiff_calls", default=None)
+# Weakly keyed by patch: a call cut short by a KeyboardInterrupt (torch runs no post-hook
+# for it) leaves its state here until the next call, and that must not keep the model alive.
+_CALLS: contextvars.ContextVar[Optional[weakref.WeakKeyDictionary]] = contextvars.ContextVar(
+    "hidiff_calls", default=None
+)
 
 
 def current_call(owner: Any) -> Optional[CallState]:
@@ -67,13 +72,13 @@ def current_call(owner: Any) -> Optional[CallState]:
 
 
 def enter_call(owner: Any, state: CallState) -> contextvars.Token:
-    calls = dict(_CALLS.get() or {})
+    calls = weakref.WeakKeyDictionary(_CALLS.get() or {})
     calls[owner] = state
     return _CALLS.set(calls)
 
 
 def leave_call(owner: Any) -> Optional[CallState]:
-    calls = dict(_CALLS.get() or {})
+    calls = weakref.WeakKeyDictionary(_CALLS.get() or {})
     state = calls.pop(owner, None)
     _CALLS.set(calls)
     return state

@@ -50,6 +50,7 @@ class RunState:
     tracker: StepTracker = field(default_factory=StepTracker)
     seeds: list = field(default_factory=list)  # window-shift seed of each batch row
     mirrored: Optional[list] = None  # an inversion's timesteps (in sampling order): the schedule runs backwards
+    last: Optional[CallRecord] = None  # this thread's latest call
 
 
 # Runs per thread (and asyncio task), weakly keyed by patch: two threads calling one
@@ -86,6 +87,9 @@ class Patch:
             group.attach(self.unet)
 
     def detach(self) -> None:
+        # A call of this thread cut short without its post-hook (KeyboardInterrupt) may have
+        # left the conv re-geometried: put it back before the model is handed back stock.
+        self._close(leave_call(self))
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -165,6 +169,12 @@ class Patch:
             state = runs[self] = RunState()
         return state
 
+    def latest_record(self) -> Optional[CallRecord]:
+        """This thread's latest call; where this thread has made none, the latest of any thread."""
+        runs = _RUNS.get()
+        run = runs.get(self) if runs is not None else None
+        return run.last if run is not None and run.last is not None else self.last_record
+
     def locate(self, sample: torch.Tensor, timestep: Any) -> Progress:
         """The step of a call; a new run takes each image's window-shift seed from its latents.
         A step's ControlNet is called before its U-Net, so whichever comes first starts the run."""
@@ -208,8 +218,9 @@ class Patch:
         plan = self.plan_for(sample, arg(args, kwargs, 1, "timestep"))
         record = CallRecord(step=plan.step, total=plan.total, latent=plan.latent, preset=plan.preset)
         self._close(leave_call(self))  # a call that ended without its post-hook (killed thread)
-        enter_call(self, CallState(plan, record, seeds=self.run_state().seeds))
-        self.last_record = record
+        run = self.run_state()
+        enter_call(self, CallState(plan, record, seeds=run.seeds))
+        run.last = self.last_record = record
         if not plan.active:
             return None
         return args, self.controlnet.fit(plan, kwargs)
@@ -262,13 +273,13 @@ def apply_hidiffusion(
     """
     unet, pipe = find_unet(pipe_or_unet)
     layout = detect_layout(unet)
-    existing = getattr(unet, PATCH_ATTRIBUTE, None)
-    if existing is not None and pipe is not None and existing.pipe is not None and existing.pipe is not pipe:
-        raise ValueError(
-            f"{model_name(unet)} is already patched through another pipeline ({type(existing.pipe).__name__}); one "
-            "U-Net follows one pipeline's schedule. Call hidiff.remove_hidiffusion on that pipeline first, or give "
-            "each pipeline its own U-Net."
-        )
+    _check_owner(
+        unet,
+        pipe,
+        "apply it through",
+        "Call hidiff.remove_hidiffusion on that pipeline (or on the U-Net itself) first, or give each pipeline its "
+        "own U-Net (copy.deepcopy(pipe.unet)).",
+    )
     for name, value in (("apply_raunet", apply_raunet), ("apply_window_attn", apply_window_attn)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -307,9 +318,27 @@ def apply_hidiffusion(
     return pipe_or_unet
 
 
+def _check_owner(unet: nn.Module, pipe: Any, doing: str, fix: str) -> None:
+    """Refuse to act through ``pipe`` on a U-Net patched through another live pipeline (one
+    U-Net shared by the pipelines built from the same components)."""
+    existing = getattr(unet, PATCH_ATTRIBUTE, None)
+    if existing is not None and pipe is not None and existing.pipe is not None and existing.pipe is not pipe:
+        raise ValueError(
+            f"{model_name(unet)} is shared with another pipeline ({type(existing.pipe).__name__}) and patched through "
+            f"it; one U-Net follows one pipeline's schedule, so hidiff will not {doing} {type(pipe).__name__}. {fix}"
+        )
+
+
 def remove_hidiffusion(pipe_or_unet: Any) -> Any:
-    """Undo :func:`apply_hidiffusion` exactly; a no-op on a model that is not patched."""
-    unet, _ = find_unet(pipe_or_unet)
+    """Undo :func:`apply_hidiffusion` exactly; a no-op on a model that is not patched.
+
+    A U-Net patched through one pipeline is not un-patched through another pipeline that
+    shares it (that raises ValueError); remove it through its own pipeline or the U-Net.
+    """
+    unet, pipe = find_unet(pipe_or_unet)
+    _check_owner(
+        unet, pipe, "remove it through", "Remove it through that pipeline, or through the U-Net itself (pipe.unet)."
+    )
     patch = getattr(unet, PATCH_ATTRIBUTE, None)
     if patch is not None:
         patch.detach()
@@ -328,9 +357,14 @@ def is_patched(pipe_or_unet: Any) -> bool:
 
 
 def last_call(pipe_or_unet: Any) -> Optional[CallRecord]:
-    """What HiDiffusion did in the latest U-Net call of a patched model (None if none)."""
+    """What HiDiffusion did in the latest U-Net call of a patched model (None if none).
+
+    Per thread (and asyncio task): the latest call made by the caller's thread, so a step
+    callback reads its own run's record while other threads use the same pipeline; from a
+    thread that has made no call, the latest call of any thread.
+    """
     patch = get_patch(pipe_or_unet)
-    return patch.last_record if patch is not None else None
+    return patch.latest_record() if patch is not None else None
 
 
 def changes(pipe_or_unet: Any, **options: Any) -> dict[str, str]:

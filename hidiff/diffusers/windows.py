@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core import ops
-from .hooks import Hook, HookGroup, arg
+from .hooks import HookGroup, arg
 from .model import is_transformer_block
 
 
@@ -39,10 +39,12 @@ class WindowHooks(HookGroup):
         layer = 0
         for path in windowed_stages(self.patch.arch):
             for transformer in unet.get_submodule(path).attentions:
-                self.handles.append(transformer.register_forward_pre_hook(Hook(self, "record_map")))
+                self.pre(transformer, "record_map")
                 for sub in transformer.modules():
                     if is_transformer_block(sub):
-                        self.pre(sub.attn1, "open", id(transformer), layer)
+                        # The block itself, not its id: a deep copy or a pickle of the model
+                        # maps it to the copy's block, so the copy's windows find their maps.
+                        self.pre(sub.attn1, "open", transformer, layer)
                         self.post(sub.attn1, "close", with_kwargs=True)
                         layer += 1
 
@@ -57,17 +59,17 @@ class WindowHooks(HookGroup):
         return names
 
     # ------------------------------------------------------------------ hooks
-    def record_map(self, module: nn.Module, args: tuple) -> None:
+    def record_map(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self.call()
-        x = args[0] if args else None
+        x = arg(args, kwargs, 0, "hidden_states")
         if call is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
             call.maps[id(module)] = (int(x.shape[-2]), int(x.shape[-1]))
 
-    def open(self, transformer: int, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+    def open(self, transformer: nn.Module, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         call = self.call()
         if call is None or not call.plan.windows:
             return None
-        hw = call.maps.get(transformer)
+        hw = call.maps.get(id(transformer))
         x = arg(args, kwargs, 0, "hidden_states")
         if hw is None or x is None or x.ndim != 3 or x.shape[1] != hw[0] * hw[1] or min(hw) < 2:
             return None  # not the token map of the recorded block (e.g. hidden states under another name)
