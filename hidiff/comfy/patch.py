@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -83,12 +84,19 @@ class HiDiffusionPatch:
         self.recorder = recorder
         self.layer_of = {key: n for n, key in enumerate(network.blocks.windowed)}
         self.previous_attn1: dict = {}
+        # ComfyUI deep-copies model_options (where the block patches live) on every clone but
+        # not the wrappers: per-run and per-call state is found by this key, not by identity.
+        self.key = uuid.uuid4().hex
+
+    def __deepcopy__(self, memo: dict) -> HiDiffusionPatch:
+        # Options and network only, no state: a clone of the model shares this object.
+        return self
 
     # ------------------------------------------------------------ per run
     def sampler_sample(self, executor: Any, guider: Any, sigmas: Any, extra_args: dict, callback: Any, noise: Any, *args: Any, **kwargs: Any) -> Any:
         model_options = dict(extra_args.get("model_options", {}))
         transformer_options = dict(model_options.get("transformer_options", {}))
-        transformer_options[_RUN_KEY] = {id(self): _noise_seeds(noise)}
+        transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
         model_options["transformer_options"] = transformer_options
         extra_args = {**extra_args, "model_options": model_options}
         return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
@@ -109,7 +117,7 @@ class HiDiffusionPatch:
         state = CallState(plan=plan, seeds=self._row_seeds(x, transformer_options), record=record)
         if control is not None:
             control = self._fit_control(control, plan, record)
-        transformer_options = {**transformer_options, _CALL_KEY: {id(self): state}}
+        transformer_options = {**transformer_options, _CALL_KEY: {**transformer_options.get(_CALL_KEY, {}), self.key: state}}
         out = executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
         if record is not None:
             self.recorder(record)
@@ -120,7 +128,7 @@ class HiDiffusionPatch:
         rows = int(x.shape[0])
         if self.config.window_seed is not None:
             return [int(self.config.window_seed)] * rows
-        run = transformer_options.get(_RUN_KEY, {}).get(id(self))
+        run = transformer_options.get(_RUN_KEY, {}).get(self.key)
         if run:
             return [run[r % len(run)] for r in range(rows)]
         # No run wrapper saw the noise (a U-Net call outside a sampler): seed from the input.
@@ -130,7 +138,7 @@ class HiDiffusionPatch:
         return [seeds[r % images] for r in range(rows)]
 
     def _state(self, transformer_options: dict) -> Optional[CallState]:
-        return (transformer_options.get(_CALL_KEY) or {}).get(id(self))
+        return (transformer_options.get(_CALL_KEY) or {}).get(self.key)
 
     def _fit_control(self, control: dict, plan: Plan, record: Optional[CallRecord]) -> dict:
         """ControlNet / T2I-Adapter residuals (made at full size) resized to the plan's features.

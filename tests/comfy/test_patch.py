@@ -246,14 +246,28 @@ def test_controlnet_through_comfy_nodes_at_2x(family, caplog):
 
 
 def test_weight_patches_after_the_node_reach_the_strided_conv():
-    """A LoRA-style weight patch added after HiDiffusion still applies inside the strided conv."""
+    """A LoRA loaded after HiDiffusion (LoraLoader: clone + add_patches) keeps HiDiffusion on, and
+    its weight patch applies inside the strided conv."""
     patcher, _ = build("sd15")
-    model = hidiffusion(patcher, raunet=True, window_attn=False)
+    rec = Recorder()
+    model = hidiffusion(patcher, rec, raunet=True, window_attn=False)
     base = sample(model, "sd15", (64, 64), steps=2)
     lora = model.clone()
     key = "diffusion_model.input_blocks.3.0.op.weight"
     weight = patcher.model.state_dict()[key]
     lora.add_patches({key: (torch.ones_like(weight) * 0.05,)}, 1.0)
+    rec.clear()
     changed = sample(lora, "sd15", (64, 64), steps=2)
+    assert rec and rec[0].conv_out == (16, 16)  # still HiDiffusion on the LoRA'd clone
     assert float((changed - base).abs().max()) > 1e-3
     assert torch.equal(sample(model, "sd15", (64, 64), steps=2), base)
+    # The LoRA's delta really goes through the strided conv: with only that weight patched,
+    # a run where the conv stage is never strided differs from one where it is.
+    off = sample(hidiffusion(_lora_only(patcher, key, weight), None, raunet=False, window_attn=False), "sd15", (64, 64), steps=2)
+    assert float((off - changed).abs().max()) > 1e-3
+
+
+def _lora_only(patcher, key, weight):
+    m = patcher.clone()
+    m.add_patches({key: (torch.ones_like(weight) * 0.05,)}, 1.0)
+    return m
