@@ -51,6 +51,7 @@ class RunState:
     seeds: list = field(default_factory=list)  # window-shift seed of each batch row
     mirrored: Optional[list] = None  # an inversion's timesteps (in sampling order): the schedule runs backwards
     last: Optional[CallRecord] = None  # this thread's latest call
+    warned: bool = False  # a call off the followed schedule was reported
 
 
 # Runs per thread (and asyncio task), weakly keyed by patch: two threads calling one
@@ -188,6 +189,9 @@ class Patch:
             progress = Progress(pos, len(run.mirrored))
         else:
             progress = run.tracker.locate(timestep, self.scheduler)
+            if run.tracker.off_schedule and not run.warned:
+                run.warned = True
+                warnings.warn(self._off_schedule(as_float(timestep)), stacklevel=2)
         if (progress.new_run and run.mirrored is None) or not run.seeds:
             if self.config.window_seed is not None:
                 run.seeds = [self.config.window_seed]
@@ -196,6 +200,17 @@ class Patch:
             else:
                 run.seeds = [0]
         return progress
+
+    def _off_schedule(self, t: float) -> str:
+        pipe = self.pipe
+        owner = f"{type(pipe).__name__}'s scheduler" if pipe is not None else "the scheduler given to apply_hidiffusion"
+        fix = f" (remove it from {type(pipe).__name__} first)" if pipe is not None else ""
+        return (
+            f"hidiff: {model_name(self.unet)} was called at timestep {t:g}, which is not in the timesteps of "
+            f"{owner}, the schedule it follows: its step is estimated from the timestep value, so RAU-Net's step "
+            "ranges and the preset may not fit this run. If another pipeline shares this U-Net with its own "
+            f"scheduler, apply HiDiffusion through that pipeline{fix} or give each pipeline its own U-Net."
+        )
 
     def plan_for(self, sample: torch.Tensor, timestep: Any) -> Plan:
         progress = self.locate(sample, timestep)

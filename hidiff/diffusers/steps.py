@@ -34,11 +34,14 @@ class StepTracker:
         self._run: Any = None  # the timesteps tensor of the current run (held, so its id cannot be reused)
         self._start = 0
         self._last = -1
+        self.off_schedule = False  # the latest call had a schedule to follow but was not in it
 
     def locate(self, timestep: Any, scheduler: Any, fallback_total: int = FALLBACK_STEPS) -> Progress:
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
         t = as_float(timestep)
-        if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 1 and len(timesteps) > 0:
+        scheduled = isinstance(timesteps, torch.Tensor) and timesteps.ndim == 1 and len(timesteps) > 0
+        self.off_schedule = False
+        if scheduled:
             same_run = timesteps is self._run
             last = self._last if same_run else -1
             pos = _position(t, timesteps, scheduler, last)
@@ -61,6 +64,7 @@ class StepTracker:
                 return Progress(index, total, new_run)
         # No schedule to place the call in (a bare U-Net, or a timestep from elsewhere):
         # read progress off the timestep value on the training range.
+        self.off_schedule = scheduled
         train = float(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
         frac = min(max(1.0 - t / train, 0.0), 1.0)
         index = min(fallback_total - 1, int(frac * fallback_total))

@@ -729,3 +729,36 @@ def test_deepfloyd_if_refusal_names_added_key_value_attention_not_a_missing_tran
     message = str(info.value)
     assert "added key/value cross-attention" in message and "DeepFloyd IF" in message
     assert "self-attention only" not in message and "none has attention" not in message
+
+
+def test_pipeline_sharing_unet_and_scheduler_runs_under_the_first_patch():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = sd_pipe()
+    other = StableDiffusionImg2ImgPipeline(**pipe.components)  # the same scheduler object too
+    other.set_progress_bar_config(disable=True)
+    apply_hidiffusion(pipe, t1_ratio=0.5, t2_ratio=0.0)
+    image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, records = run(other, steps=6, image=image, strength=0.5, height=None, width=None)
+    assert [(r.step, r.total, r.conv) for r in records] == [(0, 3, True), (1, 3, False), (2, 3, False)]
+
+
+def test_pipeline_sharing_unet_with_its_own_scheduler_is_warned_about():
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    pipe = sd_pipe()
+    other = StableDiffusionImg2ImgPipeline(
+        **{**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}
+    )
+    other.set_progress_bar_config(disable=True)
+    apply_hidiffusion(pipe, t1_ratio=0.5, t2_ratio=0.0)
+    run(pipe, steps=6)
+    image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning) as caught:
+        run(other, steps=8, image=image, strength=0.5, height=None, width=None)
+    messages = [str(w.message) for w in caught if "hidiff" in str(w.message)]
+    assert len(messages) == 1, messages  # once, not at every call
+    for part in ("UNet2DConditionModel", "StableDiffusionPipeline's scheduler", "estimated", "own U-Net"):
+        assert part in messages[0], (part, messages[0])
