@@ -32,62 +32,105 @@ class HiDiffusion:
         d = _DEFAULTS
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD 1.x, SD 2.x or SDXL model (fine-tunes, LoRAs and few-step models included)."}),
-                "raunet": ("BOOLEAN", {
-                    "default": d.raunet,
-                    "tooltip": "RAU-Net: in the early steps, shrink one U-Net stage's features (strided conv, then "
-                    "avg-pooling) so the layout forms at the model's native scale. Prevents duplicated objects.",
-                }),
-                "window_attn": ("BOOLEAN", {
-                    "default": d.window_attn,
-                    "tooltip": "MSW-MSA: run the top-resolution self-attention in shifted 2x2 windows. Faster at "
-                    "high resolution, same look.",
-                }),
-                "preset": (["auto", *PRESETS], {
-                    "default": "auto" if d.preset is None else d.preset,
-                    "tooltip": "Schedule of RAU-Net over the steps. auto: chosen per run from the model family, the "
-                    "size relative to native, the step count (few-step models) and ControlNet use. "
-                    + "; ".join(f"{p.name}: {p.note}" for p in PRESETS.values()),
-                }),
-                "t1_ratio": ("FLOAT", {
-                    "default": _float_default(d.t1_ratio), "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Override the preset's T1 ratio (share of the steps until which RAU-Net acts; "
-                    "T1 = int(steps x ratio)). -1: the preset's own value.",
-                }),
-                "t2_ratio": ("FLOAT", {
-                    "default": _float_default(d.t2_ratio), "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Override the preset's T2 ratio (the earlier switch point, T2 <= T1). -1: the preset's "
-                    "own value.",
-                }),
-                "aggressive": (["auto", "on", "off"], {
-                    "default": _choice_default(d.aggressive),
-                    "tooltip": "SDXL below 4x native: on runs the strided conv first and then pools (published "
-                    "text-to-image schedule); off pools from the first step (published for inpainting). auto: "
-                    "off for inpainting models, else on.",
-                }),
-                "aggressive_step_ratio": ("FLOAT", {
-                    "default": float(d.aggressive_step_ratio), "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Where the aggressive SDXL schedule switches from strided conv to pooling, as a share "
-                    "of the steps (8/50 = 0.16, as published).",
-                }),
-                "window_shift": (["seeded", "reference", "none"], {
-                    "default": d.window_shift,
-                    "tooltip": "How the windows shift each step. seeded: a fixed function of each image's seed, the "
-                    "step and the layer (reproducible, same as the hidiff library); reference: drawn from torch's "
-                    "global RNG as the published code does; none: never shift.",
-                }),
-                "window_seed": ("INT", {
-                    "default": UNSET if d.window_seed is None else int(d.window_seed), "min": -1,
-                    "max": 2**53,
-                    "tooltip": "With window_shift=seeded: -1 seeds each image's window shifts from its own initial "
-                    "noise (so the sampler seed decides them); any other value fixes them. The same value gives "
-                    "the same shifts as the hidiff library's window_seed.",
-                }),
-                "at_native": (["skip", "apply"], {
-                    "default": d.at_native,
-                    "tooltip": "skip: do nothing at or below the model's native size (512 px SD 1.x, 768 px SD 2.x-v, "
-                    "1024 px SDXL); apply: act at every size, as the published code does.",
-                }),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "An SD 1.x, SD 2.x or SDXL model (fine-tunes, LoRAs and few-step models included)."},
+                ),
+                "raunet": (
+                    "BOOLEAN",
+                    {
+                        "default": d.raunet,
+                        "tooltip": "RAU-Net: in the early steps, shrink one U-Net stage's features (strided conv, then "
+                        "avg-pooling) so the layout forms at the model's native scale. Prevents duplicated objects.",
+                    },
+                ),
+                "window_attn": (
+                    "BOOLEAN",
+                    {
+                        "default": d.window_attn,
+                        "tooltip": "MSW-MSA: run the top-resolution self-attention in shifted 2x2 windows. Faster at "
+                        "high resolution, same look.",
+                    },
+                ),
+                "preset": (
+                    ["auto", *PRESETS],
+                    {
+                        "default": "auto" if d.preset is None else d.preset,
+                        "tooltip": "Schedule of RAU-Net over the steps. auto: chosen per run from the model family, the "
+                        "size relative to native, the step count (few-step models) and ControlNet use. "
+                        + "; ".join(f"{p.name}: {p.note}" for p in PRESETS.values()),
+                    },
+                ),
+                "t1_ratio": (
+                    "FLOAT",
+                    {
+                        "default": _float_default(d.t1_ratio),
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Override the preset's T1 ratio (share of the steps until which RAU-Net acts; "
+                        "T1 = int(steps x ratio)). -1: the preset's own value.",
+                    },
+                ),
+                "t2_ratio": (
+                    "FLOAT",
+                    {
+                        "default": _float_default(d.t2_ratio),
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Override the preset's T2 ratio (the earlier switch point, T2 <= T1). -1: the preset's "
+                        "own value.",
+                    },
+                ),
+                "aggressive": (
+                    ["auto", "on", "off"],
+                    {
+                        "default": _choice_default(d.aggressive),
+                        "tooltip": "SDXL below 4x native: on runs the strided conv first and then pools (published "
+                        "text-to-image schedule); off pools from the first step (published for inpainting). auto: "
+                        "off for inpainting models, else on.",
+                    },
+                ),
+                "aggressive_step_ratio": (
+                    "FLOAT",
+                    {
+                        "default": float(d.aggressive_step_ratio),
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Where the aggressive SDXL schedule switches from strided conv to pooling, as a share "
+                        "of the steps (8/50 = 0.16, as published).",
+                    },
+                ),
+                "window_shift": (
+                    ["seeded", "reference", "none"],
+                    {
+                        "default": d.window_shift,
+                        "tooltip": "How the windows shift each step. seeded: a fixed function of each image's seed, the "
+                        "step and the layer (reproducible, same as the hidiff library); reference: drawn from torch's "
+                        "global RNG as the published code does; none: never shift.",
+                    },
+                ),
+                "window_seed": (
+                    "INT",
+                    {
+                        "default": UNSET if d.window_seed is None else int(d.window_seed),
+                        "min": -1,
+                        "max": 2**53,
+                        "tooltip": "With window_shift=seeded: -1 seeds each image's window shifts from its own initial "
+                        "noise (so the sampler seed decides them); any other value fixes them. The same value gives "
+                        "the same shifts as the hidiff library's window_seed.",
+                    },
+                ),
+                "at_native": (
+                    ["skip", "apply"],
+                    {
+                        "default": d.at_native,
+                        "tooltip": "skip: do nothing at or below the model's native size (512 px SD 1.x, 768 px SD 2.x-v, "
+                        "1024 px SDXL); apply: act at every size, as the published code does.",
+                    },
+                ),
             }
         }
 

@@ -93,7 +93,17 @@ class HiDiffusionPatch:
         return self
 
     # ------------------------------------------------------------ per run
-    def sampler_sample(self, executor: Any, guider: Any, sigmas: Any, extra_args: dict, callback: Any, noise: Any, *args: Any, **kwargs: Any) -> Any:
+    def sampler_sample(
+        self,
+        executor: Any,
+        guider: Any,
+        sigmas: Any,
+        extra_args: dict,
+        callback: Any,
+        noise: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         model_options = dict(extra_args.get("model_options", {}))
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
@@ -109,7 +119,18 @@ class HiDiffusionPatch:
         task = Task(inpainting=arch.inpainting, edm=self.network.edm, text2img_controlnet=control is not None)
         return plan_call(arch, latent, self.config, progress, task)
 
-    def diffusion_model(self, executor: Any, x: torch.Tensor, timesteps: Any, context: Any, y: Any, control: Any, transformer_options: dict, *args: Any, **kwargs: Any) -> Any:
+    def diffusion_model(
+        self,
+        executor: Any,
+        x: torch.Tensor,
+        timesteps: Any,
+        context: Any,
+        y: Any,
+        control: Any,
+        transformer_options: dict,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         plan = self.plan(x, transformer_options, control)
         if not plan.active:
             return executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
@@ -117,7 +138,10 @@ class HiDiffusionPatch:
         state = CallState(plan=plan, seeds=self._row_seeds(x, transformer_options), record=record)
         if control is not None:
             control = self._fit_control(control, plan, record)
-        transformer_options = {**transformer_options, _CALL_KEY: {**transformer_options.get(_CALL_KEY, {}), self.key: state}}
+        transformer_options = {
+            **transformer_options,
+            _CALL_KEY: {**transformer_options.get(_CALL_KEY, {}), self.key: state},
+        }
         out = executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
         if record is not None:
             self.recorder(record)
@@ -157,8 +181,10 @@ class HiDiffusionPatch:
             out = []
             for j, r in enumerate(entries):
                 block = len(entries) - 1 - j
-                size = skips[block - 1] if block == blocks.pool_block and plan.pool else (
-                    skips[block] if block < len(skips) else None
+                size = (
+                    skips[block - 1]
+                    if block == blocks.pool_block and plan.pool
+                    else (skips[block] if block < len(skips) else None)
                 )
                 out.append(_fit(r, size) if size is not None else r)
             fitted["input"] = out
@@ -169,7 +195,9 @@ class HiDiffusionPatch:
         return fitted
 
     # ------------------------------------------------------------ RAU-Net
-    def downsample(self, layer: Any, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict, *rest: Any) -> torch.Tensor:
+    def downsample(
+        self, layer: Any, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict, *rest: Any
+    ) -> torch.Tensor:
         state = self._state(transformer_options)
         if (
             state is None

@@ -38,9 +38,18 @@ def hidiffusion_widgets() -> dict[str, Any]:
 
 
 # Input types of the stock nodes used here (for the UI format's link types).
-_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING", "negative": "CONDITIONING",
-          "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE", "image": "IMAGE",
-          "control_net": "CONTROL_NET"}
+_TYPES = {
+    "model": "MODEL",
+    "clip": "CLIP",
+    "vae": "VAE",
+    "positive": "CONDITIONING",
+    "negative": "CONDITIONING",
+    "latent_image": "LATENT",
+    "samples": "LATENT",
+    "images": "IMAGE",
+    "image": "IMAGE",
+    "control_net": "CONTROL_NET",
+}
 
 
 def graph(family: str, size: int, controlnet: bool) -> list[Node]:
@@ -48,28 +57,85 @@ def graph(family: str, size: int, controlnet: bool) -> list[Node]:
     steps, cfg = (30, 7.5) if family == "sd15" else (30, 6.0)
     prompt = "a cozy cabin in a snowy forest at dusk, warm light in the windows, highly detailed photograph"
     nodes = [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")), pos=(40, 200)),
+        Node(
+            1,
+            "CheckpointLoaderSimple",
+            {"ckpt_name": ckpt},
+            outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")),
+            pos=(40, 200),
+        ),
         Node(2, "HiDiffusion", hidiffusion_widgets(), {"model": (1, 0)}, (("MODEL", "MODEL"),), pos=(420, 40)),
-        Node(3, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 560), title="positive"),
-        Node(4, "CLIPTextEncode", {"text": "blurry, lowres, watermark"}, {"clip": (1, 1)}, (("CONDITIONING", "CONDITIONING"),), pos=(420, 800), title="negative"),
-        Node(5, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, outputs=(("LATENT", "LATENT"),), pos=(420, 1040)),
+        Node(
+            3,
+            "CLIPTextEncode",
+            {"text": prompt},
+            {"clip": (1, 1)},
+            (("CONDITIONING", "CONDITIONING"),),
+            pos=(420, 560),
+            title="positive",
+        ),
+        Node(
+            4,
+            "CLIPTextEncode",
+            {"text": "blurry, lowres, watermark"},
+            {"clip": (1, 1)},
+            (("CONDITIONING", "CONDITIONING"),),
+            pos=(420, 800),
+            title="negative",
+        ),
+        Node(
+            5,
+            "EmptyLatentImage",
+            {"width": size, "height": size, "batch_size": 1},
+            outputs=(("LATENT", "LATENT"),),
+            pos=(420, 1040),
+        ),
     ]
     positive, negative = (3, 0), (4, 0)
     if controlnet:
         cnet = "control_v11p_sd15_canny.pth" if family == "sd15" else "diffusers_xl_canny_full.safetensors"
         nodes += [
-            Node(8, "ControlNetLoader", {"control_net_name": cnet}, outputs=(("CONTROL_NET", "CONTROL_NET"),), pos=(820, 620)),
-            Node(9, "LoadImage", {"image": "example.png", "upload": "image"}, outputs=(("IMAGE", "IMAGE"), ("MASK", "MASK")), pos=(820, 760)),
-            Node(10, "ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
-                 {"positive": (3, 0), "negative": (4, 0), "control_net": (8, 0), "image": (9, 0)},
-                 (("positive", "CONDITIONING"), ("negative", "CONDITIONING")), pos=(1180, 620)),
+            Node(
+                8,
+                "ControlNetLoader",
+                {"control_net_name": cnet},
+                outputs=(("CONTROL_NET", "CONTROL_NET"),),
+                pos=(820, 620),
+            ),
+            Node(
+                9,
+                "LoadImage",
+                {"image": "example.png", "upload": "image"},
+                outputs=(("IMAGE", "IMAGE"), ("MASK", "MASK")),
+                pos=(820, 760),
+            ),
+            Node(
+                10,
+                "ControlNetApplyAdvanced",
+                {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+                {"positive": (3, 0), "negative": (4, 0), "control_net": (8, 0), "image": (9, 0)},
+                (("positive", "CONDITIONING"), ("negative", "CONDITIONING")),
+                pos=(1180, 620),
+            ),
         ]
         positive, negative = (10, 0), (10, 1)
     nodes += [
-        Node(6, "KSampler", {"seed": 1, "control_after_generate": "fixed", "steps": steps, "cfg": cfg,
-                             "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
-             {"model": (2, 0), "positive": positive, "negative": negative, "latent_image": (5, 0)},
-             (("LATENT", "LATENT"),), pos=(1540, 200)),
+        Node(
+            6,
+            "KSampler",
+            {
+                "seed": 1,
+                "control_after_generate": "fixed",
+                "steps": steps,
+                "cfg": cfg,
+                "sampler_name": "dpmpp_2m",
+                "scheduler": "karras",
+                "denoise": 1.0,
+            },
+            {"model": (2, 0), "positive": positive, "negative": negative, "latent_image": (5, 0)},
+            (("LATENT", "LATENT"),),
+            pos=(1540, 200),
+        ),
         Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, (("IMAGE", "IMAGE"),), pos=(1900, 200)),
         Node(11, "SaveImage", {"filename_prefix": f"hidiffusion-{family}-{size}"}, {"images": (7, 0)}, pos=(2140, 200)),
     ]
@@ -100,8 +166,13 @@ def ui_format(nodes: list[Node]) -> dict:
             outgoing = [link[0] for link in links if link[1] == n.id and link[2] == slot]
             outputs.append({"name": name, "type": typ, "links": outgoing, "slot_index": slot})
         node = {
-            "id": n.id, "type": n.type, "pos": list(n.pos), "size": [340, 60 + 28 * len(n.widgets)],
-            "flags": {}, "order": order, "mode": 0,
+            "id": n.id,
+            "type": n.type,
+            "pos": list(n.pos),
+            "size": [340, 60 + 28 * len(n.widgets)],
+            "flags": {},
+            "order": order,
+            "mode": 0,
             "inputs": [{"name": name, "type": _TYPES[name], "link": link_of[(n.id, name)]} for name in n.inputs],
             "outputs": outputs,
             "properties": {"Node name for S&R": n.type},
@@ -111,8 +182,14 @@ def ui_format(nodes: list[Node]) -> dict:
             node["title"] = n.title
         ui_nodes.append(node)
     return {
-        "last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-        "groups": [], "config": {}, "extra": {}, "version": 0.4,
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
     }
 
 

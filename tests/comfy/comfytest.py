@@ -16,13 +16,25 @@ CONTEXT = 64
 def sd15_unet_config(**overrides: Any) -> dict:
     """SD 1.5's layout at width 32: 4 levels, attention on the first three, conv proj_in."""
     cfg = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-        "model_channels": 32, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 2, 2],
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 2, 2],
         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "transformer_depth_middle": 1, "use_spatial_transformer": True,
-        "legacy": False, "context_dim": CONTEXT, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+        "transformer_depth_middle": 1,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "context_dim": CONTEXT,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+        "num_heads": 8,
+        "num_head_channels": -1,
     }
     cfg.update(overrides)
     return cfg
@@ -31,13 +43,26 @@ def sd15_unet_config(**overrides: Any) -> dict:
 def sdxl_unet_config(**overrides: Any) -> dict:
     """SDXL's layout at width 32: 3 levels, attention on the last two, linear proj_in, adm 2816."""
     cfg = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-        "model_channels": 32, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 2],
-        "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
-        "transformer_depth_middle": 1, "use_spatial_transformer": True,
-        "legacy": False, "context_dim": CONTEXT, "use_linear_in_transformer": True, "adm_in_channels": 2816,
-        "num_classes": "sequential", "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": -1, "num_head_channels": 64,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 2],
+        "transformer_depth": [0, 0, 1, 1, 1, 1],
+        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "transformer_depth_middle": 1,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "context_dim": CONTEXT,
+        "use_linear_in_transformer": True,
+        "adm_in_channels": 2816,
+        "num_classes": "sequential",
+        "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+        "num_heads": -1,
+        "num_head_channels": 64,
     }
     cfg.update(overrides)
     return cfg
@@ -111,16 +136,37 @@ def conds(family: str, height: int, width: int, seed: int = 1, tokens: int = 8):
     def one():
         extra = {}
         if family == "sdxl":
-            extra = {"pooled_output": torch.randn(1, 1280, generator=g), "width": width, "height": height,
-                     "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}
+            extra = {
+                "pooled_output": torch.randn(1, 1280, generator=g),
+                "width": width,
+                "height": height,
+                "crop_w": 0,
+                "crop_h": 0,
+                "target_width": width,
+                "target_height": height,
+            }
         return [[torch.randn(1, tokens, context, generator=g), extra]]
 
     return one(), one()
 
 
-def sample(patcher, family: str, latent_hw, steps: int = 4, cfg: float = 1.0, seed: int = 7, sampler: str = "euler",
-           scheduler: str = "normal", denoise: float = 1.0, latent_image=None, start_step=None, last_step=None,
-           positive=None, negative=None, batch: int = 1):
+def sample(
+    patcher,
+    family: str,
+    latent_hw,
+    steps: int = 4,
+    cfg: float = 1.0,
+    seed: int = 7,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    denoise: float = 1.0,
+    latent_image=None,
+    start_step=None,
+    last_step=None,
+    positive=None,
+    negative=None,
+    batch: int = 1,
+):
     import comfy.sample
 
     h, w = latent_hw
@@ -128,8 +174,20 @@ def sample(patcher, family: str, latent_hw, steps: int = 4, cfg: float = 1.0, se
     noise = comfy.sample.prepare_noise(latent, seed)
     pos, neg = conds(family, 8 * h, 8 * w) if positive is None else (positive, negative)
     return comfy.sample.sample(
-        patcher, noise, steps, cfg, sampler, scheduler, pos, neg, latent, denoise=denoise,
-        start_step=start_step, last_step=last_step, disable_pbar=True, seed=seed,
+        patcher,
+        noise,
+        steps,
+        cfg,
+        sampler,
+        scheduler,
+        pos,
+        neg,
+        latent,
+        denoise=denoise,
+        start_step=start_step,
+        last_step=last_step,
+        disable_pbar=True,
+        seed=seed,
     )
 
 

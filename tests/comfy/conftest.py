@@ -40,14 +40,18 @@ else:
     from comfy.model_patcher import ModelPatcher
 
     #: Whether this ComfyUI has the APIs the node patches through (0.3.x from December 2024 on).
-    PATCH_API = all(hasattr(ModelPatcher, n) for n in ("add_wrapper_with_key", "set_model_forward_timestep_embed_patch"))
+    PATCH_API = all(
+        hasattr(ModelPatcher, n) for n in ("add_wrapper_with_key", "set_model_forward_timestep_embed_patch")
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     if not HAVE_COMFY or PATCH_API:
         return
-    skip = pytest.mark.skip(reason="this ComfyUI lacks the wrapper / forward_timestep_embed_patch APIs: "
-                            "the node refuses it (test_versions.py checks the message)")
+    skip = pytest.mark.skip(
+        reason="this ComfyUI lacks the wrapper / forward_timestep_embed_patch APIs: "
+        "the node refuses it (test_versions.py checks the message)"
+    )
     for item in items:
         if item.get_closest_marker("patch_api"):
             item.add_marker(skip)
@@ -90,10 +94,25 @@ def comfy_server(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(COMFY_ROOT, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-         "--use-pytorch-cross-attention"],
-        cwd=str(base), stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            os.path.join(COMFY_ROOT, "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            str(base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+            "--use-pytorch-cross-attention",
+        ],
+        cwd=str(base),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:

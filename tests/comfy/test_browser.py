@@ -91,10 +91,20 @@ def test_node_renders_in_the_browser(comfy_server, tmp_path):
         s.bind(("127.0.0.1", 0))
         debug_port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900", f"--remote-debugging-port={debug_port}",
-         comfy_server["url"]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,900",
+            f"--remote-debugging-port={debug_port}",
+            comfy_server["url"],
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 30

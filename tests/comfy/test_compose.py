@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfytest import NATIVE, Recorder, build, sample
 
 pytestmark = pytest.mark.patch_api
@@ -32,7 +31,11 @@ def deep_shrink(model):
 def sag(model):
     from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-    out = SelfAttentionGuidance.execute(model, 0.5, 2.0) if hasattr(SelfAttentionGuidance, "execute") else SelfAttentionGuidance().patch(model, 0.5, 2.0)
+    out = (
+        SelfAttentionGuidance.execute(model, 0.5, 2.0)
+        if hasattr(SelfAttentionGuidance, "execute")
+        else SelfAttentionGuidance().patch(model, 0.5, 2.0)
+    )
     return out.result[0] if hasattr(out, "result") else out[0]
 
 

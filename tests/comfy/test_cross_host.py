@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfytest import CONTEXT, NATIVE, Recorder, build, conds
 
 pytestmark = pytest.mark.patch_api
@@ -29,19 +28,32 @@ TOLERANCE = 1e-4  # relative to max |latent|, fp32
 def diffusers_config(family: str) -> dict:
     if family == "sd15":
         return dict(
-            sample_size=NATIVE, in_channels=4, out_channels=4,
+            sample_size=NATIVE,
+            in_channels=4,
+            out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=CONTEXT,
-            attention_head_dim=8, norm_num_groups=32,
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=2,
+            cross_attention_dim=CONTEXT,
+            attention_head_dim=8,
+            norm_num_groups=32,
         )
     return dict(
-        sample_size=NATIVE, in_channels=4, out_channels=4,
+        sample_size=NATIVE,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 1, 1),
-        cross_attention_dim=CONTEXT, attention_head_dim=(1, 1, 1), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 1),
+        cross_attention_dim=CONTEXT,
+        attention_head_dim=(1, 1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
         norm_num_groups=32,
     )
 
@@ -49,9 +61,8 @@ def diffusers_config(family: str) -> dict:
 def twin_models(family: str, seed: int = 0):
     """(diffusers U-Net, ComfyUI ModelPatcher) holding the same weights."""
     import comfy.utils
-    from diffusers import UNet2DConditionModel
-
     from comfytest import seed_weights
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(**diffusers_config(family)).eval()
     seed_weights(unet, seed)  # diffusers zero-inits some layers: reseed them all
@@ -70,7 +81,10 @@ def scheduler(steps: int):
     from diffusers import EulerDiscreteScheduler
 
     s = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
         timestep_spacing="trailing",
     )
     s.set_timesteps(steps)
@@ -86,8 +100,10 @@ def run_diffusers(unet, family, noise, steps, start, positive, latent_in, hw_px,
     added = None
     if family == "sdxl":
         h, w = hw_px
-        added = {"text_embeds": torch.cat([b[0][1]["pooled_output"] for b in branches]),
-                 "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(branches), dtype=torch.float32)}
+        added = {
+            "text_embeds": torch.cat([b[0][1]["pooled_output"] for b in branches]),
+            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(branches), dtype=torch.float32),
+        }
     timesteps = sched.timesteps[start:]
     sigma0 = float(sched.sigmas[start])
     # ComfyUI starts a full-noise run at noise x sqrt(1 + sigma_max^2) (its max_denoise); diffusers
@@ -118,8 +134,16 @@ def run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder
     model = apply_hidiffusion(patcher, recorder=recorder, native=(NATIVE, NATIVE), **options)
     sampler = comfy.samplers.ksampler("euler")
     out = comfy.sample.sample_custom(
-        model, noise, cfg, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
-        disable_pbar=True, seed=0,
+        model,
+        noise,
+        cfg,
+        sampler,
+        torch.as_tensor(sigmas, dtype=torch.float32),
+        positive,
+        negative,
+        latent_image,
+        disable_pbar=True,
+        seed=0,
     )
     return out * patcher.model.latent_format.scale_factor
 
@@ -137,7 +161,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "family,hw,steps,start,cfg", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}steps-from{c[3]}-cfg{c[4]:g}" for c in CASES]
+    "family,hw,steps,start,cfg",
+    CASES,
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}steps-from{c[3]}-cfg{c[4]:g}" for c in CASES],
 )
 def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
     unet, patcher = twin_models(family)
@@ -148,8 +174,17 @@ def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
     scale = patcher.model.latent_format.scale_factor
     options = dict(window_seed=1234)
     want, sigmas = run_diffusers(
-        unet, family, noise, steps, start, positive, latent_image * scale, (8 * hw[0], 8 * hw[1]), cfg=cfg,
-        negative=negative, **options,
+        unet,
+        family,
+        noise,
+        steps,
+        start,
+        positive,
+        latent_image * scale,
+        (8 * hw[0], 8 * hw[1]),
+        cfg=cfg,
+        negative=negative,
+        **options,
     )
     rec = Recorder()
     got = run_comfy(patcher, noise, sigmas, positive, negative, latent_image, recorder=rec, cfg=cfg, **options)
@@ -160,7 +195,9 @@ def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
     assert all(len(r.windows) == 5 for r in rec)
     err = float((got - want).abs().max())
     ref = float(want.abs().max())
-    print(f"cross-host {family} {hw} steps={steps} start={start}: max|diff| {err:.3g}, max|x| {ref:.3g}, relative {err / ref:.2g}")
+    print(
+        f"cross-host {family} {hw} steps={steps} start={start}: max|diff| {err:.3g}, max|x| {ref:.3g}, relative {err / ref:.2g}"
+    )
     assert err <= TOLERANCE * ref, f"max |diff| {err:.3g} vs max |x| {ref:.3g}"
     # ... and not because HiDiffusion did nothing on both sides.
     stock = run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cfg)
@@ -173,7 +210,15 @@ def run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cf
 
     sampler = comfy.samplers.ksampler("euler")
     out = comfy.sample.sample_custom(
-        patcher, noise, cfg, sampler, torch.as_tensor(sigmas, dtype=torch.float32), positive, negative, latent_image,
-        disable_pbar=True, seed=0,
+        patcher,
+        noise,
+        cfg,
+        sampler,
+        torch.as_tensor(sigmas, dtype=torch.float32),
+        positive,
+        negative,
+        latent_image,
+        disable_pbar=True,
+        seed=0,
     )
     return out * patcher.model.latent_format.scale_factor

@@ -56,15 +56,30 @@ def test_node_defaults_are_the_library_defaults_and_every_input_has_a_tooltip():
 def test_widget_values_map_onto_the_library_config():
     from hidiff.comfy.nodes import config_from_widgets
 
-    cfg = config_from_widgets(preset="sdxl-4096", t1_ratio=0.6, t2_ratio=0.2, aggressive="off", window_seed=7,
-                              window_shift="reference", at_native="apply", raunet=False)
-    assert (cfg.preset, cfg.t1_ratio, cfg.t2_ratio, cfg.aggressive, cfg.window_seed) == ("sdxl-4096", 0.6, 0.2, False, 7)
+    cfg = config_from_widgets(
+        preset="sdxl-4096",
+        t1_ratio=0.6,
+        t2_ratio=0.2,
+        aggressive="off",
+        window_seed=7,
+        window_shift="reference",
+        at_native="apply",
+        raunet=False,
+    )
+    assert (cfg.preset, cfg.t1_ratio, cfg.t2_ratio, cfg.aggressive, cfg.window_seed) == (
+        "sdxl-4096",
+        0.6,
+        0.2,
+        False,
+        7,
+    )
     assert (cfg.window_shift, cfg.at_native, cfg.raunet) == ("reference", "apply", False)
 
 
 @pytest.mark.patch_api
 def test_node_returns_a_clone_and_leaves_the_input_model_alone():
     from comfytest import build
+
     from hidiff.comfy.nodes import HiDiffusion
 
     patcher, _ = build("sd15")

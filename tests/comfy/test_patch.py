@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
-
 from comfytest import NATIVE, Recorder, build, conds, sample, seed_weights
+
 from hidiff.core.architecture import UnsupportedModelError
 
-
 pytestmark = pytest.mark.patch_api
+
 
 def hidiffusion(patcher, recorder=None, **options):
     from hidiff.comfy.patch import apply_hidiffusion
@@ -24,14 +24,19 @@ def test_unknown_layout_is_refused_with_a_clear_message():
 
     # Two levels only: no known family has that layout.
     patcher, _ = build(
-        "sd15", channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0],
+        "sd15",
+        channel_mult=[1, 2],
+        num_res_blocks=[2, 2],
+        transformer_depth=[1, 1, 0, 0],
         transformer_depth_output=[1, 1, 1, 0, 0, 0],
     )
     with pytest.raises(UnsupportedModelError, match=r"2 down stages with cross-attention at stages \[0\]"):
         apply_hidiffusion(patcher)
 
 
-REFINER = dict(transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+REFINER = dict(
+    transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+)
 
 
 def test_sdxl_refiner_layout_runs():
@@ -93,7 +98,9 @@ def test_2x_shrinks_features_runs_windows_and_leaves_the_original_untouched(fami
         assert [r.plan.conv for r in rec] == [True, True, False, False, False]
     else:
         # sdxl-2048: the pooled stage 1 (32 -> 16) until T1 = 2, grown back before output block 5
-        assert r0.plan.preset == "sdxl-2048" and r0.pooled == ((32, 32), (16, 16)) and r0.unpooled == ((16, 16), (32, 32))
+        assert (
+            r0.plan.preset == "sdxl-2048" and r0.pooled == ((32, 32), (16, 16)) and r0.unpooled == ((16, 16), (32, 32))
+        )
         assert [r.plan.pool for r in rec] == [True, True, False, False, False]
     assert all(len(r.windows) == 5 for r in rec)
     for r in rec:
@@ -196,8 +203,16 @@ def test_sampler_custom_with_any_sampler(sampler):
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     pos, neg = conds("sd15", 512, 512)
     out = comfy.sample.sample_custom(
-        model, noise, 1.0, comfy.samplers.ksampler(sampler), sigmas, pos, neg, torch.zeros(1, 4, 64, 64),
-        disable_pbar=True, seed=0,
+        model,
+        noise,
+        1.0,
+        comfy.samplers.ksampler(sampler),
+        sigmas,
+        pos,
+        neg,
+        torch.zeros(1, 4, 64, 64),
+        disable_pbar=True,
+        seed=0,
     )
     assert torch.isfinite(out).all()
     steps = [r.plan.step for r in rec]
@@ -217,7 +232,9 @@ def tiny_controlnet(unet_config):
 
     params = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
     kwargs = {k: v for k, v in unet_config.items() if k in params and k not in ("dtype", "device", "operations")}
-    model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **kwargs)
+    model = comfy.cldm.cldm.ControlNet(
+        hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **kwargs
+    )
     seed_weights(model, 5)
     return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), manual_cast_dtype=None)
 
@@ -263,7 +280,9 @@ def test_weight_patches_after_the_node_reach_the_strided_conv():
     assert torch.equal(sample(model, "sd15", (64, 64), steps=3), base)
     # The LoRA's delta really goes through the strided conv: with only that weight patched,
     # a run where the conv stage is never strided differs from one where it is.
-    off = sample(hidiffusion(_lora_only(patcher, key, weight), None, raunet=False, window_attn=False), "sd15", (64, 64), steps=3)
+    off = sample(
+        hidiffusion(_lora_only(patcher, key, weight), None, raunet=False, window_attn=False), "sd15", (64, 64), steps=3
+    )
     assert float((off - changed).abs().max()) > 1e-3
 
 

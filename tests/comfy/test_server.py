@@ -6,19 +6,13 @@ errors carrying hidiff's message, and the server still runs a good prompt after 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import COMFY_ROOT
 
 pytestmark = pytest.mark.patch_api
 
@@ -52,23 +46,47 @@ def server(comfy_server):
 
 
 def workflow(width=1024, height=1024, layout="sd15", seed=0, steps=2, **hidiff):
-    options = dict(raunet=True, window_attn=True, preset="auto", t1_ratio=-1.0, t2_ratio=-1.0, aggressive="auto",
-                   aggressive_step_ratio=0.16, window_shift="seeded", window_seed=-1, at_native="skip")
+    options = dict(
+        raunet=True,
+        window_attn=True,
+        preset="auto",
+        t1_ratio=-1.0,
+        t2_ratio=-1.0,
+        aggressive="auto",
+        aggressive_step_ratio=0.16,
+        window_shift="seeded",
+        window_seed=-1,
+        at_native="skip",
+    )
     options.update(hidiff)
     return {
         "1": {"class_type": "HiDiffTestCheckpoint", "inputs": {"layout": layout, "seed": 0}},
         "2": {"class_type": "HiDiffusion", "inputs": {"model": ["1", 0], **options}},
         "3": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-        "4": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["3", 0], "seed": seed,
-            "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "4": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0],
+                "positive": ["1", 1],
+                "negative": ["1", 2],
+                "latent_image": ["3", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 3]}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "hidiff"}},
     }
 
 
 def run_prompt(server, prompt, timeout=300):
-    status, body = _post(server["url"] + "/prompt", {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": {"hidiff": "test"}}}})
+    status, body = _post(
+        server["url"] + "/prompt", {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": {"hidiff": "test"}}}}
+    )
     assert status == 200, body
     pid = body["prompt_id"]
     deadline = time.time() + timeout
@@ -93,8 +111,19 @@ def test_object_info_lists_the_node_with_its_inputs(server):
     info = _get(server["url"] + "/object_info/HiDiffusion")["HiDiffusion"]
     assert info["category"] == "model_patches" and info["output"] == ["MODEL"]
     required = info["input"]["required"]
-    assert list(required) == ["model", "raunet", "window_attn", "preset", "t1_ratio", "t2_ratio", "aggressive",
-                              "aggressive_step_ratio", "window_shift", "window_seed", "at_native"]
+    assert list(required) == [
+        "model",
+        "raunet",
+        "window_attn",
+        "preset",
+        "t1_ratio",
+        "t2_ratio",
+        "aggressive",
+        "aggressive_step_ratio",
+        "window_shift",
+        "window_seed",
+        "at_native",
+    ]
     assert all(spec[1].get("tooltip") for spec in required.values())
     assert required["raunet"][1]["default"] is True and required["window_seed"][1]["default"] == -1
 
@@ -114,7 +143,10 @@ def test_workflow_at_2x_native_saves_the_image_and_errors_carry_our_message(serv
     bad_model = run_prompt(server, workflow(layout="unsupported", width=512, height=512))
     assert bad_model["status"]["status_str"] == "error"
     message = error_message(bad_model)
-    assert message.startswith("HiDiffusion | HiDiffusion: ") and "2 down stages with cross-attention at stages [0]" in message
+    assert (
+        message.startswith("HiDiffusion | HiDiffusion: ")
+        and "2 down stages with cross-attention at stages [0]" in message
+    )
 
     bad_option = run_prompt(server, workflow(width=512, height=512, t1_ratio=0.2, t2_ratio=0.5))
     assert bad_option["status"]["status_str"] == "error"

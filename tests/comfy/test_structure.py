@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from comfytest import build
 
 
@@ -15,8 +14,15 @@ from comfytest import build
         ("sd2", {}, "V_PREDICTION", ("sd2", (96, 96))),
         ("sdxl", {}, None, ("sdxl", (128, 128))),
         ("sd15", {"in_channels": 9}, None, ("sd", (64, 64))),
-        ("sd15", {"transformer_depth": [0, 0, 1, 1, 1, 1, 0, 0],
-                  "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]}, None, ("sdxl-refiner", (128, 128))),
+        (
+            "sd15",
+            {
+                "transformer_depth": [0, 0, 1, 1, 1, 1, 0, 0],
+                "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            },
+            None,
+            ("sdxl-refiner", (128, 128)),
+        ),
     ],
     ids=["sd1", "sd2-eps", "sd2-v", "sdxl", "sd-inpainting", "sdxl-refiner"],
 )
@@ -37,5 +43,3 @@ def test_family_and_native_size_from_structure(family, overrides, model_type, wa
     else:
         assert (b.conv_block, b.pool_block, b.unpool_block) == (3, 4, 8)
         assert [w[1] for w in b.windowed] == [1, 2, 9, 10, 11]
-
-

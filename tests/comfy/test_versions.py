@@ -1,9 +1,8 @@
 """Feature detection: the node runs where ComfyUI has its patch APIs and refuses clearly where not."""
 
 import pytest
-
-from conftest import PATCH_API
 from comfytest import build
+from conftest import PATCH_API
 
 
 def test_node_on_this_comfyui():

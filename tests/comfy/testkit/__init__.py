@@ -11,16 +11,34 @@ import math
 import torch
 
 SD15 = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-    "use_spatial_transformer": True, "legacy": False, "context_dim": 64, "use_linear_in_transformer": False,
-    "adm_in_channels": None, "use_temporal_resblock": False, "use_temporal_attention": False,
-    "num_heads": 8, "num_head_channels": -1,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "context_dim": 64,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "num_heads": 8,
+    "num_head_channels": -1,
 }
 # Two levels: a layout no HiDiffusion family has (the refusal test).
-UNSUPPORTED = dict(SD15, num_res_blocks=[2, 2], channel_mult=[1, 2], transformer_depth=[1, 1, 0, 0],
-                   transformer_depth_output=[1, 1, 1, 0, 0, 0])
+UNSUPPORTED = dict(
+    SD15,
+    num_res_blocks=[2, 2],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 0, 0, 0],
+)
 
 
 def _seed(module, seed):
@@ -51,7 +69,8 @@ def _model(config, seed):
     model = mc.get_model({}, "", device=torch.device("cpu"))
     _seed(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(),
+        model,
+        load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
 
@@ -60,8 +79,18 @@ def _vae(seed):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-          "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    dd = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     source = AutoencoderKL(ddconfig=dd, embed_dim=4)
     _seed(source, seed)
     return comfy.sd.VAE(sd=source.state_dict(), config={"params": {"ddconfig": dd, "embed_dim": 4}})
@@ -70,10 +99,12 @@ def _vae(seed):
 class HiDiffTestCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "layout": (["sd15", "unsupported"], {"default": "sd15"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-        }}
+        return {
+            "required": {
+                "layout": (["sd15", "unsupported"], {"default": "sd15"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "VAE")
     FUNCTION = "load"
