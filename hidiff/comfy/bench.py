@@ -55,11 +55,10 @@ def main(argv=None) -> dict:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import torch
-
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models
+    import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     sys.argv = saved
@@ -89,7 +88,9 @@ def main(argv=None) -> dict:
 
     def run(m) -> float:
         t = time.perf_counter()
-        comfy.sample.sample(m, noise, opts.steps, 1.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=0)
+        comfy.sample.sample(
+            m, noise, opts.steps, 1.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=0
+        )
         return time.perf_counter() - t
 
     hidiff_model = apply_hidiffusion(patcher)
