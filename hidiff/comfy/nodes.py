@@ -189,5 +189,10 @@ def config_from_widgets(
     )
 
 
-NODE_CLASS_MAPPINGS = {"HiDiffusion": HiDiffusion}
-NODE_DISPLAY_NAME_MAPPINGS = {"HiDiffusion": "HiDiffusion (RAU-Net + MSW-MSA)"}
+from .samplers import SamplerDDIMCFGpp  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {"HiDiffusion": HiDiffusion, "HiDiffSamplerDDIMCFGpp": SamplerDDIMCFGpp}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "HiDiffusion": "HiDiffusion (RAU-Net + MSW-MSA)",
+    "HiDiffSamplerDDIMCFGpp": "SamplerDDIM CFG++ (hidiff)",
+}

@@ -24,7 +24,7 @@ STEPS = 6
 HW = (32, 32)
 
 
-def diffusers_run(unet, sampler, lam, noise, positive, negative, seed):
+def diffusers_run(unet, sampler, lam, noise, positive, negative, seed, spacing="trailing"):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     import hidiff
@@ -35,7 +35,8 @@ def diffusers_run(unet, sampler, lam, noise, positive, negative, seed):
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        timestep_spacing="trailing",
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
     )
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -51,7 +52,11 @@ def diffusers_run(unet, sampler, lam, noise, positive, negative, seed):
     hidiff.enable_cfgpp(pipe, scheduler=sampler, guidance=lam)
     sched = pipe.scheduler
     sched.set_timesteps(STEPS)
-    sigmas = sched.sigmas.clone()
+    if hasattr(sched, "sigmas"):
+        sigmas = sched.sigmas.clone()
+    else:  # DDIM: the sigmas of its integer timesteps, then its final level (alpha 1: sigma 0)
+        alphas = sched.alphas_cumprod[sched.timesteps.long()]
+        sigmas = torch.cat([((1 - alphas) / alphas) ** 0.5, torch.zeros(1)])
     sigma_max = float(sigmas[0])
     if float(sched.init_noise_sigma) == 1.0:  # a variance-preserving sampler (DPM-Solver): x / sqrt(1 + sigma^2)
         latents = noise
@@ -156,3 +161,43 @@ def diffusers_run_steps(unet, lam, noise, positive, negative, steps):
         return diffusers_run(unet, "dpmpp-2m", lam, noise, positive, negative, seed=9)
     finally:
         STEPS = saved
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6])
+def test_ddim_cfgpp_sampler_node_matches_hidiff_diffusers_ddim_cfgpp(lam):
+    """The DDIM CFG++ this pack adds to ComfyUI equals hidiff's diffusers DDIM CFG++ on the DDIM
+    scheduler's own timesteps (sigmas of its integer timesteps, down to 0)."""
+    import comfy.sample
+
+    from hidiff.comfy.samplers import SamplerDDIMCFGpp
+
+    unet, patcher = twin_models("sd15")
+    noise = torch.randn(1, 4, *HW, generator=torch.Generator().manual_seed(4))
+    positive, negative = conds("sd15", 8 * HW[0], 8 * HW[1])
+    # DDIM's own (leading) timesteps: each step goes exactly to the next timestep, the last to alpha 1.
+    want, sigmas, sched = diffusers_run(unet, "ddim", lam, noise, positive, negative, seed=9, spacing="leading")
+    assert float(sched.final_alpha_cumprod) == 1.0  # DDIM's last step lands on sigma 0
+    step = 1000 // STEPS
+    assert all(int(a) - int(b) == step for a, b in zip(sched.timesteps[:-1], sched.timesteps[1:]))
+    # DDIM starts from noise at sqrt(1 + sigma_0^2) in sigma form; ComfyUI below sigma_max from noise x sigma_0.
+    sigma0 = float(sigmas[0])
+    noise = noise * (1 + sigma0**2) ** 0.5 / sigma0
+    (sampler,) = SamplerDDIMCFGpp().get_sampler()
+    got = (
+        comfy.sample.sample_custom(
+            patcher,
+            noise,
+            lam,
+            sampler,
+            sigmas.float(),
+            positive,
+            negative,
+            torch.zeros_like(noise),
+            disable_pbar=True,
+            seed=0,
+        )
+        * patcher.model.latent_format.scale_factor
+    )
+    err, ref = float((got - want).abs().max()), float(want.abs().max())
+    print(f"DDIM CFG++ node vs hidiff diffusers DDIM CFG++ lam={lam}: max|diff| {err:.3g}, relative {err / ref:.2g}")
+    assert err <= TOLERANCE * ref

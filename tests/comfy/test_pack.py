@@ -35,7 +35,7 @@ print(json.dumps({{
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["names"] == ["HiDiffusion"] and result["category"] == "model_patches"
+    assert result["names"] == ["HiDiffSamplerDDIMCFGpp", "HiDiffusion"] and result["category"] == "model_patches"
     assert result["heavy"] == []
     assert result["display"]["HiDiffusion"].startswith("HiDiffusion")
 
