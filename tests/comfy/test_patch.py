@@ -290,3 +290,34 @@ def _lora_only(patcher, key, weight):
     m = patcher.clone()
     m.add_patches({key: (torch.ones_like(weight) * 0.05,)}, 1.0)
     return m
+
+
+def test_t2i_adapter_residuals_are_resized_at_2x(caplog):
+    """A T2I-Adapter through ComfyUI's Apply ControlNet node: its per-block residuals
+    (``control["input"]``) land on the RAU-Net-shrunk features."""
+    import comfy.controlnet
+    import nodes
+    from comfy.t2i_adapter.adapter import Adapter
+
+    patcher, _ = build("sd15")
+    adapter = Adapter(channels=[32, 64, 64, 64], nums_rb=2, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    seed_weights(adapter, 6)
+    t2i = comfy.controlnet.T2IAdapter(adapter, 3, 8, "nearest-exact", device=torch.device("cpu"))
+    pos, neg = conds("sd15", 512, 512)
+    image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(2))
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, t2i, image, 1.0, 0.0, 1.0)
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING):
+        out = sample(hidiffusion(patcher, rec), "sd15", (64, 64), steps=3, cfg=2.0, positive=pos, negative=neg)
+    assert "control could not be applied" not in caplog.text
+    assert torch.isfinite(out).all()
+    r0 = rec[0]
+    assert r0.plan.conv
+    sizes = r0.control_sizes["input"]
+    n = len(sizes)
+    for j, size in enumerate(sizes):
+        if size is not None:
+            assert size == r0.plan.skip_sizes[n - 1 - j]
+    assert (16, 16) in sizes  # the stage after the strided conv got a shrunk residual
+    plain = sample(hidiffusion(patcher), "sd15", (64, 64), steps=3, cfg=2.0)
+    assert float((plain - out).abs().max()) > 1e-3
