@@ -193,6 +193,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_main(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import main as batch_main
+
+    return batch_main(args)
+
+
 GENERATE_DESCRIPTION = (
     "Text-to-image; --image: img2img; --image --mask: inpaint; --controlnet with --control-image: "
     "ControlNet (with any of those). Unset flags take the model's defaults; the size defaults to 2x the "
@@ -202,6 +208,8 @@ GENERATE_DESCRIPTION = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import BATCH_DESCRIPTION
+    from .batch import add_arguments as add_batch_arguments
     from .bench import add_arguments as add_bench_arguments
     from .eval import add_arguments as add_eval_arguments
     from .eval import add_demo_arguments
@@ -216,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
             "generate images with HiDiffusion; every PNG carries what re-runs it",
             add_generate_arguments,
             cmd_generate,
+        ),
+        (
+            "batch",
+            "images for every line of a prompt file: resumable, sharded under accelerate launch",
+            add_batch_arguments,
+            cmd_batch,
         ),
         (
             "demo",
@@ -236,10 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_bench,
         ),
     )
+    descriptions = {"generate": GENERATE_DESCRIPTION, "batch": BATCH_DESCRIPTION}
     for name, summary, add_arguments, run in commands:
-        command = sub.add_parser(
-            name, help=summary, description=GENERATE_DESCRIPTION if name == "generate" else summary
-        )
+        command = sub.add_parser(name, help=summary, description=descriptions.get(name, summary))
         add_arguments(command)
         command.set_defaults(run=run)
     return parser

@@ -413,9 +413,24 @@ def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, A
     (resolved request, pipeline, layout, input images, device)."""
     if images is None:
         images = check_request(request)
-    device, dtype = resolve_device(request.device, request.dtype)
+    pipe, layout, device = load(request)
+    request = configure(request, pipe, layout, images, device)
+    return request, pipe, layout, images, device
+
+
+def load(request: Request, device: Optional[torch.device] = None) -> tuple[Any, Any, torch.device]:
+    """The pipeline a request needs, on its device (``device``: that one instead of ``request.device``'s):
+    (pipeline, layout, device)."""
+    resolved, dtype = resolve_device(request.device, request.dtype)
+    device = device if device is not None else resolved
     quiet_libraries()
     pipe, layout = load_pipeline(request.model, request.config_folder, request.controlnet, request.task, dtype)
+    pipe.to(device)
+    return pipe, layout, device
+
+
+def configure(request: Request, pipe: Any, layout: Any, images: dict, device: torch.device) -> Request:
+    """A loaded pipeline set up for a request (scheduler, CFG++, VAE tiling); returns the resolved request."""
     request = resolve(request, pipe, layout, images)
     if request.strength is not None:  # the model's default steps or strength
         denoising_steps(request.steps, request.strength)
@@ -427,7 +442,6 @@ def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, A
             enable_cfgpp(pipe, scheduler=request.scheduler, guidance=request.cfgpp)
         except (TypeError, ValueError) as error:  # a model or scheduler CFG++ cannot run on
             raise UsageError(f"--cfgpp: {error}") from None
-    pipe.to(device)
     # SDXL's VAE config asks the pipelines to decode in float32 whatever the model's dtype
     vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) else pipe.vae.dtype
     needed = vae_decode_bytes(pipe.vae, request.width, request.height, request.batch, vae_dtype)
@@ -440,7 +454,7 @@ def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, A
             else f"decoding in one piece needs about {_gb(needed)}, {_gb(free)} free"
         )
         print(f"VAE tiling on: {request.width}x{request.height} x{request.batch} ({why})")
-    return request, pipe, layout, images, device
+    return request
 
 
 @dataclass
@@ -718,16 +732,17 @@ def _write(
     paths = []
     for i in indices:
         path = output_path(out, request, i, suffix)
-        save_png(
-            run.images[i],
-            path,
-            {
-                "parameters": a1111_parameters(request, i, run),
-                METADATA_KEY: json.dumps(metadata(request, i, run, pipe, device)),
-            },
-        )
+        save_png(run.images[i], path, png_text(request, i, run, pipe, device))
         paths.append(path)
     return paths
+
+
+def png_text(request: Request, index: int, run: Run, pipe: Any, device: torch.device) -> dict[str, str]:
+    """The PNG text chunks of image ``index`` of a run: ``parameters`` (A1111) and ``hidiff`` (what re-runs it)."""
+    return {
+        "parameters": a1111_parameters(request, index, run),
+        METADATA_KEY: json.dumps(metadata(request, index, run, pipe, device)),
+    }
 
 
 def main(args: Any) -> int:
