@@ -47,6 +47,11 @@ class HiDiffusionConfig:
             "native" for SDXL text-to-image ControlNet pipelines, where the published
             code uses it, "resize" elsewhere.
         controlnet_steps_ratio: the share of steps in which ControlNets run under "native".
+        kv_downsample: ToDo-style key/value downsampling of the self-attention at the top
+            stage and its mirror (the blocks MSW-MSA windows): 1 off (default), 2 (a quarter of
+            the key/value tokens) or 4 (a sixteenth); queries keep full resolution. Acts where
+            HiDiffusion acts (above native size, or everywhere with at_native="apply"), also with
+            raunet and window_attn off; inside the windows when MSW-MSA runs.
     """
 
     raunet: bool = True
@@ -61,6 +66,7 @@ class HiDiffusionConfig:
     at_native: AtNative = "skip"
     controlnet: Optional[ControlNetMode] = None
     controlnet_steps_ratio: float = 0.6
+    kv_downsample: int = 1
 
     def __post_init__(self) -> None:
         for name in ("raunet", "window_attn"):
@@ -86,6 +92,11 @@ class HiDiffusionConfig:
             isinstance(self.window_seed, bool) or not isinstance(self.window_seed, int)
         ):
             raise TypeError(f"window_seed must be an int or None, got {self.window_seed!r}")
+        if type(self.kv_downsample) is not int or self.kv_downsample not in (1, 2, 4):
+            raise ValueError(
+                f"kv_downsample must be 1 (off), 2 or 4 (the key/value map shrinks by that factor per side), "
+                f"got {self.kv_downsample!r}"
+            )
         self.check_ratios()
 
     def check_ratios(self, layout: Optional[str] = None) -> None:

@@ -183,3 +183,87 @@ def _window_order(height: int, width: int, shift: Shift, device: torch.device) -
     target = torch.empty(height * width, dtype=torch.long)
     target[source[~padding.reshape(-1)]] = torch.nonzero(~padding.reshape(-1)).squeeze(1)
     return source.to(device), target.to(device)
+
+
+#: Key/value downsampling factors (1: off) and methods of :func:`kv_downsample`.
+KV_FACTORS = (1, 2, 4)
+KV_METHODS = ("nearest", "average", "area")
+#: The method hidiff runs, chosen by measurement (docs/speed.md): on the shipped toy model's
+#: real top-stage token maps it gave half the output error of "average" and "area".
+KV_METHOD = "nearest"
+
+
+class KVTokens(NamedTuple):
+    """What :func:`kv_downsample` returns."""
+
+    tokens: torch.Tensor  # (B, h*w, C): the downsampled map, row-major
+    valid: Optional[torch.Tensor]  # (B, h*w) bool: cells with at least one real token (None: all)
+    height: int
+    width: int
+
+
+def kv_side(n: int, factor: int) -> int:
+    """Side of a map of side ``n`` after key/value downsampling by ``factor``: ceil(n / factor)."""
+    return -(-n // factor)
+
+
+def kv_downsample(
+    x: torch.Tensor,
+    height: int,
+    width: int,
+    factor: int,
+    method: str = KV_METHOD,
+    valid: Optional[torch.Tensor] = None,
+) -> KVTokens:
+    """Shrink a (B, H*W, C) token map to ceil(H/f) x ceil(W/f) tokens: the keys and values of a
+    ToDo-style self-attention (queries stay at full resolution, so the output keeps its size).
+
+    Methods: ``"nearest"`` keeps the top-left token of each f x f cell; ``"average"`` averages
+    each f x f cell (cells cut by an odd side average what they hold, so no token is
+    invented and none counted twice); ``"area"`` is adaptive average pooling to the target
+    size (overlapping cells where the side is not a multiple of f).
+
+    ``valid`` (B, H*W) bool marks real tokens among padding (the padded windows of an
+    odd-sized map): padding never enters an average, and a cell with no real token is
+    returned as invalid (mask its key). ``factor`` 1 returns the map unchanged.
+    """
+    b, n, c = x.shape
+    if n != height * width:
+        raise ValueError(f"token count {n} does not match a {height}x{width} map")
+    if factor not in KV_FACTORS:
+        raise ValueError(f"kv_downsample factor must be one of {KV_FACTORS}, got {factor!r}")
+    if method not in KV_METHODS:
+        raise ValueError(f"kv_downsample method must be one of {KV_METHODS}, got {method!r}")
+    if valid is not None and tuple(valid.shape) != (b, n):
+        raise ValueError(f"valid mask of shape {tuple(valid.shape)} does not match tokens of shape {(b, n)}")
+    if factor == 1:
+        return KVTokens(x, valid, height, width)
+    h, w = kv_side(height, factor), kv_side(width, factor)
+    grid = x.view(b, height, width, c)
+    mask = valid.view(b, height, width) if valid is not None else None
+    if method == "nearest":
+        tokens = grid[:, ::factor, ::factor].reshape(b, h * w, c)
+        cells = mask[:, ::factor, ::factor].reshape(b, h * w) if mask is not None else None
+        return KVTokens(tokens, cells, h, w)
+    if method == "average" and mask is None and height % factor == 0 and width % factor == 0:
+        tokens = grid.view(b, h, factor, w, factor, c).mean(dim=(2, 4))
+        return KVTokens(tokens.reshape(b, h * w, c), None, h, w)
+    weight = (
+        mask.to(x.dtype) if mask is not None else torch.ones(1, height, width, dtype=x.dtype, device=x.device)
+    ).unsqueeze(-1)
+    if method == "average":
+        ph, pw = h * factor - height, w * factor - width
+        total = F.pad(grid * weight, (0, 0, 0, pw, 0, ph)).view(b, h, factor, w, factor, c).sum(dim=(2, 4))
+        count = F.pad(weight, (0, 0, 0, pw, 0, ph)).view(-1, h, factor, w, factor, 1).sum(dim=(2, 4))
+    else:  # area: adaptive average pooling, weighted by the mask
+        total = F.adaptive_avg_pool2d((grid * weight).permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+        count = F.adaptive_avg_pool2d(weight.permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+    tokens = (total / count.clamp_min(torch.finfo(x.dtype).tiny)).expand(b, h, w, c).reshape(b, h * w, c)
+    cells = (count[..., 0] > 0).expand(b, h, w).reshape(b, h * w) if mask is not None else None
+    return KVTokens(tokens, cells, h, w)
+
+
+def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N) bool of real keys -> (B, 1, N) additive attention mask (0 for real keys, dtype min for the rest)."""
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid, torch.finfo(dtype).min).unsqueeze(1)

@@ -51,6 +51,7 @@ class Plan:
     mid_size: Size
     adapter_sizes: tuple[Size, ...]  # where each down stage, then the mid block, takes a T2I-Adapter residual
     downsample_inputs: tuple[Size, ...]  # per down stage with a downsampler: its input, where the mirror lands
+    kv: int = 1  # key/value downsampling factor of the window stage's self-attention (1: off)
 
     @property
     def active(self) -> bool:
@@ -104,6 +105,7 @@ def plan_call(
         mid_size=mid,
         adapter_sizes=adapter,
         downsample_inputs=inputs,
+        kv=config.kv_downsample if preset is not None else 1,
     )
 
 

@@ -43,6 +43,8 @@ class CallRecord:
     unwindowed: int = 0  # planned windowed calls that ran as full attention (see hidiff.diffusers.windows)
     skip_sizes: dict = field(default_factory=dict)  # input size of each down stage's downsampler
     pooled_from: Optional[tuple[int, int]] = None
+    kv_calls: int = 0  # self-attention calls whose keys/values were downsampled (hidiff.diffusers.kv)
+    kv_maps: list = field(default_factory=list)  # each such call: ((H, W) of the query map, (h, w) of the key map)
 
 
 @dataclass

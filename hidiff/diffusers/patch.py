@@ -34,6 +34,7 @@ from ..core.planner import Plan, Progress, Task, feature_sizes, plan_call
 from ..core.progress import position
 from .controlnet import ControlNetHooks
 from .hooks import CallRecord, CallState, Hook, HookGroup, arg, enter_call, leave_call
+from .kv import KVHooks
 from .model import detect_layout, find_unet, model_name
 from .raunet import RAUNetHooks
 from .steps import StepTracker, as_float
@@ -77,7 +78,8 @@ class Patch:
         self.raunet = RAUNetHooks(self) if config.raunet else None
         self.windows = WindowHooks(self) if config.window_attn else None
         self.controlnet = ControlNetHooks(self)
-        self.groups: list[HookGroup] = [g for g in (self.raunet, self.windows, self.controlnet) if g is not None]
+        self.kv = KVHooks(self) if config.kv_downsample > 1 else None
+        self.groups: list[HookGroup] = [g for g in (self.raunet, self.windows, self.kv, self.controlnet) if g]
         self._handles: list = []
 
     # ------------------------------------------------------------------ wiring

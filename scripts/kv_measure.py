@@ -1,0 +1,172 @@
+"""Measure key/value downsampling choices on the shipped toy model (docs/speed.md).
+
+1. Captures the real token maps entering the top stage's self-attentions (attn1) while the
+   toy model generates at 4x its native size under HiDiffusion, at a few steps.
+2. On each captured map, with the block's own trained attention, compares against the
+   exact windowed attention (MSW-MSA, full keys/values):
+   * where keys/values shrink: inside each window, or on the whole map before it is cut
+     into windows (the shrunk map then cut into the same 2x2 grid, shift divided by f);
+   * the method: nearest, average, area;
+   and, without windows, each method against full attention.
+   The figure is the relative L2 error of the attention output, ||y - ref|| / ||ref - mean(ref)||.
+3. Times one windowed self-attention at SD 1.5 1024x1024's top stage (128x128 tokens,
+   320 channels, 8 heads, random weights) with keys/values shrunk 1x, 2x, 4x.
+
+Run: HIDIFF_TEST_THREADS=1 .venv/bin/python scripts/kv_measure.py [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hidiff.core import ops
+
+
+def capture(steps: int = 10, side: int = 64, seeds: tuple = (0, 1)) -> list:
+    import hidiff
+    from hidiff.app.toy.pipeline import load_toy_pipeline
+    from hidiff.diffusers.model import is_transformer_block
+
+    pipe = load_toy_pipeline()
+    unet = pipe.unet
+    maps: dict = {}
+    got: list = []
+    handles = []
+    for path in ("down_blocks.0", "up_blocks.3"):
+        for transformer in unet.get_submodule(path).attentions:
+            handles.append(
+                transformer.register_forward_pre_hook(
+                    lambda m, a, t=transformer: maps.__setitem__(id(t), tuple(a[0].shape[-2:]))
+                )
+            )
+            for sub in transformer.modules():
+                if is_transformer_block(sub):
+
+                    def grab(m, a, k, t=transformer):
+                        x = a[0] if a else k["hidden_states"]
+                        h, w = maps[id(t)]
+                        if x.shape[1] == h * w:
+                            got.append((x.detach().clone(), h, w, m))
+
+                    # registered before hidiff's hooks: sees the whole map
+                    handles.append(sub.attn1.register_forward_pre_hook(grab, with_kwargs=True))
+    hidiff.apply_hidiffusion(pipe)
+    for seed in seeds:
+        pipe(
+            "one red circle",
+            height=side,
+            width=side,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        )
+    hidiff.remove_hidiffusion(pipe)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / (ref - ref.mean(dim=1, keepdim=True)).norm())
+
+
+@torch.no_grad()
+def windowed(attn, x, h, w, shift, factor=1, method="average", where="inside"):
+    win = ops.window_partition(x, h, w, shift)
+    wh, ww = ops.window_sides(h, w)
+    kwargs: dict = {}
+    if factor == 1:
+        if win.key_bias is not None:
+            kwargs["attention_mask"] = win.key_bias
+        return ops.window_merge(attn(win.tokens, **kwargs), win)
+    if where == "inside":
+        valid = win.key_bias[:, 0, :] == 0 if win.key_bias is not None else None
+        kv = ops.kv_downsample(win.tokens, wh, ww, factor, method, valid=valid)
+        keys, kvalid = kv.tokens, kv.valid
+    else:  # before: shrink the whole map, then cut it into the 2x2 grid
+        kv = ops.kv_downsample(x, h, w, factor, method)
+        kshift = (shift[0] // factor, shift[1] // factor)
+        kwin = ops.window_partition(kv.tokens, kv.height, kv.width, kshift)
+        keys = kwin.tokens
+        kvalid = kwin.key_bias[:, 0, :] == 0 if kwin.key_bias is not None else None
+    if kvalid is not None:
+        kwargs["attention_mask"] = ops.key_bias(kvalid, x.dtype)
+    return ops.window_merge(attn(win.tokens, encoder_hidden_states=keys, **kwargs), win)
+
+
+@torch.no_grad()
+def quality(got: list) -> dict:
+    out: dict = {}
+    for x, h, w, attn in got:
+        for shift in [(0, 0), ops.shift_from_uniform(0.6, h, w), ops.shift_from_uniform(0.3, h, w)]:
+            ref = windowed(attn, x, h, w, shift)
+            for factor in (2, 4):
+                for method in ops.KV_METHODS:
+                    for where in ("inside", "before"):
+                        y = windowed(attn, x, h, w, shift, factor, method, where)
+                        out.setdefault(f"windows {where} {method} x{factor}", []).append(rel(y, ref))
+        full = attn(x)
+        for factor in (2, 4):
+            for method in ops.KV_METHODS:
+                kv = ops.kv_downsample(x, h, w, factor, method)
+                y = attn(x, encoder_hidden_states=kv.tokens)
+                out.setdefault(f"no windows {method} x{factor}", []).append(rel(y, full))
+    return {k: (statistics.mean(v), max(v), len(v)) for k, v in out.items()}
+
+
+@torch.no_grad()
+def timing(repeats: int = 5, side: int = 128, channels: int = 320, heads: int = 8) -> dict:
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=channels, heads=heads, dim_head=channels // heads).eval()
+    res: dict = {}
+    for h, w in ((side, side), (side + 1, side + 1)):
+        x = torch.randn(1, h * w, channels)
+        shift = ops.shift_from_uniform(0.6, h, w)
+        for label, kwargs in (
+            ("full attention", None),
+            ("windows", dict(factor=1)),
+            ("windows + kv x2 inside", dict(factor=2, where="inside")),
+            ("windows + kv x2 before", dict(factor=2, where="before")),
+            ("windows + kv x4 inside", dict(factor=4, where="inside")),
+        ):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                if kwargs is None:
+                    attn(x)
+                else:
+                    windowed(attn, x, h, w, shift, **kwargs)
+                times.append(time.perf_counter() - t0)
+            res[f"{h}x{w} {label}"] = min(times)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json")
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    got = capture()
+    q = quality(got)
+    print(f"{len(got)} captured top-stage token maps (toy model, 64x64, 10 steps, 2 seeds)")
+    for k, (mean, worst, n) in sorted(q.items()):
+        print(f"  {k:<32} mean rel. error {mean:.4f}  worst {worst:.4f}  ({n} cases)")
+    t = {} if args.skip_timing else timing()
+    for k, v in t.items():
+        print(f"  {k:<40} {v * 1000:8.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"quality": q, "timing_s": t, "threads": args.threads}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
