@@ -8,23 +8,53 @@ import torch
 # a busy core make tiny models many times slower.
 torch.set_num_threads(int(os.environ.get("HIDIFF_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
+from helpers import ENVIRONMENTS, small_native  # noqa: E402
+
 from hidiff.diffusers.testing import tiny_pipeline  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#: Marker -> (the environment a test needs, how to build it). Absent on a developer's machine,
-#: such tests are skipped with that reason; under HIDIFF_CI=1 (set by .ci/run) they run, and
-#: fail if the environment is missing.
-ENVIRONMENTS = {
-    "reference": (
-        os.environ.get("HIDIFF_REFERENCE_PYTHON") or os.path.join(ROOT, ".venv-ref", "bin", "python"),
-        "needs the published hidiffusion 0.1.10 environment .venv-ref: bash scripts/setup.sh",
-    ),
-    "comfy": (
-        os.path.join(ROOT, ".comfy", "bin", "python"),
-        "needs the ComfyUI environment .comfy: bash scripts/install_comfy.sh",
-    ),
-}
+#: Tests that took 3 s or more (all their cases together) in a --durations run on this 2-core
+#: machine; `pytest -m "not slow"` leaves them out. New slow tests mark themselves (@pytest.mark.slow).
+SLOW_TESTS = frozenset(
+    {
+        "test_above_native_follows_preset",
+        "test_apply_again_replaces_options",
+        "test_apply_twice_equals_apply_once",
+        "test_at_or_below_native_nothing_changes_unless_asked",
+        "test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart",
+        "test_bench_json_with_the_published_package_and_a_chart",
+        "test_context_manager_removes_on_exit_and_on_error",
+        "test_controlnet_img2img_and_inpaint",
+        "test_controlnet_mode_can_be_forced",
+        "test_equals_published_hidiffusion",
+        "test_every_size_with_both_rau_paths_and_windows",
+        "test_exception_inside_unet_restores_the_strided_conv",
+        "test_exception_mid_generation_leaves_next_run_correct",
+        "test_freeu_works_and_hidiff_removes_cleanly",
+        "test_ip_adapter_loaded_before_or_after_apply",
+        "test_lora_is_not_ignored_under_rau_net",
+        "test_lora_on_the_strided_conv_follows_rau_net",
+        "test_model_cpu_offload_before_or_after_apply",
+        "test_pag_pipeline_keeps_its_step_and_windows",
+        "test_patched_then_removed_equals_never_patched",
+        "test_pipeline_exception_in_callback_leaves_next_run_clean",
+        "test_pipeline_steps_follow_sd1024_preset",
+        "test_playground_style_edm_scheduler_gets_gentle_preset",
+        "test_published_method_runs_the_published_package_on_the_same_model_and_seeds",
+        "test_sampler_equals_a_hand_written_loop_of_its_rule",
+        "test_saved_model_loads_and_patches",
+        "test_sd_controlnet_residuals_follow_rau_net",
+        "test_sdxl_inpaint_pipeline_gets_gentle_preset",
+        "test_sdxl_is_detected_from_the_unet_and_reruns",
+        "test_sdxl_patched_then_removed_equals_never_patched",
+        "test_sdxl_text2img_controlnet_runs_native_then_stops",
+        "test_seeded_shifts_reproducible_and_leave_global_rng_alone",
+        "test_several_unet_calls_per_step_share_the_step",
+        "test_shipped_model_draws_one_object_natively_and_duplicates_at_4x_unless_hidiff",
+        "test_t2i_adapter_residuals_follow_rau_net",
+        "test_task_acts_and_keeps_shape",
+        "test_torch_compile_runs_and_stops_compiling",
+    }
+)
 
 
 def pytest_configure(config):
@@ -34,6 +64,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if getattr(item, "originalname", item.name) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
     if os.environ.get("HIDIFF_CI") == "1":
         return
     for name, (path, how) in ENVIRONMENTS.items():
@@ -45,20 +78,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def reference_python():
-    """The Python with the published hidiffusion==0.1.10 (diffusers 0.27.2) that the tests compare against."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    path = os.environ.get("HIDIFF_REFERENCE_PYTHON") or str(root / ".venv-ref" / "bin" / "python")
-    if not Path(path).exists():
-        pytest.fail(
-            f"no reference Python at {path}: build it with `bash scripts/setup.sh` "
-            "(or point HIDIFF_REFERENCE_PYTHON at a Python with hidiffusion==0.1.10 and diffusers 0.27.2)"
-        )
-    return path
-
-
 @pytest.fixture
 def sd_pipe():
     pipe = tiny_pipeline("sd15")
@@ -66,87 +85,8 @@ def sd_pipe():
     return pipe
 
 
-#: Tiny SDXL U-Nets at a native 512x512 (sample_size 64) instead of SDXL's 1024: the same
-#: layout and the same schedule at a quarter of the pixels, for tests where only the scale
-#: over native matters (presets go by that scale). CI time is mostly tiny SDXL attention.
-XL_SMALL_NATIVE = 64
-
-
-def small_native(family):
-    """U-Net overrides for :data:`XL_SMALL_NATIVE` (none for the SD families)."""
-    return {"sample_size": XL_SMALL_NATIVE} if family == "sdxl" else {}
-
-
 @pytest.fixture
 def sdxl_pipe():
     pipe = tiny_pipeline("sdxl", **small_native("sdxl"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def run_recorded(pipe, height, width, steps, seed=0, **kwargs):
-    """Final latents and hidiff's record of every step (``hidiff.last_call`` at each step end)."""
-    import hidiff
-
-    records = []
-
-    def on_step_end(p, i, t, callback_kwargs):
-        records.append(hidiff.last_call(p))
-        return callback_kwargs
-
-    images = latents_of(pipe, height, width, seed=seed, steps=steps, callback_on_step_end=on_step_end, **kwargs)
-    return images, records
-
-
-def latents_of(pipe, height, width, seed=0, steps=2, **kwargs):
-    """Run ``pipe`` to the final latents with a seeded generator."""
-    out = pipe(
-        "one red circle",
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        **kwargs,
-    )
-    return out.images
-
-
-def snapshot(module):
-    """Everything of a module that applying HiDiffusion could change."""
-    from torch import nn
-
-    procs = getattr(module, "attn_processors", None) if hasattr(type(module), "attn_processors") else None
-    return {
-        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "convs": {
-            n: (tuple(m.stride), tuple(m.padding), tuple(m.dilation))
-            for n, m in module.named_modules()
-            if isinstance(m, nn.Conv2d)
-        },
-        "classes": {n: type(m) for n, m in module.named_modules()},
-        "procs": {k: type(v) for k, v in procs.items()} if procs else None,
-        "num_upsamplers": getattr(module, "num_upsamplers", None),
-    }
-
-
-def assert_same_state(module, before):
-    after = snapshot(module)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-    for key in ("convs", "classes", "procs", "num_upsamplers"):
-        assert after[key] == before[key], key
-
-
-def assert_untouched(module, before):
-    """No hook left anywhere, nothing changed, not patched."""
-    import hidiff
-
-    for name, m in module.named_modules():
-        assert not m._forward_hooks, f"forward hook left on {name or 'the model'}"
-        assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'the model'}"
-    assert not torch.nn.modules.module._global_forward_hooks
-    assert not torch.nn.modules.module._global_forward_pre_hooks
-    assert_same_state(module, before)
-    assert hidiff.is_patched(module) is False

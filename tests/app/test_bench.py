@@ -4,7 +4,7 @@ side, and the FLOP counts agree with hand counts."""
 import json
 
 import pytest
-from conftest import reference_python
+from helpers import reference_python
 
 from hidiff.app.bench import count_flops
 from hidiff.app.cli import main

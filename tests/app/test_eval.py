@@ -163,7 +163,7 @@ def test_published_method_runs_the_published_package_on_the_same_model_and_seeds
     """The published package's pictures equal hidiff's in its reference mode with the preset
     the published code picks for any toy size (sd-1024): both sides really ran the same
     model, prompts, seeds and schedule, and the published package acted on it."""
-    from conftest import reference_python
+    from helpers import reference_python
 
     result = run_eval(
         pipe,

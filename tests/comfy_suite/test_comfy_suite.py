@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENVIRONMENTS, ROOT
+from helpers import ENVIRONMENTS, ROOT
 
 
 @pytest.mark.comfy

@@ -4,7 +4,7 @@ stock diffusers schedulers, inversion, HiDiffusion together with CFG++, restore 
 import diffusers
 import pytest
 import torch
-from conftest import assert_untouched, snapshot
+from helpers import assert_untouched, snapshot
 
 import hidiff
 from hidiff.diffusers import cfgpp

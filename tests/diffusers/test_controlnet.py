@@ -3,7 +3,7 @@
 import diffusers
 import pytest
 import torch
-from conftest import small_native
+from helpers import small_native
 
 import hidiff
 from hidiff.diffusers.testing import tiny_components

@@ -26,7 +26,7 @@ from hidiff.diffusers.testing import make_unet, tiny_unet_config, tiny_vae
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from common import build_pipeline, run_case  # noqa: E402
-from conftest import reference_python  # noqa: E402
+from helpers import reference_python  # noqa: E402
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 

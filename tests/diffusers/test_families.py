@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_untouched, run_recorded, snapshot
+from helpers import assert_untouched, run_recorded, snapshot
 from torch import nn
 
 import hidiff

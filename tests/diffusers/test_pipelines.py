@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import latents_of, small_native
+from helpers import latents_of, small_native
 from PIL import Image
 
 import hidiff

@@ -4,7 +4,7 @@ from a diffusers U-Net, patched at SDXL's places, removed exactly."""
 from __future__ import annotations
 
 import torch
-from conftest import assert_untouched, snapshot
+from helpers import assert_untouched, snapshot
 
 import hidiff
 from hidiff.diffusers.patch import changes

@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import assert_untouched, snapshot
+from helpers import assert_untouched, snapshot
 from torch import nn
 
 import hidiff

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import latents_of
+from helpers import latents_of
 
 import hidiff
 

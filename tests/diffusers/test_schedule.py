@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import latents_of
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -27,6 +26,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from helpers import latents_of
 
 import hidiff
 from hidiff.core.presets import PRESETS, choose_preset, in_range
