@@ -190,17 +190,32 @@ def file_name(line: int, k: Optional[int], request: generate.Request) -> str:
 
 # ------------------------------------------------------------------ outputs and manifest
 def is_done(path: Path) -> bool:
-    """A PNG of that name that reads back whole and carries hidiff metadata."""
+    """A PNG of that name that reads back whole and carries hidiff metadata (a JSON object)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            if image.format != "PNG" or generate.METADATA_KEY not in image.info:
+            if image.format != "PNG" or not isinstance(json.loads(image.info[generate.METADATA_KEY]), dict):
                 return False
             image.verify()  # every chunk there, its CRC right
         return True
     except Exception:  # PIL raises many types on a broken file
         return False
+
+
+def recorded_run(path: Path) -> dict:
+    """The manifest fields of a finished PNG, from its metadata."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        data = json.loads(image.info[generate.METADATA_KEY])
+    run = data.get("run", {})
+    return {
+        "settings": data.get("request"),
+        "seconds": run.get("seconds"),
+        "preset": run.get("preset"),
+        "device": run.get("device"),
+    }
 
 
 def append_manifest(path: Path, entry: dict) -> None:
@@ -278,7 +293,9 @@ def run_device(request: generate.Request, state: Any) -> str:
     """The device string of this process: --device as given, or (auto) accelerate's device for it."""
     if request.device != AUTO:
         return request.device
-    return str(state.device)
+    device = state.device
+    # accelerate's CPU processes are on "cpu:0", which some kernels treat unlike "cpu" (last-bit differences)
+    return "cpu" if device.type == "cpu" else str(device)
 
 
 class Progress:
@@ -445,7 +462,7 @@ def main(args: argparse.Namespace) -> int:
         if job.name and is_done(out / job.name):
             skipped += 1
             if job.name not in recorded:  # made by a run killed before it wrote the manifest line
-                append_manifest(manifest, entry(job, "done", rank, recovered=True))
+                append_manifest(manifest, entry(job, "done", rank, recovered=True, **recorded_run(out / job.name)))
         else:
             pending.append(job)
     pipes = Pipelines(run_device(base, state))
