@@ -334,3 +334,35 @@ def test_manifest_lines_survive_a_line_cut_short_and_unfinished_pngs_are_not_don
         and not batch.is_done(bad_meta)
         and not batch.is_done(tmp_path / "none.png")
     )
+
+
+def test_lines_of_other_tasks_and_cfgpp_share_the_loaded_model_and_leave_nothing_behind(model, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    lines = [
+        {"prompt": "same", "seed": 3},
+        {"prompt": "from a photo", "image": "photo.png", "strength": 0.5, "steps": 4},  # img2img, relative path
+        {"prompt": "cfg++", "scheduler": "euler", "cfgpp": 0.5},
+        {"prompt": "same", "seed": 3},
+    ]
+    file = tmp_path / "p.jsonl"
+    file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    loads = []
+    real_load = generate.load
+    monkeypatch.setattr(generate, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    out = tmp_path / "out"
+    assert main(["batch", str(file), "--out", str(out), "--model", model, *SIZE]) == 0
+    assert len(loads) == 1  # the img2img line got the same components in its pipeline class
+    files = {e["line"]: out / e["file"] for e in manifest(out)}
+    _, photo = meta(files[2])
+    assert photo["run"]["pipeline"] == "StableDiffusionImg2ImgPipeline"
+    assert photo["request"]["image"] == str(tmp_path / "photo.png") and photo["inputs_sha256"]["image"]
+    _, guided = meta(files[3])
+    assert guided["request"]["cfgpp"] == 0.5 and "CFG++: 0.5" in meta(files[3])[0]
+    assert guided["run"]["scheduler"] != "DDIMScheduler"
+    # the last line is the first one again: the same pixels after img2img and CFG++ ran in between
+    assert np.array_equal(pixels(files[1]), pixels(files[4]))
+    assert meta(files[4])[1]["run"]["scheduler"] == "DDIMScheduler"
+    # and what the img2img line wrote re-runs through hidiff generate
+    assert main(["generate", "--quiet", "--from-image", str(files[2]), "--out", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(files[2]))
