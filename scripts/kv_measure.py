@@ -27,7 +27,7 @@ import torch
 from hidiff.core import ops
 
 
-def capture(steps: int = 10, side: int = 64, seeds: tuple = (0, 1)) -> list:
+def capture(steps: int = 10, sides: tuple = (64,), seeds: tuple = (0, 1)) -> list:
     import hidiff
     from hidiff.app.toy.pipeline import load_toy_pipeline
     from hidiff.diffusers.model import is_transformer_block
@@ -57,14 +57,15 @@ def capture(steps: int = 10, side: int = 64, seeds: tuple = (0, 1)) -> list:
                     handles.append(sub.attn1.register_forward_pre_hook(grab, with_kwargs=True))
     hidiff.apply_hidiffusion(pipe)
     for seed in seeds:
-        pipe(
-            "one red circle",
-            height=side,
-            width=side,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-        )
+        for side in sides:
+            pipe(
+                "one red circle",
+                height=side,
+                width=side,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            )
     hidiff.remove_hidiffusion(pipe)
     for h in handles:
         h.remove()
@@ -76,7 +77,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def windowed(attn, x, h, w, shift, factor=1, method="average", where="inside"):
+def windowed(attn, x, h, w, shift, factor=1, method=ops.KV_METHOD, where="inside"):
     win = ops.window_partition(x, h, w, shift)
     wh, ww = ops.window_sides(h, w)
     kwargs: dict = {}
@@ -119,6 +120,74 @@ def quality(got: list) -> dict:
     return {k: (statistics.mean(v), max(v), len(v)) for k, v in out.items()}
 
 
+EVAL_PROMPTS = (
+    "one red circle on white",
+    "one green square on black",
+    "one blue triangle on white",
+    "one yellow circle on black",
+    "one blue square on white",
+    "one red triangle on black",
+)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per picture (B x 3 x H x W in [0, 1]): 7x7 uniform windows, the usual constants."""
+    import torch.nn.functional as F
+
+    c1, c2 = 0.01**2, 0.03**2
+
+    def blur(x):
+        return F.avg_pool2d(x, 7, 1)
+
+    ma, mb = blur(a), blur(b)
+    va, vb, cov = blur(a * a) - ma**2, blur(b * b) - mb**2, blur(a * b) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    return s.flatten(1).mean(1)
+
+
+def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: bool = True) -> list:
+    """hidiff eval's figures (duplication, right shape, s/image) with kv_downsample 1, 2, 4, and
+    each picture's PSNR/SSIM against the same seed with kv_downsample 1."""
+    from hidiff.app import eval as ev
+    from hidiff.app.eval import generate
+    from hidiff.app.toy.count import count_objects, summarize
+    from hidiff.app.toy.pipeline import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    batch = [p for p in EVAL_PROMPTS for _ in range(samples)]
+    rows = []
+    for scale in scales:
+        size = scale * pipe.native_size
+        ref = None
+        for factor in (1, 2, 4):
+            options = {"kv_downsample": factor, "window_attn": window}
+            ev.HIDIFF_OPTIONS["_kv"] = options
+            generate(pipe, "_kv", batch, size, 1, 0, 1.0)  # untimed warm-up step
+            t0 = time.perf_counter()
+            pictures = generate(pipe, "_kv", batch, size, steps, 0, 1.0)
+            seconds = time.perf_counter() - t0
+            del ev.HIDIFF_OPTIONS["_kv"]
+            if ref is None:
+                ref = pictures
+            row = {
+                "size": size,
+                "kv_downsample": factor,
+                "windows": window,
+                **summarize([count_objects(p) for p in pictures], batch),
+                "s_per_image": seconds / len(batch),
+                "psnr_vs_kv1": float(psnr(pictures, ref).mean()) if factor > 1 else None,
+                "ssim_vs_kv1": float(ssim(pictures, ref).mean()) if factor > 1 else None,
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 @torch.no_grad()
 def timing(repeats: int = 5, side: int = 128, channels: int = 320, heads: int = 8) -> dict:
     from diffusers.models.attention_processor import Attention
@@ -153,19 +222,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--eval", action="store_true", help="also the toy eval table (about 3 minutes)")
+    parser.add_argument("--sides", default="64,56,72", help="sizes the token maps are captured at")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    got = capture()
-    q = quality(got)
-    print(f"{len(got)} captured top-stage token maps (toy model, 64x64, 10 steps, 2 seeds)")
-    for k, (mean, worst, n) in sorted(q.items()):
+    sides = tuple(int(s) for s in args.sides.split(","))
+    q = {}
+    if not args.skip_quality:
+        got = capture(sides=sides)
+        q = quality(got)
+        print(f"{len(got)} captured top-stage token maps (toy model, sides {sides}, 10 steps, 2 seeds)")
+    for k, (mean, worst, n) in sorted(q.items()):  # noqa: B007
         print(f"  {k:<32} mean rel. error {mean:.4f}  worst {worst:.4f}  ({n} cases)")
     t = {} if args.skip_timing else timing()
     for k, v in t.items():
         print(f"  {k:<40} {v * 1000:8.1f} ms")
+    ev = toy_eval() if args.eval else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"quality": q, "timing_s": t, "threads": args.threads}, f, indent=2)
+            json.dump({"quality": q, "timing_s": t, "eval": ev, "threads": args.threads}, f, indent=2)
 
 
 if __name__ == "__main__":

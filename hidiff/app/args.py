@@ -283,6 +283,7 @@ _CONFIG_FIELDS = (
     "window_seed",
     "at_native",
     "controlnet_steps_ratio",
+    "kv_downsample",
 )
 
 
@@ -303,6 +304,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, help="how ControlNets run under HiDiffusion")
     group.add_argument(
         "--controlnet-steps-ratio", type=ratio, help="share of steps ControlNets run in 'native' mode, in [0, 1]"
+    )
+    add_kv_flag(group)
+
+
+#: --kv-downsample: the factors of HiDiffusionConfig.kv_downsample.
+KV_FACTORS = (1, 2, 4)
+
+
+def add_kv_flag(parser: Any) -> None:
+    parser.add_argument(
+        "--kv-downsample",
+        type=int,
+        choices=KV_FACTORS,
+        metavar="N",
+        help="ToDo-style key/value downsampling of the top stage's self-attention by N per side: "
+        "1 (off, default), 2 or 4 (see docs/speed.md)",
     )
 
 

@@ -43,6 +43,7 @@ from .args import (
     FAMILY_NAMES,
     HIDIFF_METHODS,
     PUBLISHED,
+    add_kv_flag,
     add_method_flags,
     add_threads_flag,
     file_name,
@@ -100,6 +101,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--repeats", type=flag(positive), default=1)
     parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
     add_method_flags(parser, "--modes", (*MODES, ALL), ",".join(DEFAULT_MODES))
+    add_kv_flag(parser)  # N > 1 adds the mode hidiff-kvN: hidiff with kv_downsample N
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto")
     parser.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
     add_threads_flag(parser)
@@ -344,12 +346,14 @@ def run_bench(
     reference_python: Optional[str] = None,
     model: Optional[str] = None,
     config_folder: Optional[str] = None,
+    kv_downsample: Optional[int] = None,
 ) -> dict:
     """Time each mode side by side; the result is what ``hidiff bench --json`` prints.
 
     ``modes`` defaults to :data:`DEFAULT_MODES`; ``("all",)`` is every mode (``published``
     only with ``reference_python``, which adds it to either). ``family`` (default ``sd15``)
-    picks a random-weight U-Net; ``model`` a real one instead (not both).
+    picks a random-weight U-Net; ``model`` a real one instead (not both). ``kv_downsample``
+    2 or 4 adds the mode ``hidiff-kv2`` / ``hidiff-kv4``: hidiff with key/value downsampling.
     """
     from diffusers import DDIMScheduler
 
@@ -359,6 +363,8 @@ def run_bench(
         raise ValueError("--config gives the component configs of a single-file --model; it needs --model")
     family = family or "sd15"
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
+    if kv_downsample is not None and kv_downsample > 1:
+        modes = (*modes, kv_mode(kv_downsample))
     dev, dt = torch.device(device), getattr(torch, dtype)
     latent = (height // 8, width // 8)
     components = None
@@ -382,7 +388,9 @@ def run_bench(
                 published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
             # counted while the runner loads: its FLOPs come with its ready message
             flops = {
-                m: count_flops(config, MODES[m], batch, latent, steps)["per_step"] for m in modes if m != PUBLISHED
+                m: count_flops(config, mode_options(m), batch, latent, steps)["per_step"]
+                for m in modes
+                if m != PUBLISHED
             }
             if published is not None:
                 flops[PUBLISHED] = published.info["flops_per_step"]
@@ -455,7 +463,7 @@ def _check(
 
 
 def _local_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
-    options = MODES[mode]
+    options = mode_options(mode)
 
     def run(steps: int) -> dict:
         if options is not None:
@@ -466,6 +474,19 @@ def _local_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
             adapter.remove_hidiffusion(unet)
 
     return run
+
+
+def kv_mode(factor: int) -> str:
+    """The bench mode of hidiff with ``kv_downsample`` ``factor``."""
+    return f"hidiff-kv{factor}"
+
+
+def mode_options(mode: str) -> Optional[dict]:
+    """apply_hidiffusion options of a local mode (None: the stock U-Net)."""
+    for factor in (2, 4):
+        if mode == kv_mode(factor):
+            return {"kv_downsample": factor}
+    return MODES[mode]
 
 
 def _summary(samples: list, flops_per_step: list) -> dict:
@@ -485,13 +506,13 @@ def _summary(samples: list, flops_per_step: list) -> dict:
 def format_table(result: dict) -> str:
     lines = [
         f"{_title(result)}, median of {result['repeats']}",
-        f"{'mode':<9} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
+        f"{'mode':<10} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
         f"{'FLOP bound':>11} {'of bound':>9} {'GFLOP':>9} {'peak MB':>9}",
     ]
     for name, r in result["modes"].items():
         rau, rest = r["step_s"]["rau"], r["step_s"]["plain"]
         lines.append(
-            f"{name:<9} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
+            f"{name:<10} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
             f"{r['flop_speedup']:10.2f}x {r['speedup'] / r['flop_speedup']:8.0%} {r['flops'] / 1e9:9.1f} "
             f"{r['peak_memory_bytes'] / 2**20:9.0f}"
         )

@@ -96,6 +96,7 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
         "conv_steps": [i for i, p in enumerate(plans) if p.conv],
         "pool_steps": [i for i, p in enumerate(plans) if p.pool],
         "window_steps": [i for i, p in enumerate(plans) if p.windows],
+        "kv_steps": [i for i, p in enumerate(plans) if p.kv > 1],
         "config": config.to_dict(),
     }
     return info
@@ -125,7 +126,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("modules")
     for name, what in info["modules"].items():
         print(f"  {name}: {what}")
-    for key in ("conv_steps", "pool_steps", "window_steps"):
+    for key in ("conv_steps", "pool_steps", "window_steps", "kv_steps"):
         print(f"{key:<13} {_ranges(info[key])}")
     return EXIT_OK
 
