@@ -123,6 +123,16 @@ class HiDiffusion:
                         "the same shifts as the hidiff library's window_seed.",
                     },
                 ),
+                "kv_downsample": (
+                    ["1", "2", "4"],
+                    {
+                        "default": str(getattr(d, "kv_downsample", 1)),
+                        "tooltip": "ToDo-style key/value downsampling of the top-resolution self-attention (inside "
+                        "the windows when window_attn is on): 1 off; 2 or 4 shrink keys and values that much per "
+                        "side while queries keep full resolution. Faster, slightly softer. Acts where HiDiffusion "
+                        "acts.",
+                    },
+                ),
                 "at_native": (
                     ["skip", "apply"],
                     {
@@ -170,12 +180,17 @@ def config_from_widgets(
     aggressive_step_ratio: float = _DEFAULTS.aggressive_step_ratio,
     window_shift: str = _DEFAULTS.window_shift,
     window_seed: int = UNSET,
+    kv_downsample: Any = None,
     at_native: str = _DEFAULTS.at_native,
 ) -> HiDiffusionConfig:
     """The library's config from the node's widget values (-1 / "auto" mean the library default None)."""
     if aggressive not in ("auto", "on", "off"):
         raise ValueError(f"aggressive must be auto, on or off, got {aggressive!r}")
+    extra = {}
+    if kv_downsample is not None:
+        extra["kv_downsample"] = int(kv_downsample)
     return HiDiffusionConfig.from_options(
+        **extra,
         raunet=bool(raunet),
         window_attn=bool(window_attn),
         preset=None if preset == "auto" else preset,

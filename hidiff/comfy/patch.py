@@ -66,6 +66,7 @@ class CallRecord:
     unpooled: Optional[tuple[tuple[int, int], tuple[int, int]]] = None
     windows: list = field(default_factory=list)  # (layer ordinal, (H, W), shifts per row)
     control_sizes: dict = field(default_factory=dict)  # kind -> [sizes after resizing]
+    kv: list = field(default_factory=list)  # (layer ordinal, (H, W) shrunk, factor) of key/value downsampling
 
 
 @dataclass
@@ -246,11 +247,32 @@ class HiDiffusionPatch:
         layer = self.layer_of.get(key)
         heads = extra_options["n_heads"]
         hw = _map_size(q.shape[1], extra_options)
-        if state is None or not state.plan.windows or layer is None or hw is None or min(hw) < 2:
+        if state is None or layer is None or hw is None or min(hw) < 2:
+            return _attention(q, k, v, heads, None, extra_options, previous)
+        factor = int(getattr(state.plan, "kv", 1) or 1)
+        if not state.plan.windows:
+            if factor <= 1:
+                return _attention(q, k, v, heads, None, extra_options, previous)
+            # ToDo-style: keys and values from the map shrunk by `factor` per side (k and v are
+            # per-token linear maps of the tokens, so shrinking them equals shrinking the tokens).
+            k, v = (ops.kv_downsample(t, hw[0], hw[1], factor).tokens for t in (k, v))
+            if state.record is not None:
+                state.record.kv.append((layer, hw, factor))
             return _attention(q, k, v, heads, None, extra_options, previous)
         shifts = [self._shift(seed, state.plan.step, layer, hw) for seed in state.seeds]
         wq, wk, wv = (ops.window_partition(t, hw[0], hw[1], shifts) for t in (q, k, v))
-        out = _attention(wq.tokens, wk.tokens, wv.tokens, heads, wq.key_bias, extra_options, previous)
+        keys, values, bias = wk.tokens, wv.tokens, wq.key_bias
+        if factor > 1:
+            # Each (padded) window shrinks on its own; padding never enters a key.
+            side = ops.window_sides(hw[0], hw[1])
+            valid = bias[:, 0, :] == 0 if bias is not None else None
+            small_k = ops.kv_downsample(keys, side[0], side[1], factor, valid=valid)
+            small_v = ops.kv_downsample(values, side[0], side[1], factor, valid=valid)
+            keys, values = small_k.tokens, small_v.tokens
+            bias = ops.key_bias(small_k.valid, q.dtype) if small_k.valid is not None else None
+            if state.record is not None:
+                state.record.kv.append((layer, side, factor))
+        out = _attention(wq.tokens, keys, values, heads, bias, extra_options, previous)
         if state.record is not None:
             state.record.windows.append((layer, hw, shifts))
         return ops.window_merge(out, wq)
@@ -428,7 +450,7 @@ def apply_hidiffusion(
         clone.set_model_output_block_patch(patch.output_block)
     elif recorder is not None:
         clone.set_model_input_block_patch(patch.input_block)
-    if cfg.window_attn:
+    if cfg.window_attn or getattr(cfg, "kv_downsample", 1) > 1:
         for kind, block, index in network.blocks.windowed:
             clone.set_model_attn1_replace(patch.attn1, kind, block, index)
     clone.hidiffusion = patch  # for inspection (tests, other nodes); the clone owns it

@@ -158,6 +158,13 @@ CASES = [
     ("sdxl", (37, 53), 5, 0, 1.0),
     ("sdxl", (128, 128), 4, 0, 1.0),  # 4x, the few-step preset
 ]
+#: ToDo-style key/value downsampling inside the windows, on the same weights (option, value).
+KV_CASES = [
+    ("sd15", (64, 64), 2, True),
+    ("sd15", (37, 53), 4, True),  # odd windows: padded keys masked after shrinking
+    ("sdxl", (37, 53), 2, False),  # no windows: the whole map shrinks
+    ("sd15", (64, 64), 4, False),
+]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +209,25 @@ def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
     # ... and not because HiDiffusion did nothing on both sides.
     stock = run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cfg)
     assert float((stock - got).abs().max()) > 100 * TOLERANCE * ref
+
+
+@pytest.mark.parametrize(
+    "family,hw,factor,windows",
+    KV_CASES,
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-kv{c[2]}-{'windows' if c[3] else 'whole'}" for c in KV_CASES],
+)
+def test_same_latents_with_kv_downsampling(family, hw, factor, windows):
+    unet, patcher = twin_models(family)
+    noise = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(11))
+    positive, negative = conds(family, 8 * hw[0], 8 * hw[1])
+    options = dict(window_seed=1234, kv_downsample=factor, window_attn=windows)
+    want, sigmas = run_diffusers(unet, family, noise, 3, 0, positive, None, (8 * hw[0], 8 * hw[1]), **options)
+    rec = Recorder()
+    got = run_comfy(patcher, noise, sigmas, positive, negative, torch.zeros(1, 4, *hw), recorder=rec, **options)
+    assert rec and all(len(r.kv) == 5 for r in rec)
+    err, ref = float((got - want).abs().max()), float(want.abs().max())
+    print(f"cross-host kv={factor} windows={windows} {family} {hw}: max|diff| {err:.3g}, relative {err / ref:.2g}")
+    assert err <= TOLERANCE * ref
 
 
 def run_comfy_stock(patcher, noise, sigmas, positive, negative, latent_image, cfg=1.0):
