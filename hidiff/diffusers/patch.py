@@ -38,6 +38,7 @@ from .kv import KVHooks
 from .model import detect_layout, find_unet, model_name
 from .raunet import RAUNetHooks
 from .steps import StepTracker, as_float
+from .tome import check_tomesd
 from .windows import WindowHooks
 
 #: The attribute of a patched U-Net that holds its patch.
@@ -233,6 +234,8 @@ class Patch:
     def on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         sample = arg(args, kwargs, 0, "sample")
         plan = self.plan_for(sample, arg(args, kwargs, 1, "timestep"))
+        if plan.active:
+            check_tomesd(self.unet, self.config)  # tomesd applied after hidiff
         record = CallRecord(step=plan.step, total=plan.total, latent=plan.latent, preset=plan.preset)
         self._close(leave_call(self))  # a call that ended without its post-hook (killed thread)
         run = self.run_state()
@@ -316,6 +319,7 @@ def apply_hidiffusion(
     }
     cfg = HiDiffusionConfig.from_options(config, **switches, **options)
     cfg.check_ratios(layout.kind)
+    check_tomesd(unet, cfg)
     if pipe is None and scheduler is None:
         warnings.warn(
             f"hidiff: {model_name(unet)} was patched without its pipeline or a scheduler, so the step of each call "
