@@ -167,7 +167,7 @@ def build_jobs(base: generate.Request, lines: list[Line]) -> list[Job]:
             jobs.append(Job(len(jobs), line.number, 0, None, None, f"{type(error).__name__}: {error}", settings))
             continue
         count = request.batch
-        first = request.seed if "seed" in line.fields else (base.seed or 0) + (line.number - 1) * count
+        first = request.seed if line.fields.get("seed") is not None else (base.seed or 0) + (line.number - 1) * count
         for k in range(count):
             seed = first + k
             if seed > SEED_MAX:
@@ -331,6 +331,14 @@ def _duration(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------ running
+class LoadError(Exception):
+    """The model could not be loaded: the batch stops (every line would fail the same way)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Pipelines:
     """This process's pipeline, loaded on first use; a job of another task (img2img, inpaint) gets the
     same components in that task's pipeline class."""
@@ -341,14 +349,18 @@ class Pipelines:
         self.torch_device: Any = None
 
     def get(self, request: generate.Request) -> tuple[Any, Any]:
+        for pipe, _, scheduler in self.by_task.values():  # they share the U-Net and VAE: all of them
+            reset(pipe, scheduler)
         if request.task not in self.by_task:
             if not self.by_task:
-                pipe, layout, self.torch_device = generate.load(dataclasses.replace(request, device=self.device))
+                try:
+                    pipe, layout, self.torch_device = generate.load(dataclasses.replace(request, device=self.device))
+                except Exception as error:
+                    raise LoadError(error) from error
             else:
                 pipe, layout = self._rebuild(request)
             self.by_task[request.task] = (pipe, layout, pipe.scheduler)
-        pipe, layout, scheduler = self.by_task[request.task]
-        reset(pipe, scheduler)
+        pipe, layout, _ = self.by_task[request.task]
         return pipe, layout
 
     def _rebuild(self, request: generate.Request) -> tuple[Any, Any]:
@@ -474,6 +486,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         try:
             made = make_image(job, pipes, out)
+        except LoadError as failure:
+            raise failure.error from None
         except Exception as error:  # a bad size or input image, out of memory: recorded, and the rest go on
             _free_cache(pipes.torch_device)
             append_manifest(manifest, entry(job, "failed", rank, error=f"{type(error).__name__}: {error}"))

@@ -418,11 +418,9 @@ def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, A
     return request, pipe, layout, images, device
 
 
-def load(request: Request, device: Optional[torch.device] = None) -> tuple[Any, Any, torch.device]:
-    """The pipeline a request needs, on its device (``device``: that one instead of ``request.device``'s):
-    (pipeline, layout, device)."""
-    resolved, dtype = resolve_device(request.device, request.dtype)
-    device = device if device is not None else resolved
+def load(request: Request) -> tuple[Any, Any, torch.device]:
+    """The pipeline a request needs, on its device: (pipeline, layout, device)."""
+    device, dtype = resolve_device(request.device, request.dtype)
     quiet_libraries()
     pipe, layout = load_pipeline(request.model, request.config_folder, request.controlnet, request.task, dtype)
     pipe.to(device)

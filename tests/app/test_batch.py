@@ -341,9 +341,11 @@ def test_lines_of_other_tasks_and_cfgpp_share_the_loaded_model_and_leave_nothing
     Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     lines = [
         {"prompt": "same", "seed": 3},
-        {"prompt": "from a photo", "image": "photo.png", "strength": 0.5, "steps": 4},  # img2img, relative path
+        {"prompt": "from a photo", "seed": 9, "image": "photo.png", "strength": 0.5, "steps": 4},  # relative path
         {"prompt": "cfg++", "scheduler": "euler", "cfgpp": 0.5},
         {"prompt": "same", "seed": 3},
+        {"prompt": "cfg++", "scheduler": "euler", "cfgpp": 0.5},
+        {"prompt": "from a photo", "seed": 9, "image": "photo.png", "strength": 0.5, "steps": 4},
     ]
     file = tmp_path / "p.jsonl"
     file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -362,7 +364,18 @@ def test_lines_of_other_tasks_and_cfgpp_share_the_loaded_model_and_leave_nothing
     assert guided["run"]["scheduler"] != "DDIMScheduler"
     # the last line is the first one again: the same pixels after img2img and CFG++ ran in between
     assert np.array_equal(pixels(files[1]), pixels(files[4]))
+    assert np.array_equal(pixels(files[2]), pixels(files[6]))  # img2img right after CFG++ on the shared U-Net
     assert meta(files[4])[1]["run"]["scheduler"] == "DDIMScheduler"
     # and what the img2img line wrote re-runs through hidiff generate
     assert main(["generate", "--quiet", "--from-image", str(files[2]), "--out", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(files[2]))
+
+
+def test_a_model_that_cannot_load_stops_the_batch_instead_of_failing_every_line(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    (tmp_path / "notamodel").mkdir()
+    argv = ["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "notamodel")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "without model_index.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / batch.MANIFEST).exists()
