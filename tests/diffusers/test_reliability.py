@@ -86,6 +86,7 @@ DEPTHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(SIDE, SIDE), ODD, (136, 200)], ids=["2x", "72x104", "136x200"])
 @pytest.mark.parametrize("case", list(DEPTHS))
 def test_other_block_depths_generate_act_and_remove_exactly(case, size):
@@ -135,6 +136,7 @@ def _collected(ref):
     return ref() is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop", ["remove-then-drop", "drop-patched-pipeline", "drop-patched-unet"])
 def test_patched_unet_is_freed_after_a_generation(drop):
     pipe = sd_pipe()
@@ -361,6 +363,7 @@ def assert_same_image(batched, alone):
     torch.testing.assert_close(batched, alone, rtol=0, atol=BATCH_TOLERANCE * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, dict(window_seed=7)], ids=["seeded-per-image", "fixed-window-seed"])
 @pytest.mark.parametrize("size", [(SIDE, SIDE), ODD], ids=["2x", "72x104"])
 def test_image_k_of_a_batch_is_remade_alone_with_its_generator(options, size):
