@@ -137,17 +137,22 @@ def _collected(ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drop", ["remove-then-drop", "drop-patched-pipeline", "drop-patched-unet"])
+@pytest.mark.parametrize(
+    "drop", ["remove-then-drop", "drop-patched-pipeline", "drop-patched-unet", "drop-with-cfgpp-and-invert"]
+)
 def test_patched_unet_is_freed_after_a_generation(drop):
     pipe = sd_pipe()
     apply_hidiffusion(pipe, window_seed=1)
+    if drop == "drop-with-cfgpp-and-invert":
+        hidiff.enable_cfgpp(pipe, "ddim", 0.6)
+        hidiff.invert(pipe, torch.rand(1, 3, SIDE, SIDE), "one red circle", num_inference_steps=2)
     run(pipe, steps=2)
     assert last_call(pipe).window_calls > 0
     ref = weakref.ref(pipe.unet)
     if drop == "remove-then-drop":
         remove_hidiffusion(pipe)
         del pipe
-    elif drop == "drop-patched-pipeline":
+    elif drop in ("drop-patched-pipeline", "drop-with-cfgpp-and-invert"):
         del pipe
     else:
         unet = pipe.unet
