@@ -267,6 +267,19 @@ def test_deepcopy_of_a_patched_unet_behaves_like_the_original_and_removes_alone(
     assert torch.equal(run(pipe)[0], original)
 
 
+def test_save_pretrained_of_a_patched_unet_saves_the_stock_model(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe = sd_pipe()
+    stock_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    apply_hidiffusion(pipe)
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert not is_patched(loaded) and is_patched(pipe)
+    state = loaded.state_dict()
+    assert state.keys() == stock_state.keys() and all(torch.equal(state[k], v) for k, v in stock_state.items())
+
+
 def test_torch_save_and_load_of_a_patched_unet():
     pipe = sd_pipe()
     stock_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
