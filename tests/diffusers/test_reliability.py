@@ -226,18 +226,20 @@ def test_patch_keeps_working_after_an_interrupted_call():
 
 
 # --------------------------------------------------------------------------- 3. copies and saving
-def test_deepcopy_of_a_patched_pipeline_behaves_like_the_original_and_removes_alone():
+@pytest.mark.parametrize("options", [{}, dict(kv_downsample=2)], ids=["default", "kv-downsample"])
+def test_deepcopy_of_a_patched_pipeline_behaves_like_the_original_and_removes_alone(options):
     pipe = sd_pipe()
-    apply_hidiffusion(pipe, **ACTING["sd15"])
+    apply_hidiffusion(pipe, **ACTING["sd15"], **options)
     original, records = run(pipe)
     clone = copy.deepcopy(pipe)
     assert get_patch(clone) is not get_patch(pipe)
     assert get_patch(clone).unet is clone.unet and get_patch(clone).pipe is clone
     copied, copy_records = run(clone)
     assert torch.equal(copied, original)
-    assert [(r.conv, r.pool, r.window_calls) for r in copy_records] == [
-        (r.conv, r.pool, r.window_calls) for r in records
+    assert [(r.conv, r.pool, r.window_calls, r.kv_calls) for r in copy_records] == [
+        (r.conv, r.pool, r.window_calls, r.kv_calls) for r in records
     ]
+    assert all(r.kv_calls > 0 for r in copy_records) == bool(options)
     assert last_call(clone).window_calls > 0 and last_call(clone) is not last_call(pipe)
     remove_hidiffusion(clone)
     assert not is_patched(clone) and is_patched(pipe)
