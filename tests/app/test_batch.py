@@ -151,16 +151,20 @@ def test_one_process_writes_every_line_with_generate_metadata_and_a_manifest(
 
 
 # ------------------------------------------------------------------ two processes
-@pytest.mark.slow
-def test_two_processes_under_accelerate_launch_make_the_same_images(reference, model, prompts, tmp_path):
-    out = tmp_path / "two"
-    # `--cpu --num_processes 2` starts one process unless MPI is set up; the torchrun launcher starts two,
-    # which form a gloo group on a machine without CUDA
+def accelerate_command(*argv):
+    """Two processes: `--cpu --num_processes 2` starts one unless MPI is set up; the torchrun launcher
+    that --multi_gpu picks starts two, which form a gloo group on a machine without CUDA."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(free_port()), "-m", "hidiff.app.cli", "batch"]
+    return [*launch, *map(str, argv)]
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_make_the_same_images(reference, model, prompts, tmp_path):
+    out = tmp_path / "two"
     done = subprocess.run(
-        [*launch, prompts, "--out", str(out), "--model", model, *SIZE],
+        accelerate_command(prompts, "--out", out, "--model", model, *SIZE),
         env=environment(tmp_path),
         capture_output=True,
         text=True,
@@ -176,12 +180,17 @@ def test_two_processes_under_accelerate_launch_make_the_same_images(reference, m
 
 # ------------------------------------------------------------------ killed and resumed
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "launcher, stop",
+    [("one", signal.SIGKILL), ("one", signal.SIGTERM), ("accelerate", signal.SIGTERM)],
+    ids=["SIGKILL", "SIGTERM", "accelerate-SIGTERM"],
+)
 def test_a_killed_run_resumes_to_the_same_set_nothing_lost_nothing_made_twice(
-    reference, model, prompts, tmp_path, stop
+    reference, model, prompts, tmp_path, launcher, stop
 ):
     out = tmp_path / "resumed"
-    command = cli_command(prompts, "--out", out, "--model", model, *SIZE)
+    argv = (prompts, "--out", out, "--model", model, *SIZE)
+    command = cli_command(*argv) if launcher == "one" else accelerate_command(*argv)
     process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest_file = out / batch.MANIFEST
     deadline = time.monotonic() + 300
@@ -189,12 +198,13 @@ def test_a_killed_run_resumes_to_the_same_set_nothing_lost_nothing_made_twice(
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    process.send_signal(stop)
+    process.send_signal(stop)  # to the launcher, which stops its processes
     process.wait(timeout=60)
     process.stderr.close()
     made_before = len(manifest(out))
     assert 1 <= made_before < 10, "the run ended before it was stopped: nothing to resume"
 
+    command = cli_command(*argv) if launcher == "one" else accelerate_command(*argv)  # a free port again
     done = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already done" in done.stderr
