@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -55,7 +56,7 @@ from .args import (
     positive,
 )
 from .reference import check_reference_python, reference_env
-from .timing import REPLY_PREFIX, loop_flops, move, timed_loop
+from .timing import REPLY_PREFIX, PeakMemory, loop_flops, move, timed_loop
 
 #: Mode name -> apply_hidiffusion options (None: stock U-Net); ``published`` (the published
 #: package, run by ``--reference-python``) comes on top.
@@ -102,6 +103,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
     add_method_flags(parser, "--modes", (*MODES, ALL), ",".join(DEFAULT_MODES))
     add_kv_flag(parser)  # N > 1 adds the mode hidiff-kvN: hidiff with kv_downsample N
+    parser.add_argument(
+        "--per-phase",
+        action="store_true",
+        help="time one U-Net call per distinct phase of the schedule (RAU-Net / windows / kv state) and compose "
+        "the run's time from the schedule, instead of running every step (docs/speed.md)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto")
     parser.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
     add_threads_flag(parser)
@@ -347,6 +354,7 @@ def run_bench(
     model: Optional[str] = None,
     config_folder: Optional[str] = None,
     kv_downsample: Optional[int] = None,
+    per_phase: bool = False,
 ) -> dict:
     """Time each mode side by side; the result is what ``hidiff bench --json`` prints.
 
@@ -354,6 +362,8 @@ def run_bench(
     only with ``reference_python``, which adds it to either). ``family`` (default ``sd15``)
     picks a random-weight U-Net; ``model`` a real one instead (not both). ``kv_downsample``
     2 or 4 adds the mode ``hidiff-kv2`` / ``hidiff-kv4``: hidiff with key/value downsampling.
+    ``per_phase``: each step's time is that of one U-Net call (plus the scheduler step) timed
+    once per distinct phase (:func:`_phase_run`), so a long schedule costs a few calls.
     """
     from diffusers import DDIMScheduler
 
@@ -362,6 +372,8 @@ def run_bench(
     if config_folder is not None and model is None:
         raise ValueError("--config gives the component configs of a single-file --model; it needs --model")
     family = family or "sd15"
+    if per_phase and (reference_python is not None or PUBLISHED in (modes or ())):
+        raise ValueError("--per-phase times hidiff's own phases; the published mode runs whole loops: drop one")
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
     if kv_downsample is not None and kv_downsample > 1:
         modes = (*modes, kv_mode(kv_downsample))
@@ -394,7 +406,8 @@ def run_bench(
             }
             if published is not None:
                 flops[PUBLISHED] = published.info["flops_per_step"]
-            runs = {m: published.run if m == PUBLISHED else _local_run(m, unet, scheduler, inputs) for m in modes}
+            local = _phase_run if per_phase else _local_run
+            runs = {m: published.run if m == PUBLISHED else local(m, unet, scheduler, inputs) for m in modes}
             for m in modes:  # warm-up: first calls pay for allocation and kernel selection
                 for _ in range(warmup):
                     runs[m](1)
@@ -425,6 +438,7 @@ def run_bench(
         "dtype": dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "per_phase": per_phase,
         "modes": results,
     }
     if components is not None:
@@ -476,6 +490,48 @@ def _local_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
     return run
 
 
+def _phase_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
+    """Like :func:`_local_run`, but one timed U-Net call (and scheduler step) per distinct phase:
+    the plan's (conv, pool, windows, kv) of each step; every step of a phase gets that time."""
+    options = mode_options(mode)
+
+    def run(steps: int) -> dict:
+        x = inputs["sample"]
+        extra = {k: v for k, v in inputs.items() if k != "sample"}
+        latent = (int(x.shape[-2]), int(x.shape[-1]))
+        if options is not None:
+            adapter.apply_hidiffusion(unet, scheduler=scheduler, window_seed=0, **options)
+        try:
+            scheduler.set_timesteps(steps)
+            patch = adapter.get_patch(unet)
+            plans = [patch.plan(latent, i, steps) if patch is not None else None for i in range(steps)]
+            keys = [(p.conv, p.pool, p.windows, p.kv) if p is not None else "stock" for p in plans]
+            measured: dict = {}
+            with PeakMemory(x.device) as memory, torch.no_grad():
+                for key, t in zip(keys, scheduler.timesteps):
+                    if key in measured:
+                        continue
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize(x.device)
+                    start = time.perf_counter()
+                    eps = unet(x, t, **extra).sample
+                    scheduler.step(eps, t, x)
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize(x.device)
+                    measured[key] = time.perf_counter() - start
+        finally:
+            adapter.remove_hidiffusion(unet)
+        phases = [p is not None and (p.conv or p.pool) for p in plans]
+        return {
+            "times": [measured[k] for k in keys],
+            "phases": phases,
+            "unet_calls": len(measured),
+            "peak": memory.peak,
+        }
+
+    return run
+
+
 def kv_mode(factor: int) -> str:
     """The bench mode of hidiff with ``kv_downsample`` ``factor``."""
     return f"hidiff-kv{factor}"
@@ -505,7 +561,8 @@ def _summary(samples: list, flops_per_step: list) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{_title(result)}, median of {result['repeats']}",
+        f"{_title(result)}, median of {result['repeats']}"
+        f"{' (per phase: one U-Net call per distinct phase, composed over the schedule)' if result.get('per_phase') else ''}",
         f"{'mode':<10} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
         f"{'FLOP bound':>11} {'of bound':>9} {'GFLOP':>9} {'peak MB':>9}",
     ]
