@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action.dest == "out":
             action.help = "output folder (created if missing): the PNGs and manifest.jsonl"
             action.metavar = "DIR"
-        elif action.dest in ("compare", "from_image", "overwrite"):
-            action.help = "(generate only)"
+        elif action.dest in ("compare", "from_image", "overwrite"):  # generate's only: refused if given
+            action.help = argparse.SUPPRESS
         elif action.dest == "quiet":
             action.help = "no progress lines (the summary stays)"
     add_threads_flag(parser)
