@@ -321,3 +321,50 @@ def test_t2i_adapter_residuals_are_resized_at_2x(caplog):
     assert (16, 16) in sizes  # the stage after the strided conv got a shrunk residual
     plain = sample(hidiffusion(patcher), "sd15", (64, 64), steps=3, cfg=2.0)
     assert float((plain - out).abs().max()) > 1e-3
+
+
+def test_lora_before_or_after_the_node_gives_the_same_result():
+    patcher, _ = build("sd15")
+    key = "diffusion_model.input_blocks.3.0.op.weight"
+    delta = torch.ones_like(patcher.model.state_dict()[key]) * 0.05
+    before = patcher.clone()
+    before.add_patches({key: (delta,)}, 1.0)
+    rec = Recorder()
+    first = sample(hidiffusion(before, rec), "sd15", (64, 64), steps=3)
+    after = hidiffusion(patcher, rec).clone()
+    after.add_patches({key: (delta,)}, 1.0)
+    second = sample(after, "sd15", (64, 64), steps=3)
+    assert torch.equal(first, second)
+    assert [r.conv_out for r in rec] == [(16, 16), None, None] * 2
+
+
+@pytest.mark.parametrize("family,preset", [("sd15", "sd-1024"), ("sdxl", "sdxl-2048-gentle")])
+def test_inpainting_model_with_a_mask(family, preset):
+    """A 9-channel (inpainting) U-Net samples with a mask; SDXL inpainting gets the gentle preset."""
+    patcher, _ = build(family, in_channels=9)
+    rec = Recorder()
+    latent = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, 3)
+    pos, neg = conds(family, 512, 512)
+    out = comfy.sample.sample(
+        hidiffusion(patcher, rec),
+        noise,
+        5,
+        1.0,
+        "euler",
+        "normal",
+        pos,
+        neg,
+        latent,
+        noise_mask=mask,
+        disable_pbar=True,
+        seed=3,
+    )
+    assert torch.isfinite(out).all()
+    assert rec[0].plan.preset == preset and (rec[0].plan.conv or rec[0].plan.pool)
+    if family == "sdxl":
+        assert rec[0].plan.pool  # gentle: pooling from the first step
