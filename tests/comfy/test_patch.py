@@ -368,3 +368,12 @@ def test_inpainting_model_with_a_mask(family, preset):
     assert rec[0].plan.preset == preset and (rec[0].plan.conv or rec[0].plan.pool)
     if family == "sdxl":
         assert rec[0].plan.pool  # gentle: pooling from the first step
+
+
+def test_sd2_v_prediction_model_samples_with_the_node():
+    """An SD 2.x v-prediction model (native 768 px): ComfyUI's v-prediction sampling with the node on."""
+    patcher, _ = build("sd2", model_type="V_PREDICTION")
+    rec = Recorder()
+    out = sample(hidiffusion(patcher, rec), "sd2", (64, 64), steps=3)
+    assert torch.isfinite(out).all()
+    assert rec[0].plan.preset == "sd-1024" and rec[0].conv_out == (16, 16) and len(rec[0].windows) == 5
