@@ -389,3 +389,34 @@ def test_a_model_that_cannot_load_stops_the_batch_instead_of_failing_every_line(
     err = capsys.readouterr().err
     assert "without model_index.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / batch.MANIFEST).exists()
+
+
+def test_controlnet_lines_take_their_own_control_images(model, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    torch.manual_seed(1)
+    unet = StableDiffusionPipeline.from_pretrained(model).unet
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    with torch.no_grad():  # a ControlNet's zero convolutions start at zero: make its hints count
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            module.weight.normal_(0, 0.1)
+    controlnet.save_pretrained(tmp_path / "cn")
+    rng = np.random.default_rng(0)
+    for name in ("edges-a.png", "edges-b.png"):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / name)
+    lines = [
+        {"prompt": "same", "seed": 1, "control_image": "edges-a.png"},
+        {"prompt": "same", "seed": 1, "control_image": "edges-b.png", "controlnet_scale": 2.0},
+    ]
+    file = tmp_path / "p.jsonl"
+    file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["batch", str(file), "--out", str(out), "--model", model, "--controlnet", str(tmp_path / "cn"), *SIZE]
+    assert main(argv) == 0
+    files = {e["line"]: out / e["file"] for e in manifest(out)}
+    (_, a), (_, b) = meta(files[1]), meta(files[2])
+    assert a["run"]["pipeline"] == "StableDiffusionControlNetPipeline"
+    assert a["request"]["control_image"] == str(tmp_path / "edges-a.png") and a["request"]["controlnet_scale"] == 1.0
+    assert b["request"]["control_image"] == str(tmp_path / "edges-b.png") and b["request"]["controlnet_scale"] == 2.0
+    assert a["inputs_sha256"]["control_image"] != b["inputs_sha256"]["control_image"]
+    assert not np.array_equal(pixels(files[1]), pixels(files[2]))
