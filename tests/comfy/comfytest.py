@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 from typing import Any, Optional
 
 import torch
+
+#: The ComfyUI root these tests run against: $HIDIFF_COMFYUI or <venv>/ComfyUI (install_comfy.sh's layout).
+COMFY_ROOT = os.path.abspath(os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI"))
+HAVE_COMFY = os.path.isfile(os.path.join(COMFY_ROOT, "comfy", "model_patcher.py"))
+
+
+def patch_api() -> bool:
+    """Whether this ComfyUI has the APIs the node patches through (0.3.x from December 2024 on)."""
+    from comfy.model_patcher import ModelPatcher
+
+    return all(hasattr(ModelPatcher, n) for n in ("add_wrapper_with_key", "set_model_forward_timestep_embed_patch"))
+
 
 #: Native latent side of the tiny models in these tests (256 px): 2x native is a 64x64 latent.
 NATIVE = 32

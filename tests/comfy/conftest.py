@@ -10,9 +10,7 @@ import os
 import sys
 
 import pytest
-
-COMFY_ROOT = os.path.abspath(os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI"))
-HAVE_COMFY = os.path.isfile(os.path.join(COMFY_ROOT, "comfy", "model_patcher.py"))
+from comfytest import COMFY_ROOT, HAVE_COMFY
 
 if not HAVE_COMFY:
     collect_ignore_glob = ["test_*.py"]

@@ -1,8 +1,7 @@
 """Feature detection: the node runs where ComfyUI has its patch APIs and refuses clearly where not."""
 
 import pytest
-from comfytest import build
-from conftest import PATCH_API
+from comfytest import build, patch_api
 
 
 def test_node_on_this_comfyui():
@@ -12,7 +11,7 @@ def test_node_on_this_comfyui():
     patcher, _ = build("sd15")
     required = HiDiffusion.INPUT_TYPES()["required"]
     defaults = {k: v[1]["default"] for k, v in required.items() if k != "model"}
-    if PATCH_API:
+    if patch_api():
         check_comfy_api(patcher)
         (out,) = HiDiffusion().apply(patcher, **defaults)
         assert out is not patcher
