@@ -36,6 +36,7 @@ from . import generate
 from .args import AUTO, EXIT_FAILURE, EXIT_OK, SEED_MAX, UsageError, add_threads_flag, set_threads
 
 MANIFEST = "manifest.jsonl"
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 PROMPTS_JSONL_SUFFIXES = (".jsonl", ".ndjson")
 #: Request fields a JSONL line may set; the model, its ControlNet and the device and dtype it is
 #: loaded with are the command line's (each process loads them once).
@@ -438,6 +439,25 @@ def entry(job: Job, status: str, rank: int, **fields: Any) -> dict:
     }
 
 
+def run_job(job: Job, pipes: Pipelines, out: Path, manifest: Path, rank: int, progress: Progress) -> None:
+    """Make one image and record it; a failing line is recorded with its error (the model not loading stops all)."""
+    if job.error is not None:
+        append_manifest(manifest, entry(job, "failed", rank, error=job.error))
+        progress.step(failed=True)
+        return
+    try:
+        made = make_image(job, pipes, out)
+    except LoadError as failure:
+        raise failure.error from None
+    except Exception as error:  # a bad size or input image, out of memory: recorded, and the rest go on
+        _free_cache(pipes.torch_device)
+        append_manifest(manifest, entry(job, "failed", rank, error=f"{type(error).__name__}: {error}"))
+        progress.step(failed=True)
+        return
+    append_manifest(manifest, entry(job, "done", rank, **made))
+    progress.step(failed=False)
+
+
 def main(args: argparse.Namespace) -> int:
     """``hidiff batch``: every check of the command line and the prompt file first, then the jobs of this process."""
     for name, what in (("compare", "--compare"), ("from_image", "--from-image"), ("overwrite", "--overwrite")):
@@ -479,22 +499,15 @@ def main(args: argparse.Namespace) -> int:
             pending.append(job)
     pipes = Pipelines(run_device(base, state))
     progress = Progress(rank, count, len(pending), args.quiet)
-    for job in pending:
-        if job.error is not None:
-            append_manifest(manifest, entry(job, "failed", rank, error=job.error))
-            progress.step(failed=True)
-            continue
-        try:
-            made = make_image(job, pipes, out)
-        except LoadError as failure:
-            raise failure.error from None
-        except Exception as error:  # a bad size or input image, out of memory: recorded, and the rest go on
-            _free_cache(pipes.torch_device)
-            append_manifest(manifest, entry(job, "failed", rank, error=f"{type(error).__name__}: {error}"))
-            progress.step(failed=True)
-            continue
-        append_manifest(manifest, entry(job, "done", rank, **made))
-        progress.step(failed=False)
+    try:
+        for job in pending:
+            run_job(job, pipes, out, manifest, rank, progress)
+    except KeyboardInterrupt:
+        print(
+            f"hidiff batch: interrupted after {progress.made} image(s); rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     elapsed = time.perf_counter() - progress.start
     print(
         f"process {rank + 1}/{count}: {progress.made} made, {skipped} already done, {progress.failed} failed, "

@@ -420,3 +420,31 @@ def test_controlnet_lines_take_their_own_control_images(model, tmp_path):
     assert b["request"]["control_image"] == str(tmp_path / "edges-b.png") and b["request"]["controlnet_scale"] == 2.0
     assert a["inputs_sha256"]["control_image"] != b["inputs_sha256"]["control_image"]
     assert not np.array_equal(pixels(files[1]), pixels(files[2]))
+
+
+def test_out_of_memory_on_one_line_is_recorded_and_ctrl_c_stops_cleanly(model, tmp_path, capsys, monkeypatch):
+    file = tmp_path / "p.txt"
+    file.write_text("small\nhuge\nsmall again\n")
+    real_run = generate.run_pipeline
+
+    def run(request, *args, **kwargs):
+        if request.prompt == "huge":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real_run(request, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "run_pipeline", run)
+    out = tmp_path / "out"
+    argv = ["batch", str(file), "--out", str(out), "--model", model, *SIZE]
+    assert main(argv) == 1
+    entries = {e["line"]: e for e in manifest(out)}
+    assert [entries[n]["status"] for n in (1, 2, 3)] == ["done", "failed", "done"]
+    assert entries[2]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+
+    def interrupted(request, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "run_pipeline", interrupted)
+    capsys.readouterr()
+    assert main(argv) == batch.EXIT_INTERRUPTED
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert len(manifest(out)) == 3 and not [n for n in os.listdir(out) if ".partial-" in n]
