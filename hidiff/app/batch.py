@@ -482,9 +482,9 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: cannot create the folder ({error})") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {out} is not writable")
-    set_threads(args)
 
     state, rank, count = process_state()
+    set_threads(args)  # after accelerate, which sets its own thread count in CPU processes without OMP_NUM_THREADS
     manifest = out / MANIFEST
     mine = [job for job in jobs if job.index % count == rank]
     remove_partials(out, {job.name for job in mine if job.name})
