@@ -94,23 +94,18 @@ class HiDiffusionPatch:
         return self
 
     # ------------------------------------------------------------ per run
-    def sampler_sample(
-        self,
-        executor: Any,
-        guider: Any,
-        sigmas: Any,
-        extra_args: dict,
-        callback: Any,
-        noise: Any,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        model_options = dict(extra_args.get("model_options", {}))
-        transformer_options = dict(model_options.get("transformer_options", {}))
-        transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
-        model_options["transformer_options"] = transformer_options
-        extra_args = {**extra_args, "model_options": model_options}
-        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+    def sampler_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """Wraps ``KSAMPLER.sample(guider, sigmas, extra_args, callback, noise, ...)``."""
+        args, kwargs = list(args), dict(kwargs)
+        extra_args, where = _argument(args, kwargs, 2, "extra_args")
+        noise, _ = _argument(args, kwargs, 4, "noise")
+        if isinstance(extra_args, dict):
+            model_options = dict(extra_args.get("model_options", {}))
+            transformer_options = dict(model_options.get("transformer_options", {}))
+            transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
+            model_options["transformer_options"] = transformer_options
+            _put(args, kwargs, where, {**extra_args, "model_options": model_options})
+        return executor(*args, **kwargs)
 
     # ------------------------------------------------------------ per call
     def plan(self, x: torch.Tensor, transformer_options: dict, control: Any) -> Plan:
@@ -120,30 +115,22 @@ class HiDiffusionPatch:
         task = Task(inpainting=arch.inpainting, edm=self.network.edm, text2img_controlnet=control is not None)
         return plan_call(arch, latent, self.config, progress, task)
 
-    def diffusion_model(
-        self,
-        executor: Any,
-        x: torch.Tensor,
-        timesteps: Any,
-        context: Any,
-        y: Any,
-        control: Any,
-        transformer_options: dict,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
+    def diffusion_model(self, executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Wraps ``UNetModel._forward(x, timesteps, context, y, control, transformer_options, ...)``."""
+        args, kwargs = list(args), dict(kwargs)
+        control, control_at = _argument(args, kwargs, 3, "control")
+        transformer_options, options_at = _argument(args, kwargs, 4, "transformer_options")
+        transformer_options = transformer_options if isinstance(transformer_options, dict) else {}
         plan = self.plan(x, transformer_options, control)
         if not plan.active:
-            return executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
+            return executor(x, *args, **kwargs)
         record = CallRecord(plan=plan, batch=int(x.shape[0])) if self.recorder is not None else None
         state = CallState(plan=plan, seeds=self._row_seeds(x, transformer_options), record=record)
-        if control is not None:
-            control = self._fit_control(control, plan, record)
-        transformer_options = {
-            **transformer_options,
-            _CALL_KEY: {**transformer_options.get(_CALL_KEY, {}), self.key: state},
-        }
-        out = executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
+        if isinstance(control, dict):
+            _put(args, kwargs, control_at, self._fit_control(control, plan, record))
+        calls = {**transformer_options.get(_CALL_KEY, {}), self.key: state}
+        _put(args, kwargs, options_at, {**transformer_options, _CALL_KEY: calls})
+        out = executor(x, *args, **kwargs)
         if record is not None:
             self.recorder(record)
         return out
@@ -287,6 +274,20 @@ class HiDiffusionPatch:
 
 
 # ---------------------------------------------------------------- helpers
+def _argument(args: list, kwargs: dict, index: int, name: str) -> tuple[Any, Any]:
+    """(value, where) of a wrapped call's argument, passed by position or by name."""
+    if len(args) > index:
+        return args[index], index
+    return kwargs.get(name), name
+
+
+def _put(args: list, kwargs: dict, where: Any, value: Any) -> None:
+    if isinstance(where, int):
+        args[where] = value
+    else:
+        kwargs[where] = value
+
+
 def _progress(transformer_options: dict) -> Progress:
     sigmas = transformer_options.get("sigmas")
     schedule = transformer_options.get("sample_sigmas")
