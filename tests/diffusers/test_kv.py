@@ -189,3 +189,17 @@ def test_works_with_a_processor_from_elsewhere(sd_pipe):
         h.remove()
     assert torch.isfinite(out).all() and records[0].kv_calls == 5
     assert all(k == v == 20 * 20 for _, k, v in seen)
+
+
+@pytest.mark.slow
+def test_sdxl_acts_on_its_window_stage(sdxl_pipe):
+    """SDXL windows down_blocks.1 / up_blocks.1 (two transformer blocks per layer in the tiny config)."""
+    names = changes(sdxl_pipe, kv_downsample=2)
+    acting = sorted(k for k, v in names.items() if "downsampled 2x" in v)
+    assert acting and all(k.startswith(("down_blocks.1.", "up_blocks.1.")) for k in acting)
+    hidiff.apply_hidiffusion(sdxl_pipe, kv_downsample=2)
+    _, records = run_recorded(sdxl_pipe, 1024, 1024, 1)  # latent 128 over the small native 64
+    rec = records[0]
+    assert rec.kv_calls == rec.window_calls == len(acting) > 0
+    # stage 1 of SDXL is at half the latent side: 64x64, windows of 32x32, keys from 16x16
+    assert set(rec.kv_maps) == {((32, 32), (16, 16))}
