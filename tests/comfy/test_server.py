@@ -179,3 +179,34 @@ def test_example_api_workflows_validate_except_for_the_model_files(server):
             for e in err["errors"]:
                 assert e["type"] in ("value_not_in_list", "custom_validation_failed"), (name, node_id, e)
                 assert e["extra_info"]["input_name"] in files_inputs, (name, node_id, e)
+
+
+def _pixels(server, entry):
+    import numpy as np
+    from PIL import Image
+
+    (image,) = entry["outputs"]["6"]["images"]
+    path = server["base"] / "output" / image.get("subfolder", "") / image["filename"]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def test_removing_the_node_leaves_the_served_model_stock(server):
+    """Stock, then with HiDiffusion, then stock again on the server's cached checkpoint: the
+    last image is bitwise the first (the node's patches lived on its clone only)."""
+    stock = workflow(width=640, height=640, seed=5, steps=2)
+    stock["4"]["inputs"]["model"] = ["1", 0]
+    del stock["2"]
+    first = run_prompt(server, stock)
+    assert first["status"]["status_str"] == "success", error_message(first)
+    patched = run_prompt(server, workflow(width=640, height=640, seed=5, steps=2))
+    assert patched["status"]["status_str"] == "success", error_message(patched)
+    again = run_prompt(server, stock)  # KSampler's cached output is now the patched one: it runs again
+    assert again["status"]["status_str"] == "success", error_message(again)
+    cached = [
+        n for kind, data in again["status"].get("messages", []) if kind == "execution_cached" for n in data["nodes"]
+    ]
+    assert "4" not in cached and "1" in cached  # the sampler ran again, on the loader's cached model
+    a, b, c = (_pixels(server, e) for e in (first, patched, again))
+    assert (a == c).all()
+    assert (a != b).any()  # HiDiffusion did act at 640 px
