@@ -35,7 +35,8 @@ def check_tomesd(unet: Any, config: HiDiffusionConfig) -> None:
         ]
         raise ValueError(
             "hidiff: tomesd is applied to this U-Net and merges the top stage's tokens before their self-attention, "
-            f"so {' and '.join(parts)} (which need the token grid) would silently do nothing. Remove tomesd first "
+            f"so {' and '.join(parts)} ({'which need' if len(parts) > 1 else 'which needs'} the token grid) would "
+            "silently do nothing. Remove tomesd first "
             "(tomesd.remove_patch(pipe)), or keep it with RAU-Net only: "
             "apply_hidiffusion(pipe, window_attn=False, kv_downsample=1)."
         )
