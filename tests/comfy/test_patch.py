@@ -377,3 +377,34 @@ def test_sd2_v_prediction_model_samples_with_the_node():
     out = sample(hidiffusion(patcher, rec), "sd2", (64, 64), steps=3)
     assert torch.isfinite(out).all()
     assert rec[0].plan.preset == "sd-1024" and rec[0].conv_out == (16, 16) and len(rec[0].windows) == 5
+
+
+def test_every_sampler_and_scheduler_comfyui_ships():
+    """Every KSampler sampler and scheduler of this ComfyUI runs with the node; the first call
+    is step 0 with the strided conv on, and the steps follow the schedule."""
+    import comfy.samplers
+
+    patcher, _ = build("sd15")
+    model = None
+    failures = []
+    for sampler in comfy.samplers.KSampler.SAMPLERS:
+        rec = Recorder()
+        model = hidiffusion(patcher, rec)
+        try:
+            out = sample(model, "sd15", (40, 40), steps=4, cfg=2.0, sampler=sampler, scheduler="karras")
+        except Exception as e:  # collect them all, then fail with the list
+            failures.append(f"{sampler}: {type(e).__name__}: {e}")
+            continue
+        steps = [r.plan.step for r in rec]
+        if not torch.isfinite(out).all() or not rec or steps[0] != 0 or not rec[0].plan.conv:
+            failures.append(f"{sampler}: steps {steps}")
+        # dpm_fast and dpm_adaptive choose their own noise levels between the first and the last
+        # sigma: their calls land on the steps whose intervals hold them (never past the last).
+        elif not set(steps) <= {0, 1, 2, 3} or (sampler not in ("dpm_fast", "dpm_adaptive") and steps[-1] != 3):
+            failures.append(f"{sampler}: steps {steps}")
+    for scheduler in comfy.samplers.KSampler.SCHEDULERS:
+        rec = Recorder()
+        out = sample(hidiffusion(patcher, rec), "sd15", (40, 40), steps=4, scheduler=scheduler)
+        if [r.plan.step for r in rec] != [0, 1, 2, 3] or not torch.isfinite(out).all():
+            failures.append(f"scheduler {scheduler}: steps {[r.plan.step for r in rec]}")
+    assert not failures, failures
