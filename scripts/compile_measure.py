@@ -25,7 +25,11 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--options", default="{}", help="apply_hidiffusion options as JSON")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--explain", action="store_true")
+    parser.add_argument(
+        "--disable-hook-call",
+        action="store_true",
+        help="also keep dynamo out of hidiff's Hook.__call__ frames (not only _dispatch)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -35,6 +39,10 @@ def main() -> None:
     import hidiff
     from hidiff.diffusers.testing import make_unet, tiny_unet_config
 
+    if args.disable_hook_call:
+        from hidiff.diffusers.hooks import Hook
+
+        Hook.__call__ = torch.compiler.disable(Hook.__call__)  # type: ignore[method-assign]
     unet = make_unet(tiny_unet_config("sd15"))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(args.steps)

@@ -94,6 +94,9 @@ class Hook:
     def __init__(self, owner: Any, method: str, *bound: Any) -> None:
         self.owner, self.method, self.bound = owner, method, bound
 
+    # Kept out of torch.compile as a whole frame, not only in _dispatch: otherwise dynamo
+    # compiles this frame once per hook until its recompile limit (docs/speed.md).
+    @torch.compiler.disable
     def __call__(self, *args: Any) -> Any:
         return _dispatch(self, args)
 
