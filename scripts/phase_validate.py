@@ -59,10 +59,11 @@ def main() -> None:
     print(f"width {args.width_scale}, {args.size}x{args.size}, {args.steps} steps, batch 1, {args.threads} thread(s)")
     for m in modes:
         r, p = statistics.median(samples[m]["real"]), statistics.median(samples[m]["per_phase"])
-        out[m] = {"real_s": r, "per_phase_s": p, "error": p / r - 1, "per_phase_calls": samples[m]["calls"]}
+        out[m] = {"real_s": r, "per_phase_s": p, "error": p / r - 1, **samples[m]}
         print(
             f"  {m:<11} real {r:8.2f} s   per-phase {p:8.2f} s ({samples[m]['calls']} calls)   "
-            f"difference {100 * (p / r - 1):+5.1f}%   all real {[round(x, 2) for x in samples[m]['real']]}"
+            f"difference {100 * (p / r - 1):+5.1f}%   real runs {[round(x, 2) for x in samples[m]['real']]}   "
+            f"per-phase runs {[round(x, 2) for x in samples[m]['per_phase']]}"
         )
     if args.json:
         with open(args.json, "w") as f:
