@@ -145,6 +145,14 @@ class HookGroup:
     def call(self) -> Optional[CallState]:
         return current_call(self.patch)
 
+    def record_map(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on a Transformer2DModel: the H x W of its token map, exact on odd sizes
+        (its input is still (B, C, H, W), where N alone would not tell H from W)."""
+        call = self.call()
+        x = arg(args, kwargs, 0, "hidden_states")
+        if call is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
+            call.maps[id(module)] = (int(x.shape[-2]), int(x.shape[-1]))
+
 
 def first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):

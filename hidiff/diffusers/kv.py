@@ -69,12 +69,6 @@ class KVHooks(HookGroup):
         return names
 
     # ------------------------------------------------------------------ hooks
-    def record_map(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = self.call()
-        x = arg(args, kwargs, 0, "hidden_states")
-        if call is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
-            call.maps[id(module)] = (int(x.shape[-2]), int(x.shape[-1]))
-
     def shrink(self, transformer: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         call = self.call()
         if call is None or call.plan.kv <= 1:

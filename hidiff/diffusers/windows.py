@@ -59,12 +59,6 @@ class WindowHooks(HookGroup):
         return names
 
     # ------------------------------------------------------------------ hooks
-    def record_map(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = self.call()
-        x = arg(args, kwargs, 0, "hidden_states")
-        if call is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
-            call.maps[id(module)] = (int(x.shape[-2]), int(x.shape[-1]))
-
     def open(self, transformer: nn.Module, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         call = self.call()
         if call is None or not call.plan.windows:
