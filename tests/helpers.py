@@ -114,3 +114,17 @@ def assert_untouched(module, before):
     assert not torch.nn.modules.module._global_forward_pre_hooks
     assert_same_state(module, before)
     assert hidiff.is_patched(module) is False
+
+
+def unet2d_model(down, up):
+    """A small diffusers UNet2DModel (no text conditioning) with the given block types, for refusals."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=16,
+    ).eval()

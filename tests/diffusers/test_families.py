@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from helpers import assert_untouched, run_recorded, snapshot
+from helpers import assert_untouched, run_recorded, snapshot, unet2d_model
 from torch import nn
 
 import hidiff
@@ -456,21 +456,10 @@ def test_sdxl_inpaint_pipeline_gets_gentle_preset():
 
 
 # --------------------------------------------------------------------------- refusals
-def _unet2d_model(down, up):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=16,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=down,
-        up_block_types=up,
-        norm_num_groups=16,
-    ).eval()
 
 
 def _unconditional_default():
-    return _unet2d_model(
+    return unet2d_model(
         ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     )
@@ -478,7 +467,7 @@ def _unconditional_default():
 
 def _unconditional_sd_shaped():
     # Self-attention blocks exactly where SD has its cross-attention transformers.
-    return _unet2d_model(
+    return unet2d_model(
         ("AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         ("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
     )

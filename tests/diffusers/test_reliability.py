@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import assert_untouched, snapshot, unet2d_model
 from torch import nn
 
 import hidiff
@@ -657,19 +657,6 @@ class _IFLikePipeline:
         self.unet = _if_unet()
 
 
-def _unet2d(down, up):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=16,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=down,
-        up_block_types=up,
-        norm_num_groups=16,
-    ).eval()
-
-
 class _TransformerPipeline:
     def __init__(self):
         self.transformer = nn.Linear(4, 4)
@@ -683,7 +670,7 @@ REFUSALS = {
     "deepfloyd-if-unet": (_if_unet, r"UNet2DConditionModel", r"added key/value cross-attention", USE_SD),
     "deepfloyd-if-pipeline": (_IFLikePipeline, r"UNet2DConditionModel", r"DeepFloyd IF", WITHOUT),
     "unconditional": (
-        lambda: _unet2d(("AttnDownBlock2D",) * 3 + ("DownBlock2D",), ("UpBlock2D",) + ("AttnUpBlock2D",) * 3),
+        lambda: unet2d_model(("AttnDownBlock2D",) * 3 + ("DownBlock2D",), ("UpBlock2D",) + ("AttnUpBlock2D",) * 3),
         r"UNet2DModel",
         r"self-attention only.*none has the cross-attention transformer blocks",
         USE_SD,
