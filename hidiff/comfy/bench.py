@@ -13,32 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-SD15_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "context_dim": 768,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-    "num_heads": 8,
-    "num_head_channels": -1,
-}
+from .testing import build_patcher, unet_config
+
+#: SD 1.5's U-Net as ComfyUI configures it: the shared layout at full width.
+SD15_UNET = unet_config("sd15", model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
 
 
 def main(argv=None) -> dict:
@@ -55,28 +37,14 @@ def main(argv=None) -> dict:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import comfy.model_patcher
     import comfy.sample
-    import comfy.supported_models
     import torch
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     sys.argv = saved
     torch.set_num_threads(opts.threads)
     torch.set_flush_denormal(True)
-
-    import inspect
-
-    params = inspect.signature(UNetModel.__init__).parameters
-    mc = comfy.supported_models.SD15({k: v for k, v in SD15_UNET.items() if k in params})
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, "", device=torch.device("cpu"))
+    patcher, _ = build_patcher("sd15", SD15_UNET, seed=0)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            if p.numel():
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel() if p.dim() > 1 else 50.0))
-    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
     from .patch import apply_hidiffusion
 

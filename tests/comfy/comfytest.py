@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import sys
 from typing import Any, Optional
 
 import torch
+
+from hidiff.comfy.testing import TINY, build_patcher, unet_config
+from hidiff.comfy.testing import seed_weights as seed_weights  # re-exported: tests reseed other modules with it
 
 #: The ComfyUI root these tests run against: $HIDIFF_COMFYUI or <venv>/ComfyUI (install_comfy.sh's layout).
 COMFY_ROOT = os.path.abspath(os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI"))
@@ -24,101 +25,21 @@ def patch_api() -> bool:
 
 #: Native latent side of the tiny models in these tests (256 px): 2x native is a 64x64 latent.
 NATIVE = 32
-CONTEXT = 64
+CONTEXT = TINY["context_dim"]
 
 
 def sd15_unet_config(**overrides: Any) -> dict:
     """SD 1.5's layout at width 32: 4 levels, attention on the first three, conv proj_in."""
-    cfg = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "num_res_blocks": [2, 2, 2, 2],
-        "channel_mult": [1, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "transformer_depth_middle": 1,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "context_dim": CONTEXT,
-        "use_linear_in_transformer": False,
-        "adm_in_channels": None,
-        "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-        "num_heads": 8,
-        "num_head_channels": -1,
-    }
-    cfg.update(overrides)
-    return cfg
+    return unet_config("sd15", **overrides)
 
 
 def sdxl_unet_config(**overrides: Any) -> dict:
     """SDXL's layout at width 32: 3 levels, attention on the last two, linear proj_in, adm 2816."""
-    cfg = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 2],
-        "transformer_depth": [0, 0, 1, 1, 1, 1],
-        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
-        "transformer_depth_middle": 1,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "context_dim": CONTEXT,
-        "use_linear_in_transformer": True,
-        "adm_in_channels": 2816,
-        "num_classes": "sequential",
-        "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-        "num_heads": -1,
-        "num_head_channels": 64,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def seed_weights(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI builds models uninitialised: fill every parameter from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.numel() == 0:
-                continue
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
-def _accepted(cfg: dict) -> dict:
-    """The keys this ComfyUI's UNetModel takes (older trees take fewer)."""
-    import inspect
-
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    params = inspect.signature(UNetModel.__init__).parameters
-    return {k: v for k, v in cfg.items() if k in params}
-
-
-def model_class(family: str):
-    import comfy.supported_models as sm
-
-    return {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family]
+    return unet_config("sdxl", **overrides)
 
 
 def build(family: str = "sd15", seed: int = 0, model_type: Optional[str] = None, **overrides: Any):
     """(ModelPatcher, unet_config) of a tiny random model built with ComfyUI's own classes."""
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-
     if family == "sdxl":
         cfg = sdxl_unet_config(**overrides)
     else:
@@ -126,20 +47,7 @@ def build(family: str = "sd15", seed: int = 0, model_type: Optional[str] = None,
         sd2 = {"context_dim": 1024, "use_linear_in_transformer": True, "model_channels": 64}
         cfg = sd15_unet_config(**(sd2 if family == "sd2" else {}))
         cfg.update(overrides)
-    cfg = _accepted(cfg)
-    mc = model_class(family)(copy.deepcopy(cfg))
-    mc.set_inference_dtype(torch.float32, None)
-    if model_type is None:
-        model = mc.get_model({}, "", device=torch.device("cpu"))
-    else:
-        cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
-        model = cls(mc, model_type=getattr(comfy.model_base.ModelType, model_type), device=torch.device("cpu"))
-    seed_weights(model.diffusion_model, seed)
-    model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
-    return patcher, mc.unet_config
+    return build_patcher(family, cfg, seed, model_type)
 
 
 def conds(family: str, height: int, width: int, seed: int = 1, tokens: int = 8):
