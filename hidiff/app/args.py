@@ -284,6 +284,7 @@ _CONFIG_FIELDS = (
     "at_native",
     "controlnet_steps_ratio",
     "kv_downsample",
+    "kv_levels",
 )
 
 
@@ -308,8 +309,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     add_kv_flag(group)
 
 
-#: --kv-downsample: the factors of HiDiffusionConfig.kv_downsample.
+#: --kv-downsample: the factors of HiDiffusionConfig.kv_downsample; --kv-levels: its kv_levels.
 KV_FACTORS = (1, 2, 4)
+KV_LEVELS = (1, 2)
 
 
 def add_kv_flag(parser: Any) -> None:
@@ -320,6 +322,14 @@ def add_kv_flag(parser: Any) -> None:
         metavar="N",
         help="ToDo-style key/value downsampling of the top stage's self-attention by N per side: "
         "1 (off, default), 2 or 4 (see docs/speed.md)",
+    )
+    parser.add_argument(
+        "--kv-levels",
+        type=int,
+        choices=KV_LEVELS,
+        metavar="L",
+        help="where --kv-downsample acts: 1 the top transformer stage (default), 2 also the next-lower-resolution "
+        "one (needs --kv-downsample 2 or 4)",
     )
 
 

@@ -65,8 +65,21 @@ MODES: dict[str, Optional[dict]] = {BASELINE: None, **HIDIFF_METHODS}
 #: comparison a user asks for. The one-part modes are ablations, asked for by name or
 #: with ``all``; at SD 1.5 1024x1024 batch 2 each costs minutes on a 2-core CPU.
 DEFAULT_MODES = DEFAULT_BENCH_MODES
-#: Every mode; ``--modes`` may also name ``all`` (alone) for all of them.
-RUN_MODES = (*MODES, PUBLISHED)
+
+
+def kv_mode(factor: int, levels: int = 1) -> str:
+    """The bench mode of hidiff with ``kv_downsample`` ``factor`` at ``levels`` (``hidiff-kv2``, ``hidiff-kv2-l2``)."""
+    return f"hidiff-kv{factor}" + (f"-l{levels}" if levels > 1 else "")
+
+
+#: hidiff with key/value downsampling: named in ``--modes`` or added by ``--kv-downsample`` / ``--kv-levels``.
+KV_MODES: dict[str, dict] = {
+    kv_mode(f, levels): {"kv_downsample": f, **({"kv_levels": levels} if levels > 1 else {})}
+    for f in (2, 4)
+    for levels in (1, 2)
+}
+#: Every mode; ``--modes`` may also name ``all`` (alone) for all of :data:`MODES` (the kv modes by name).
+RUN_MODES = (*MODES, *KV_MODES, PUBLISHED)
 
 #: The hub name the published package is shown for each family: it picks its preset from it.
 PUBLISHED_NAMES = {
@@ -101,8 +114,8 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument("--repeats", type=flag(positive), default=1)
     parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
-    add_method_flags(parser, "--modes", (*MODES, ALL), ",".join(DEFAULT_MODES))
-    add_kv_flag(parser)  # N > 1 adds the mode hidiff-kvN: hidiff with kv_downsample N
+    add_method_flags(parser, "--modes", (*MODES, *KV_MODES, ALL), ",".join(DEFAULT_MODES))
+    add_kv_flag(parser)  # N > 1 adds the mode hidiff-kvN (with --kv-levels 2: hidiff-kvN-l2)
     parser.add_argument(
         "--per-phase",
         action="store_true",
@@ -355,13 +368,16 @@ def run_bench(
     config_folder: Optional[str] = None,
     kv_downsample: Optional[int] = None,
     per_phase: bool = False,
+    kv_levels: Optional[int] = None,
 ) -> dict:
     """Time each mode side by side; the result is what ``hidiff bench --json`` prints.
 
     ``modes`` defaults to :data:`DEFAULT_MODES`; ``("all",)`` is every mode (``published``
     only with ``reference_python``, which adds it to either). ``family`` (default ``sd15``)
     picks a random-weight U-Net; ``model`` a real one instead (not both). ``kv_downsample``
-    2 or 4 adds the mode ``hidiff-kv2`` / ``hidiff-kv4``: hidiff with key/value downsampling.
+    2 or 4 adds the mode ``hidiff-kv2`` / ``hidiff-kv4``: hidiff with key/value downsampling
+    (``kv_levels`` 2: ``hidiff-kv2-l2``, also one stage deeper); the kv modes can also be named
+    in ``modes``.
     ``per_phase``: each step's time is that of one U-Net call (plus the scheduler step) timed
     once per distinct phase (:func:`_phase_run`), so a long schedule costs a few calls.
     """
@@ -375,8 +391,10 @@ def run_bench(
     if per_phase and (reference_python is not None or PUBLISHED in (modes or ())):
         raise ValueError("--per-phase times hidiff's own phases; the published mode runs whole loops: drop one")
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
+    if kv_levels is not None and kv_levels > 1 and (kv_downsample or 1) == 1:
+        raise ValueError("--kv-levels 2 says where key/value downsampling acts: give --kv-downsample 2 or 4 with it")
     if kv_downsample is not None and kv_downsample > 1:
-        modes = (*modes, kv_mode(kv_downsample))
+        modes = tuple(dict.fromkeys((*modes, kv_mode(kv_downsample, kv_levels or 1))))
     dev, dt = torch.device(device), getattr(torch, dtype)
     latent = (height // 8, width // 8)
     components = None
@@ -532,16 +550,10 @@ def _phase_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
     return run
 
 
-def kv_mode(factor: int) -> str:
-    """The bench mode of hidiff with ``kv_downsample`` ``factor``."""
-    return f"hidiff-kv{factor}"
-
-
 def mode_options(mode: str) -> Optional[dict]:
     """apply_hidiffusion options of a local mode (None: the stock U-Net)."""
-    for factor in (2, 4):
-        if mode == kv_mode(factor):
-            return {"kv_downsample": factor}
+    if mode in KV_MODES:
+        return KV_MODES[mode]
     return MODES[mode]
 
 
@@ -563,13 +575,13 @@ def format_table(result: dict) -> str:
     lines = [
         f"{_title(result)}, median of {result['repeats']}"
         f"{' (per phase: one U-Net call per distinct phase, composed over the schedule)' if result.get('per_phase') else ''}",
-        f"{'mode':<10} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
+        f"{'mode':<13} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
         f"{'FLOP bound':>11} {'of bound':>9} {'GFLOP':>9} {'peak MB':>9}",
     ]
     for name, r in result["modes"].items():
         rau, rest = r["step_s"]["rau"], r["step_s"]["plain"]
         lines.append(
-            f"{name:<10} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
+            f"{name:<13} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
             f"{r['flop_speedup']:10.2f}x {r['speedup'] / r['flop_speedup']:8.0%} {r['flops'] / 1e9:9.1f} "
             f"{r['peak_memory_bytes'] / 2**20:9.0f}"
         )

@@ -97,9 +97,19 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
         "pool_steps": [i for i, p in enumerate(plans) if p.pool],
         "window_steps": [i for i, p in enumerate(plans) if p.windows],
         "kv_steps": [i for i, p in enumerate(plans) if p.kv > 1],
+        "kv_stages": _kv_paths(layout, config) if preset and config.kv_downsample > 1 else [],
         "config": config.to_dict(),
     }
     return info
+
+
+def _kv_paths(layout, config) -> list[str]:
+    """The stages whose self-attention key/value downsampling acts on (down stage, then its mirror)."""
+    return [
+        f"{kind}_blocks.{k if kind == 'down' else layout.up_index(k)}"
+        for k in layout.kv_stages(config.kv_levels)
+        for kind in ("down", "up")
+    ]
 
 
 def _why(layout, size, latent, steps, config, preset) -> str:
@@ -128,6 +138,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name}: {what}")
     for key in ("conv_steps", "pool_steps", "window_steps", "kv_steps"):
         print(f"{key:<13} {_ranges(info[key])}")
+    if info["kv_stages"]:
+        print(f"{'kv_stages':<13} {', '.join(info['kv_stages'])}")
     return EXIT_OK
 
 

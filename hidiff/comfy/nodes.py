@@ -133,6 +133,14 @@ class HiDiffusion:
                         "acts.",
                     },
                 ),
+                "kv_levels": (
+                    ["1", "2"],
+                    {
+                        "default": str(getattr(d, "kv_levels", 1)),
+                        "tooltip": "Where kv_downsample acts: 1 the top-resolution transformer stage only; 2 also "
+                        "the next-lower-resolution one (unwindowed; faster still, softer). Needs kv_downsample 2 or 4.",
+                    },
+                ),
                 "at_native": (
                     ["skip", "apply"],
                     {
@@ -181,6 +189,7 @@ def config_from_widgets(
     window_shift: str = _DEFAULTS.window_shift,
     window_seed: int = UNSET,
     kv_downsample: Any = None,
+    kv_levels: Any = None,
     at_native: str = _DEFAULTS.at_native,
 ) -> HiDiffusionConfig:
     """The library's config from the node's widget values (-1 / "auto" mean the library default None)."""
@@ -189,6 +198,8 @@ def config_from_widgets(
     extra = {}
     if kv_downsample is not None:
         extra["kv_downsample"] = int(kv_downsample)
+    if kv_levels is not None:
+        extra["kv_levels"] = int(kv_levels)
     return HiDiffusionConfig.from_options(
         **extra,
         raunet=bool(raunet),

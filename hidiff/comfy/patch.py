@@ -19,7 +19,8 @@
   ``output_block_patch`` (grow the map back to its skip connection's size);
 * ``attn1`` replacements on every self-attention of the top stage and its mirror: shifted
   2x2 windows (:func:`hidiff.core.ops.window_partition`) around ComfyUI's own attention
-  function.
+  function (with ``kv_downsample``, keys/values shrunk inside each window); with
+  ``kv_levels`` 2 also on the next stage's, which shrink keys/values over the whole map.
 
 ComfyUI hands every upsampler the size of the skip it meets (``output_shape``), so the up
 path lands on the right sizes by itself. Nothing global is changed: the original
@@ -84,6 +85,9 @@ class HiDiffusionPatch:
         self.config = config
         self.recorder = recorder
         self.layer_of = {key: n for n, key in enumerate(network.blocks.windowed)}
+        # kv_levels 2: the next stage's self-attentions, numbered on after the windowed ones
+        count = len(network.blocks.windowed)
+        self.deep_of = {key: count + n for n, key in enumerate(getattr(network.blocks, "kv_deep", ()))}
         self.previous_attn1: dict = {}
         # ComfyUI deep-copies model_options (where the block patches live) on every clone but
         # not the wrappers: per-run and per-call state is found by this key, not by identity.
@@ -234,6 +238,16 @@ class HiDiffusionPatch:
         layer = self.layer_of.get(key)
         heads = extra_options["n_heads"]
         hw = _map_size(q.shape[1], extra_options)
+        deep = self.deep_of.get(key) if layer is None else None
+        if deep is not None and state is not None and hw is not None and min(hw) >= 2:
+            # kv_levels 2: the level below the windows shrinks its keys/values over its whole map
+            factor = int(getattr(state.plan, "kv", 1) or 1)
+            below = self.network.architecture.window_stage + 1
+            if factor > 1 and below in getattr(state.plan, "kv_stages", ()):
+                k, v = (ops.kv_downsample(t, hw[0], hw[1], factor).tokens for t in (k, v))
+                if state.record is not None:
+                    state.record.kv.append((deep, hw, factor))
+            return _attention(q, k, v, heads, None, extra_options, previous)
         if state is None or layer is None or hw is None or min(hw) < 2:
             return _attention(q, k, v, heads, None, extra_options, previous)
         factor = int(getattr(state.plan, "kv", 1) or 1)
@@ -422,6 +436,7 @@ def apply_hidiffusion(
         arch = dataclasses.replace(network.architecture, native=(int(native[0]), int(native[1])))
         network = dataclasses.replace(network, architecture=arch)
     cfg.check_ratios(network.architecture.kind)
+    network.architecture.kv_stages(cfg.kv_levels)  # refuses a kv level the network lacks
     if cfg.controlnet == "native":
         raise ValueError(
             "HiDiffusion in ComfyUI resizes ControlNet residuals to the U-Net's features (controlnet='resize'); "
@@ -453,6 +468,9 @@ def apply_hidiffusion(
         clone.set_model_input_block_patch(patch.input_block)
     if cfg.window_attn or getattr(cfg, "kv_downsample", 1) > 1:
         for kind, block, index in network.blocks.windowed:
+            clone.set_model_attn1_replace(patch.attn1, kind, block, index)
+    if getattr(cfg, "kv_downsample", 1) > 1 and getattr(cfg, "kv_levels", 1) > 1:
+        for kind, block, index in network.blocks.kv_deep:
             clone.set_model_attn1_replace(patch.attn1, kind, block, index)
     clone.hidiffusion = patch  # for inspection (tests, other nodes); the clone owns it
     return clone

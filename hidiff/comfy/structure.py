@@ -33,6 +33,9 @@ class Blocks:
     unpool_block: int  # output block before which the pooled map is grown back to its skip's size
     windowed: tuple[tuple[str, int, int], ...]
     num_input_blocks: int
+    # Self-attentions of the next-lower-resolution transformer stage and its mirror (kv_levels 2),
+    # in the same form; empty where that stage has no transformer blocks.
+    kv_deep: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,13 @@ def describe(model_patcher: Any) -> ComfyNetwork:
         windowed += [("input", i, j) for j in range(_transformer_depth(inputs[i]))]
     for i in up_blocks[arch.up_index(arch.window_stage)]:
         windowed += [("output", i, j) for j in range(_transformer_depth(outputs[i]))]
+    deep: list[tuple[str, int, int]] = []
+    below = arch.window_stage + 1
+    if below < len(stages) and stages[below].cross_attention:
+        for i in stage_blocks[below]:
+            deep += [("input", i, j) for j in range(_transformer_depth(inputs[i]))]
+        for i in up_blocks[arch.up_index(below)]:
+            deep += [("output", i, j) for j in range(_transformer_depth(outputs[i]))]
     conv_block = downsample_block[arch.conv_stage]
     assert conv_block is not None  # recognise() checked the conv stage downsamples
     blocks = Blocks(
@@ -171,6 +181,7 @@ def describe(model_patcher: Any) -> ComfyNetwork:
         unpool_block=up_pool[arch.unpool_layer + 1],
         windowed=tuple(windowed),
         num_input_blocks=len(inputs),
+        kv_deep=tuple(deep),
     )
     edm = getattr(getattr(model, "model_type", None), "name", "") in ("EDM", "V_PREDICTION_EDM")
     return ComfyNetwork(arch, blocks, v_prediction, edm)

@@ -127,6 +127,27 @@ class Architecture:
     inpainting: bool
     network: Optional[NetworkDescription] = None
 
+    def kv_stages(self, levels: int) -> tuple[int, ...]:
+        """The down stages whose self-attention key/value downsampling acts on at ``levels``
+        (their mirrors too): the window stage, then the next lower-resolution stages. Raises
+        ValueError when the network has no transformer stage there."""
+        stages = tuple(range(self.window_stage, self.window_stage + levels))
+        if self.network is not None:
+            network = self.network
+            for k in stages[1:]:
+                up = self.up_index(k)
+                if (
+                    k >= len(network.stages)
+                    or not network.stages[k].cross_attention
+                    or up < 0
+                    or not network.up_cross_attention[up]
+                ):
+                    raise ValueError(
+                        f"kv_levels={levels}: this {self.family} network has no transformer blocks at down stage {k} "
+                        f"and its mirror, the level below the top one; use kv_levels=1"
+                    )
+        return stages
+
     def up_index(self, down_index: int) -> int:
         """The up stage that mirrors down stage ``down_index`` (same resolution)."""
         return self.num_stages - 1 - down_index

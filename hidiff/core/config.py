@@ -11,6 +11,9 @@ from .presets import PRESETS
 WindowShift = Literal["seeded", "reference", "none"]
 AtNative = Literal["skip", "apply"]
 ControlNetMode = Literal["native", "resize"]
+#: Values of HiDiffusionConfig.kv_levels: how many transformer stages, from the top one down,
+#: take key/value downsampling.
+KV_LEVELS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class HiDiffusionConfig:
             the key/value tokens) or 4 (a sixteenth); queries keep full resolution. Acts where
             HiDiffusion acts (above native size, or everywhere with at_native="apply"), also with
             raunet and window_attn off; inside the windows when MSW-MSA runs.
+        kv_levels: where ``kv_downsample`` acts: 1 (default) the top transformer stage and its
+            mirror only; 2 also the next-lower-resolution transformer stage and its mirror (SD
+            1.x/2.x: the 640-wide stage; SDXL: the 1280-wide one), whose self-attention runs
+            unwindowed over its whole map. Needs ``kv_downsample`` 2 or 4.
     """
 
     raunet: bool = True
@@ -67,6 +74,7 @@ class HiDiffusionConfig:
     controlnet: Optional[ControlNetMode] = None
     controlnet_steps_ratio: float = 0.6
     kv_downsample: int = 1
+    kv_levels: int = 1
 
     def __post_init__(self) -> None:
         for name in ("raunet", "window_attn"):
@@ -96,6 +104,16 @@ class HiDiffusionConfig:
             raise ValueError(
                 f"kv_downsample must be 1 (off), 2 or 4 (the key/value map shrinks by that factor per side), "
                 f"got {self.kv_downsample!r}"
+            )
+        if type(self.kv_levels) is not int or self.kv_levels not in KV_LEVELS:
+            raise ValueError(
+                f"kv_levels must be 1 (the top transformer stage) or 2 (also the next-lower-resolution one), "
+                f"got {self.kv_levels!r}"
+            )
+        if self.kv_levels > 1 and self.kv_downsample == 1:
+            raise ValueError(
+                f"kv_levels={self.kv_levels} says where key/value downsampling acts, but kv_downsample is 1 (off): "
+                "pass kv_downsample=2 or 4 with it, or leave kv_levels at 1"
             )
         self.check_ratios()
 

@@ -51,7 +51,8 @@ class Plan:
     mid_size: Size
     adapter_sizes: tuple[Size, ...]  # where each down stage, then the mid block, takes a T2I-Adapter residual
     downsample_inputs: tuple[Size, ...]  # per down stage with a downsampler: its input, where the mirror lands
-    kv: int = 1  # key/value downsampling factor of the window stage's self-attention (1: off)
+    kv: int = 1  # key/value downsampling factor of the self-attention at kv_stages (1: off)
+    kv_stages: tuple[int, ...] = ()  # down stages (and their mirrors) whose self-attention keys/values shrink
 
     @property
     def active(self) -> bool:
@@ -93,6 +94,7 @@ def plan_call(
         conv = in_range(preset.conv, progress.index, progress.total, t1, t2, a)
         pool = in_range(preset.pool, progress.index, progress.total, t1, t2, a)
     skips, mid, adapter, inputs = feature_sizes(arch, latent, conv, pool)
+    kv = config.kv_downsample if preset is not None else 1
     return Plan(
         latent=latent,
         step=progress.index,
@@ -105,7 +107,8 @@ def plan_call(
         mid_size=mid,
         adapter_sizes=adapter,
         downsample_inputs=inputs,
-        kv=config.kv_downsample if preset is not None else 1,
+        kv=kv,
+        kv_stages=arch.kv_stages(config.kv_levels) if kv > 1 else (),
     )
 
 

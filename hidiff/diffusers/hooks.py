@@ -45,6 +45,7 @@ class CallRecord:
     pooled_from: Optional[tuple[int, int]] = None
     kv_calls: int = 0  # self-attention calls whose keys/values were downsampled (hidiff.diffusers.kv)
     kv_maps: list = field(default_factory=list)  # each such call: ((H, W) of the query map, (h, w) of the key map)
+    kv_at: list = field(default_factory=list)  # each such call's down stage (the stage or its mirror: kv_levels)
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Key/value downsampling (ToDo-style) of the top stage's self-attention on a diffusers U-Net.
+"""Key/value downsampling (ToDo-style) of the top stages' self-attention on a diffusers U-Net.
 
 The self-attentions (``attn1``) of the transformer blocks that MSW-MSA windows, at the
-top stage and its mirror, take their keys and values from a token map shrunk by
-``kv_downsample`` per side (:func:`hidiff.core.ops.kv_downsample`), while their queries
-stay at full resolution, so every output keeps its size.
+top stage and its mirror (and with ``kv_levels`` 2 those of the next-lower-resolution
+transformer stage and its mirror too), take their keys and values from a token map
+shrunk by ``kv_downsample`` per side (:func:`hidiff.core.ops.kv_downsample`), while their
+queries stay at full resolution, so every output keeps its size. The deeper level is
+never windowed: its keys come from its whole map.
 
 How: a pre-hook on each such ``attn1`` passes the shrunk map as ``encoder_hidden_states``.
 diffusers' ``Attention`` projects keys and values from ``encoder_hidden_states`` (queries
@@ -21,7 +23,7 @@ average, and a cell of padding only is masked.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -29,7 +31,6 @@ from torch import nn
 from ..core import ops
 from .hooks import HookGroup, arg
 from .model import is_transformer_block
-from .windows import windowed_stages
 
 _METHOD_WORDS = {
     "nearest": "the top-left token of each {f}x{f} cell",
@@ -41,37 +42,56 @@ _METHOD_WORDS = {
 class KVHooks(HookGroup):
     name = "kv"
 
+    def __init__(self, patch: Any) -> None:
+        super().__init__(patch)
+        # Refuses kv_levels beyond the network's transformer stages before anything changes.
+        self.stages = patch.arch.kv_stages(patch.config.kv_levels)
+
+    def paths(self) -> list[tuple[int, str]]:
+        """(down stage, module path) of every stage, down and up, whose self-attention this group shrinks."""
+        arch = self.patch.arch
+        out = []
+        for k in self.stages:
+            out += [(k, f"down_blocks.{k}"), (k, f"up_blocks.{arch.up_index(k)}")]
+        return out
+
     def attach(self, unet: nn.Module) -> None:
-        for path in windowed_stages(self.patch.arch):
+        for stage, path in self.paths():
             for transformer in unet.get_submodule(path).attentions:
                 self.pre(transformer, "record_map")
                 for sub in transformer.modules():
                     if is_transformer_block(sub) and not getattr(sub, "only_cross_attention", False):
-                        self.pre(sub.attn1, "shrink", transformer)
+                        self.pre(sub.attn1, "shrink", transformer, stage)
 
     def describe(self, unet: nn.Module) -> dict[str, str]:
-        factor = self.patch.config.kv_downsample
+        config = self.patch.config
+        factor = config.kv_downsample
         names: dict[str, str] = {}
-        for path in windowed_stages(self.patch.arch):
+        for stage, path in self.paths():
+            windowed = config.window_attn and stage == self.patch.arch.window_stage
             for name, module in unet.get_submodule(path).named_modules():
                 if name.count(".") == 1 and name.startswith("attentions."):
                     names[f"{path}.{name}"] = "token map size recorded (read only)"
                 if is_transformer_block(module) and not getattr(module, "only_cross_attention", False):
                     key = f"{path}.{name}.attn1"
-                    where = "each window's" if self.patch.config.window_attn else "the"
+                    where = "each window's" if windowed else "the"
                     what = (
                         f"keys/values from {where} token map downsampled {factor}x per side "
                         f"({_METHOD_WORDS[ops.KV_METHOD].format(f=factor)}), queries at full resolution"
                     )
-                    if self.patch.config.window_attn:
+                    if windowed:
                         what = f"self-attention in shifted 2x2 windows; {what}"
+                    elif stage != self.patch.arch.window_stage:
+                        what = f"{what} (kv level {stage - self.patch.arch.window_stage + 1})"
                     names[key] = what
         return names
 
     # ------------------------------------------------------------------ hooks
-    def shrink(self, transformer: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+    def shrink(
+        self, transformer: nn.Module, stage: int, module: nn.Module, args: tuple, kwargs: dict
+    ) -> Optional[tuple]:
         call = self.call()
-        if call is None or call.plan.kv <= 1:
+        if call is None or call.plan.kv <= 1 or stage not in call.plan.kv_stages:
             return None
         x = arg(args, kwargs, 0, "hidden_states")
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or kwargs.get("encoder_hidden_states") is not None:
@@ -102,4 +122,5 @@ class KVHooks(HookGroup):
             new["attention_mask"] = ops.key_bias(kv.valid, x.dtype)
         call.record.kv_calls += 1
         call.record.kv_maps.append(((height, width), (kv.height, kv.width)))
+        call.record.kv_at.append(stage)
         return args, new

@@ -160,10 +160,12 @@ CASES = [
 ]
 #: ToDo-style key/value downsampling inside the windows, on the same weights (option, value).
 KV_CASES = [
-    ("sd15", (64, 64), 2, True),
-    ("sd15", (37, 53), 4, True),  # odd windows: padded keys masked after shrinking
-    ("sdxl", (37, 53), 2, False),  # no windows: the whole map shrinks
-    ("sd15", (64, 64), 4, False),
+    ("sd15", (64, 64), 2, True, 1),
+    ("sd15", (37, 53), 4, True, 1),  # odd windows: padded keys masked after shrinking
+    ("sdxl", (37, 53), 2, False, 1),  # no windows: the whole map shrinks
+    ("sd15", (64, 64), 4, False, 1),
+    ("sd15", (37, 53), 2, True, 2),  # kv_levels 2: the next stage's whole (odd) map shrinks too
+    ("sdxl", (64, 64), 2, True, 2),
 ]
 
 
@@ -212,21 +214,26 @@ def test_same_latents_in_both_hosts(family, hw, steps, start, cfg):
 
 
 @pytest.mark.parametrize(
-    "family,hw,factor,windows",
+    "family,hw,factor,windows,levels",
     KV_CASES,
-    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-kv{c[2]}-{'windows' if c[3] else 'whole'}" for c in KV_CASES],
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-kv{c[2]}-{'windows' if c[3] else 'whole'}-l{c[4]}" for c in KV_CASES],
 )
-def test_same_latents_with_kv_downsampling(family, hw, factor, windows):
+def test_same_latents_with_kv_downsampling(family, hw, factor, windows, levels):
     unet, patcher = twin_models(family)
     noise = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(11))
     positive, negative = conds(family, 8 * hw[0], 8 * hw[1])
-    options = dict(window_seed=1234, kv_downsample=factor, window_attn=windows)
+    options = dict(window_seed=1234, kv_downsample=factor, window_attn=windows, kv_levels=levels)
     want, sigmas = run_diffusers(unet, family, noise, 3, 0, positive, None, (8 * hw[0], 8 * hw[1]), **options)
     rec = Recorder()
     got = run_comfy(patcher, noise, sigmas, positive, negative, torch.zeros(1, 4, *hw), recorder=rec, **options)
-    assert rec and all(len(r.kv) == 5 for r in rec)
+    # 5 windowed self-attentions (ordinals 0-4); kv_levels 2 adds the next stage's, numbered on from 5
+    assert rec and all(len([e for e in r.kv if e[0] < 5]) == 5 for r in rec)
+    deep = [len([e for e in r.kv if e[0] >= 5]) for r in rec]
+    assert all(n == 0 for n in deep) if levels == 1 else all(n >= 5 for n in deep), deep
     err, ref = float((got - want).abs().max()), float(want.abs().max())
-    print(f"cross-host kv={factor} windows={windows} {family} {hw}: max|diff| {err:.3g}, relative {err / ref:.2g}")
+    print(
+        f"cross-host kv={factor} l{levels} windows={windows} {family} {hw}: max|diff| {err:.3g}, relative {err / ref:.2g}"
+    )
     assert err <= TOLERANCE * ref
 
 

@@ -57,6 +57,7 @@ def workflow(width=1024, height=1024, layout="sd15", seed=0, steps=2, **hidiff):
         window_shift="seeded",
         window_seed=-1,
         kv_downsample="1",
+        kv_levels="1",
         at_native="skip",
     )
     options.update(hidiff)
@@ -124,6 +125,7 @@ def test_object_info_lists_the_node_with_its_inputs(server):
         "window_shift",
         "window_seed",
         "kv_downsample",
+        "kv_levels",
         "at_native",
     ]
     assert all(spec[1].get("tooltip") for spec in required.values())

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from hidiff.core import ops
+from hidiff.core.architecture import NetworkDescription, Stage, recognise
 from hidiff.core.config import HiDiffusionConfig
+from hidiff.core.planner import Progress, plan_call
 
 SIZES = [(8, 8), (7, 9), (5, 4), (3, 3), (2, 2), (9, 2), (1, 5)]
 
@@ -116,3 +118,54 @@ def test_config_refuses_other_factors(value):
 def test_config_accepts_the_factors():
     assert HiDiffusionConfig().kv_downsample == 1
     assert HiDiffusionConfig(kv_downsample=4).to_dict()["kv_downsample"] == 4
+
+
+@pytest.mark.parametrize("value", [0, 3, 2.0, True, "2", None])
+def test_config_refuses_other_levels(value):
+    with pytest.raises(ValueError, match="kv_levels must be 1 .* or 2"):
+        HiDiffusionConfig(kv_downsample=2, kv_levels=value)
+
+
+def test_config_refuses_a_level_without_a_factor():
+    with pytest.raises(ValueError, match="kv_levels=2 .* kv_downsample is 1 \\(off\\): pass kv_downsample=2 or 4"):
+        HiDiffusionConfig(kv_levels=2)
+    assert HiDiffusionConfig().kv_levels == 1
+    assert HiDiffusionConfig(kv_downsample=2, kv_levels=2).to_dict()["kv_levels"] == 2
+
+
+def _network(attention):
+    n = len(attention)
+    return NetworkDescription(
+        stages=tuple(Stage(64 * (k + 1), 2, a, k < n - 1) for k, a in enumerate(attention)),
+        up_layers=(3,) * n,
+        up_cross_attention=tuple(reversed(attention)),
+        cross_attention_dim=768,
+    )
+
+
+@pytest.mark.parametrize(
+    "attention, levels, stages",
+    [
+        ([True, True, True, False], 1, (0,)),
+        ([True, True, True, False], 2, (0, 1)),  # SD: the 640-wide stage
+        ([False, True, True], 2, (1, 2)),  # SDXL: the 1280-wide stage
+        ([False, True, True, False], 2, (1, 2)),  # the SDXL refiner
+    ],
+)
+def test_plan_says_where_kv_acts(attention, levels, stages):
+    arch = recognise(_network(attention))
+    config = HiDiffusionConfig(kv_downsample=2, kv_levels=levels)
+    native = arch.native[0]
+    plan = plan_call(arch, (2 * native, 2 * native), config, Progress(10, 20))
+    assert plan.kv == 2 and plan.kv_stages == stages
+    assert plan_call(arch, arch.native, config, Progress(10, 20)).kv_stages == ()  # at native: nothing
+    off = plan_call(arch, (2 * native, 2 * native), HiDiffusionConfig(), Progress(10, 20))
+    assert off.kv == 1 and off.kv_stages == ()
+
+
+def test_a_missing_deeper_level_is_refused():
+    """An SDXL-layout network whose stage below the windows has no transformer blocks."""
+    arch = recognise(_network([False, True, False]))
+    assert arch.kv_stages(1) == (1,)
+    with pytest.raises(ValueError, match="no transformer blocks at down stage 2 .* use kv_levels=1"):
+        arch.kv_stages(2)

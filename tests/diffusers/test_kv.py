@@ -13,20 +13,25 @@ SIDE = 640  # latent 80 > the tiny SD native 64
 STEPS = 5  # sd-1024: the strided conv acts in steps 0 and 1
 
 
-def top_attn1(unet):
-    """The self-attentions kv_downsample acts on (tiny SD 1.5: down stage 0, up stage 3)."""
+def stage_attn1(unet, paths):
+    """The transformer blocks' self-attentions under ``paths``."""
     return [
         m.attn1
-        for path in ("down_blocks.0", "up_blocks.3")
+        for path in paths
         for m in unet.get_submodule(path).modules()
         if hasattr(m, "attn1") and hasattr(m, "attn2")
     ]
 
 
-def record_projections(unet):
-    """(query tokens, key tokens, value tokens) of every call of the top stage's attn1."""
+def top_attn1(unet):
+    """The self-attentions kv_downsample acts on (tiny SD 1.5: down stage 0, up stage 3)."""
+    return stage_attn1(unet, ("down_blocks.0", "up_blocks.3"))
+
+
+def record_projections(unet, attentions=None):
+    """(query tokens, key tokens, value tokens) of every call of ``attentions`` (default: the top stage's attn1)."""
     seen, handles = [], []
-    for attn in top_attn1(unet):
+    for attn in attentions if attentions is not None else top_attn1(unet):
         calls = {}
 
         def grab(name, store=calls):
@@ -122,10 +127,11 @@ def test_odd_sizes(sd_pipe, windows):
 
 
 @pytest.mark.slow
-def test_removal_restores_stock_bitwise(sd_pipe):
+@pytest.mark.parametrize("levels", [1, 2])
+def test_removal_restores_stock_bitwise(sd_pipe, levels):
     before = snapshot(sd_pipe.unet)
     stock = latents_of(sd_pipe, SIDE, SIDE)
-    hidiff.apply_hidiffusion(sd_pipe, kv_downsample=4)
+    hidiff.apply_hidiffusion(sd_pipe, kv_downsample=4, kv_levels=levels)
     changed = latents_of(sd_pipe, SIDE, SIDE)
     hidiff.remove_hidiffusion(sd_pipe)
     assert_untouched(sd_pipe.unet, before)
@@ -203,3 +209,76 @@ def test_sdxl_acts_on_its_window_stage(sdxl_pipe):
     assert rec.kv_calls == rec.window_calls == len(acting) > 0
     # stage 1 of SDXL is at half the latent side: 64x64, windows of 32x32, keys from 16x16
     assert set(rec.kv_maps) == {((32, 32), (16, 16))}
+
+
+# ------------------------------------------------------------------ kv_levels 2: one stage deeper
+@pytest.mark.parametrize("windows", [True, False])
+def test_deeper_level_shrinks_the_next_stage_too(sd_pipe, windows):
+    """kv_levels 2 on tiny SD 1.5 at latent 80: the 640-wide stage (down_blocks.1, up_blocks.2, 40x40)
+    takes keys from its whole 20x20 map; the top stage still shrinks as with kv_levels 1."""
+    hidiff.apply_hidiffusion(sd_pipe, kv_downsample=2, kv_levels=2, raunet=False, window_attn=windows)
+    deep, deep_handles = record_projections(sd_pipe.unet, stage_attn1(sd_pipe.unet, ("down_blocks.1", "up_blocks.2")))
+    top, top_handles = record_projections(sd_pipe.unet)
+    _, records = run_recorded(sd_pipe, SIDE, SIDE, 1)
+    for h in deep_handles + top_handles:
+        h.remove()
+    assert deep == [(40 * 40, 20 * 20, 20 * 20)] * 5
+    assert top == ([(40 * 40, 20 * 20, 20 * 20)] if windows else [(80 * 80, 40 * 40, 40 * 40)]) * 5
+    rec = records[0]
+    assert rec.kv_calls == 10 and sorted(rec.kv_at) == [0] * 5 + [1] * 5
+    assert [m for m, at in zip(rec.kv_maps, rec.kv_at) if at == 1] == [((40, 40), (20, 20))] * 5
+
+
+def test_deeper_level_follows_rau_net_and_odd_sizes(sd_pipe):
+    """Latent 81x83, 5 steps: in the strided-conv steps the deeper stage sees 21x21 (the conv's
+    stride 4), after them 41x42; keys come from ceil(side / 2) per side."""
+    hidiff.apply_hidiffusion(sd_pipe, kv_downsample=2, kv_levels=2)
+    out, records = run_recorded(sd_pipe, 648, 664, STEPS)
+    assert out.shape[-2:] == (81, 83) and torch.isfinite(out).all()
+    for rec in records:
+        deep = {m for m, at in zip(rec.kv_maps, rec.kv_at) if at == 1}
+        assert deep == ({((21, 21), (11, 11))} if rec.conv else {((41, 42), (21, 21))}), (rec.step, deep)
+    assert records[0].conv and not records[-1].conv
+
+
+def test_level_one_leaves_the_next_stage_alone(sd_pipe):
+    hidiff.apply_hidiffusion(sd_pipe, kv_downsample=2)
+    deep, handles = record_projections(sd_pipe.unet, stage_attn1(sd_pipe.unet, ("down_blocks.1", "up_blocks.2")))
+    _, records = run_recorded(sd_pipe, SIDE, SIDE, 1)
+    for h in handles:
+        h.remove()
+    assert deep == [(40 * 40, 40 * 40, 40 * 40)] * 5 and set(records[0].kv_at) == {0}
+
+
+def test_describe_names_the_deeper_level(sd_pipe):
+    names = changes(sd_pipe, kv_downsample=4, kv_levels=2)
+    deep = sorted(k for k, v in names.items() if "(kv level 2)" in v)
+    assert deep == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+        "down_blocks.1.attentions.1.transformer_blocks.0.attn1",
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn1",
+        "up_blocks.2.attentions.2.transformer_blocks.0.attn1",
+    ]
+    assert all("downsampled 4x" in names[k] and "windows" not in names[k] for k in deep)
+
+
+@pytest.mark.slow
+def test_sdxl_deeper_level_is_its_1280_stage(sdxl_pipe):
+    """SDXL's level below the windows is down_blocks.2 / up_blocks.0 (at a quarter of the latent side)."""
+    names = changes(sdxl_pipe, kv_downsample=2, kv_levels=2)
+    deep = sorted(k for k, v in names.items() if "(kv level 2)" in v)
+    assert deep and all(k.startswith(("down_blocks.2.", "up_blocks.0.")) for k in deep)
+    hidiff.apply_hidiffusion(sdxl_pipe, kv_downsample=2, kv_levels=2, raunet=False)
+    _, records = run_recorded(sdxl_pipe, 1024, 1040, 1)  # latent 128x130
+    rec = records[0]
+    assert rec.kv_at.count(2) == len(deep) and rec.kv_at.count(1) == rec.window_calls > 0
+    assert {m for m, at in zip(rec.kv_maps, rec.kv_at) if at == 2} == {((32, 33), (16, 17))}
+
+
+def test_kv_levels_needs_a_factor_and_a_valid_value(sd_pipe):
+    with pytest.raises(ValueError, match="kv_levels=2 .* kv_downsample is 1"):
+        hidiff.apply_hidiffusion(sd_pipe, kv_levels=2)
+    with pytest.raises(ValueError, match="kv_levels must be 1"):
+        hidiff.apply_hidiffusion(sd_pipe, kv_downsample=2, kv_levels=3)
+    assert hidiff.get_patch(sd_pipe) is None
