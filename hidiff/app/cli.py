@@ -67,7 +67,7 @@ def _pixels_per_latent(pipeline_folder: Path) -> int:
     return 8  # a U-Net alone: assume a Stable Diffusion VAE
 
 
-def describe(model: str, height: int, width: int, steps: int, config) -> dict[str, Any]:
+def describe(model: str, height: int, width: int, steps: int, config, memory=None) -> dict[str, Any]:
     """What ``apply_hidiffusion`` would do for one call, without running anything."""
     from ..core.presets import PRESETS
     from ..diffusers.model import detect_layout
@@ -100,6 +100,10 @@ def describe(model: str, height: int, width: int, steps: int, config) -> dict[st
         "kv_stages": _kv_paths(layout, config) if preset and config.kv_downsample > 1 else [],
         "config": config.to_dict(),
     }
+    if memory is not None:
+        from .memory_plan import info_rows
+
+        info["memory"] = info_rows(unet, layout, factor, height, width, steps, config, *memory)
     return info
 
 
@@ -124,7 +128,8 @@ def _why(layout, size, latent, steps, config, preset) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    info = describe(args.model, args.height, args.width, args.steps, config)
+    memory = (args.batch, args.dtype, args.attention)
+    info = describe(args.model, args.height, args.width, args.steps, config, memory)
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
@@ -138,6 +143,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name}: {what}")
     for key in ("conv_steps", "pool_steps", "window_steps", "kv_steps"):
         print(f"{key:<13} {_ranges(info[key])}")
+    from .memory_plan import format_info
+
+    for line in format_info(info["memory"], *memory):
+        print(line)
     if info["kv_stages"]:
         print(f"{'kv_stages':<13} {', '.join(info['kv_stages'])}")
     return EXIT_OK
@@ -279,6 +288,14 @@ def _add_info_arguments(info: argparse.ArgumentParser) -> None:
     info.add_argument("--height", type=flag(positive), required=True)
     info.add_argument("--steps", type=flag(positive), default=50)
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--batch", type=flag(positive), default=1, help="images per run, for the memory estimate")
+    info.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    info.add_argument(
+        "--attention",
+        choices=("flash", "math", "sliced"),
+        default="flash",
+        help="attention backend of the estimate: flash (fused SDPA, default), math (scores held), sliced",
+    )
     add_config_flags(info)
 
 

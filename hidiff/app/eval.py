@@ -19,6 +19,9 @@ Methods:
   full-size skip connection; forward hooks of this module, removed after the run;
 * ``hiresfix``: native-size generation, bicubic upscale, then image-to-image at
   strength 0.5 (its time includes both passes);
+* ``progressive``: hidiff's progressive mode (:mod:`hidiff.app.progressive`): HiDiffusion
+  at an intermediate size, bicubic upscale, image-to-image with HiDiffusion at the target
+  size, on the measured default schedule (its time includes every pass);
 * ``published``: the published ``hidiffusion`` package (0.1.10) on the same model,
   prompts and seeds, run by another Python that has it (``--reference-python``; see
   ``reference_eval.py``). Its presets go by absolute latent size (SD: below 256 the
@@ -40,6 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import progressive
 from .args import (
     BASELINE,
     HIDIFF_METHODS,
@@ -62,7 +66,7 @@ from .toy.pipeline import load_toy_pipeline, tensor_to_pil
 
 #: The methods compared; ``published`` (the published package, in the Python given as
 #: reference_python) comes on top.
-METHODS = (BASELINE, *HIDIFF_METHODS, "deepshrink", "hiresfix")
+METHODS = (BASELINE, *HIDIFF_METHODS, "deepshrink", "hiresfix", "progressive")
 #: apply_hidiffusion options of the HiDiffusion methods.
 HIDIFF_OPTIONS = HIDIFF_METHODS
 DEEP_SHRINK_END = 0.35
@@ -130,6 +134,8 @@ def generate(
     if method == "deepshrink":
         with deep_shrink(pipe, factor=max(1, size // pipe.native_size)):
             return sample(size)
+    if method == "progressive":
+        return progressive_pictures(pipe, prompts, size, steps, seed, guidance)
     if method == "hiresfix":
         small = sample(pipe.native_size)
         if size == pipe.native_size:
@@ -137,6 +143,39 @@ def generate(
         big = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         return sample(size, image=big, strength=HIRES_STRENGTH)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def progressive_pictures(
+    pipe: Any,
+    prompts: list[str],
+    size: int,
+    steps: int,
+    seed: int,
+    guidance: float,
+    start: float = progressive.DEFAULT_START,
+    strength: float = progressive.DEFAULT_STRENGTH,
+    levels: int = 1,
+) -> torch.Tensor:
+    """The progressive mode on the toy model: HiDiffusion in every pass, the same seed in each."""
+    import hidiff
+
+    if size <= pipe.native_size:
+        return generate(pipe, "hidiff", prompts, size, steps, seed, guidance)
+    multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    plan = progressive.schedule((size, size), multiple, start=start, strength=strength, levels=levels)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
+
+    def first(side: tuple[int, int]) -> torch.Tensor:
+        with hidiff.hidiffusion(pipe):
+            return pipe(prompts, height=side[0], width=side[1], generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    def refine(side: tuple[int, int], pictures: torch.Tensor, s: float) -> torch.Tensor:
+        big = F.interpolate(pictures, size=side, mode="bicubic", align_corners=False).clamp(0, 1)
+        with hidiff.hidiffusion(pipe):
+            gen = torch.Generator().manual_seed(seed)
+            return pipe(prompts, image=big, strength=s, generator=gen, **kwargs).images
+
+    return progressive.run_progressive(plan, lambda side: first(side).images, refine)
 
 
 def published_pictures(

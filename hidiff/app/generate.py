@@ -49,12 +49,10 @@ from .args import (
     side_multiple_of,
 )
 from .loading import load_pipeline, quiet_libraries, resolve_device, set_scheduler
+from .memory_plan import check_budget
+from .progressive import DEFAULT_START, DEFAULT_STRENGTH, check_start
 
 METADATA_KEY = "hidiff"
-# Peak memory of decoding in one piece, in full-resolution maps of the decoder's last stage
-# (measured about 8 on CPU for SD's VAE at 256 and 512 px, fp32).
-VAE_DECODE_MAPS = 8
-VAE_FREE_SHARE = 0.8  # tile when a one-piece decode would take more than this share of the free memory
 
 
 @dataclass
@@ -84,6 +82,10 @@ class Request:
     device: str = AUTO
     dtype: str = AUTO
     vae_tiling: str = AUTO
+    memory_budget: Optional[str] = None  # e.g. "8GB"; None: $HIDIFF_MEMORY_BUDGET, else the device's free memory
+    progressive: bool = False
+    progressive_start: Optional[float] = None  # the first picture's side over the target's
+    progressive_strength: Optional[float] = None  # img2img strength of the refinement
 
     @property
     def task(self) -> str:
@@ -106,6 +108,9 @@ CHECKS: dict[str, Any] = {
     "strength": img2img_strength,
     "controlnet_scale": finite,
     "cfgpp": cfgpp_lambda,
+    "progressive_start": check_start,
+    "progressive_strength": img2img_strength,
+    "memory_budget": check_budget,
 }
 #: The choices of each Request field that has them.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -178,6 +183,33 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         "--vae-tiling",
         choices=CHOICES["vae_tiling"],
         help="auto (default): on when decoding in one piece would not fit in free memory",
+    )
+    run.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        type=_typed("memory_budget"),
+        help="peak memory the run may take (e.g. 8GB, 24GiB; default: $HIDIFF_MEMORY_BUDGET, else the device's free "
+        "memory): tiled VAE decoding, attention slicing and model offload turn on only to fit it, and a run that "
+        "cannot fit is refused",
+    )
+    run.add_argument(
+        "--progressive",
+        action="store_const",
+        const=True,
+        help="make the picture at a smaller size first, then enlarge and refine it at the target size (both with "
+        "HiDiffusion; docs/progressive.md)",
+    )
+    run.add_argument(
+        "--progressive-start",
+        type=_typed("progressive_start"),
+        metavar="SHARE",
+        help=f"with --progressive: the first picture's side over the target's, in (0, 1) (default {DEFAULT_START})",
+    )
+    run.add_argument(
+        "--progressive-strength",
+        type=_typed("progressive_strength"),
+        metavar="S",
+        help=f"with --progressive: img2img strength of the refinement, in (0, 1] (default {DEFAULT_STRENGTH})",
     )
     run.add_argument(
         "--out",
@@ -258,6 +290,15 @@ def check_request(request: Request) -> dict[str, Any]:
                 "--cfgpp needs the unconditional branch: leave --guidance unset or above 1 "
                 "(its value is not used under CFG++)"
             )
+    if not request.progressive and (request.progressive_start is not None or request.progressive_strength is not None):
+        raise UsageError("--progressive-start and --progressive-strength need --progressive")
+    if request.progressive and request.task == "inpaint":
+        raise UsageError(
+            "--progressive does not run with --mask: inpainting repaints a region of the given image at its size; "
+            "drop --progressive"
+        )
+    if request.progressive and not request.hidiff:
+        raise UsageError("--progressive runs HiDiffusion in every pass; drop --no-hidiff")
     if request.task != "text2img" and request.steps is not None and request.strength is not None:
         denoising_steps(request.steps, request.strength)
     if request.config_folder and not os.path.isdir(request.config_folder):
@@ -372,12 +413,6 @@ def call_kwargs(request: Request, pipe: Any, images: dict) -> dict[str, Any]:
     return kwargs
 
 
-def vae_decode_bytes(vae: Any, width: int, height: int, batch: int, dtype: torch.dtype) -> int:
-    """Rough peak memory of decoding the whole image in one piece."""
-    channels = vae.config.block_out_channels[0]  # the decoder's last stage runs at full resolution
-    return VAE_DECODE_MAPS * batch * channels * width * height * torch.finfo(dtype).bits // 8
-
-
 def free_memory_bytes(device: torch.device) -> Optional[int]:
     """Memory a decode could still take on ``device`` (None: unknown)."""
     if device.type == "cuda":
@@ -398,24 +433,14 @@ def free_memory_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def decide_vae_tiling(mode: str, needed: int, free: Optional[int]) -> bool:
-    if mode in ("on", "off"):
-        return mode == "on"
-    return free is not None and needed > VAE_FREE_SHARE * free
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
-def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, Any, Any, dict, torch.device]:
+def prepare(request: Request, images: Optional[dict] = None) -> tuple[Request, Any, Any, dict, torch.device, Any]:
     """Check (unless ``images``, what :func:`check_request` returned, are given), load and configure:
-    (resolved request, pipeline, layout, input images, device)."""
+    (resolved request, pipeline, layout, input images, device, memory plan)."""
     if images is None:
         images = check_request(request)
     pipe, layout, device = load(request)
-    request = configure(request, pipe, layout, images, device)
-    return request, pipe, layout, images, device
+    request, plan = configure_with_plan(request, pipe, layout, images, device)
+    return request, pipe, layout, images, device, plan
 
 
 def load(request: Request) -> tuple[Any, Any, torch.device]:
@@ -428,7 +453,16 @@ def load(request: Request) -> tuple[Any, Any, torch.device]:
 
 
 def configure(request: Request, pipe: Any, layout: Any, images: dict, device: torch.device) -> Request:
-    """A loaded pipeline set up for a request (scheduler, CFG++, VAE tiling); returns the resolved request."""
+    """A loaded pipeline set up for a request (scheduler, CFG++, memory plan); returns the resolved request."""
+    return configure_with_plan(request, pipe, layout, images, device)[0]
+
+
+def configure_with_plan(
+    request: Request, pipe: Any, layout: Any, images: dict, device: torch.device
+) -> tuple[Request, Any]:
+    """:func:`configure`, also returning the memory plan it applied (:class:`~hidiff.app.memory_plan.MemoryPlan`)."""
+    from .memory_plan import apply_plan, make_plan
+
     request = resolve(request, pipe, layout, images)
     if request.strength is not None:  # the model's default steps or strength
         denoising_steps(request.steps, request.strength)
@@ -440,19 +474,22 @@ def configure(request: Request, pipe: Any, layout: Any, images: dict, device: to
             enable_cfgpp(pipe, scheduler=request.scheduler, guidance=request.cfgpp)
         except (TypeError, ValueError) as error:  # a model or scheduler CFG++ cannot run on
             raise UsageError(f"--cfgpp: {error}") from None
-    # SDXL's VAE config asks the pipelines to decode in float32 whatever the model's dtype
-    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) else pipe.vae.dtype
-    needed = vae_decode_bytes(pipe.vae, request.width, request.height, request.batch, vae_dtype)
-    free = free_memory_bytes(device)
-    if decide_vae_tiling(request.vae_tiling, needed, free):
-        pipe.vae.enable_tiling()
-        why = (
-            "as asked"
-            if request.vae_tiling == "on"
-            else f"decoding in one piece needs about {_gb(needed)}, {_gb(free)} free"
-        )
-        print(f"VAE tiling on: {request.width}x{request.height} x{request.batch} ({why})")
-    return request
+    plan = make_plan(
+        pipe,
+        layout,
+        device,
+        request.width,
+        request.height,
+        request.batch,
+        request.config if request.hidiff else None,
+        request.steps,
+        guidance=request.guidance is not None and request.guidance > 1,
+        vae_tiling=request.vae_tiling,
+        budget_flag=request.memory_budget,
+        free=free_memory_bytes(device),
+    )
+    apply_plan(pipe, plan, device)
+    return request, plan
 
 
 @dataclass
@@ -464,23 +501,84 @@ class Run:
     peak_bytes: int
     preset: Optional[str]
     scheduler: str
+    memory: Optional[dict] = None  # the memory plan (what was turned on to fit), when generate made one
+    progressive: Optional[dict] = None  # the schedule of a --progressive run
 
 
-def run_pipeline(request: Request, pipe: Any, images: dict, device: torch.device, label: str, quiet: bool) -> Run:
+def run_pipeline(
+    request: Request,
+    pipe: Any,
+    images: dict,
+    device: torch.device,
+    label: str,
+    quiet: bool,
+    memory_plan: Optional[dict] = None,
+) -> Run:
     import hidiff
 
     from .timing import PeakMemory
 
-    kwargs = call_kwargs(request, pipe, images)
     pipe.set_progress_bar_config(desc=label, disable=quiet)
+    schedule, preset = None, None
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        out = pipe(**kwargs)
+        if request.progressive:
+            pictures, preset, schedule = progressive_images(request, pipe, images)
+        else:
+            pictures = list(pipe(**call_kwargs(request, pipe, images)).images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    record = hidiff.last_call(pipe) if hidiff.is_patched(pipe) else None
-    return Run(list(out.images), seconds, memory.peak, record.preset if record else None, type(pipe.scheduler).__name__)
+    record = hidiff.last_call(pipe) if hidiff.is_patched(pipe) and not request.progressive else None
+    return Run(
+        pictures,
+        seconds,
+        memory.peak,
+        record.preset if record else preset,
+        type(pipe.scheduler).__name__,
+        memory=memory_plan,
+        progressive=schedule,
+    )
+
+
+def progressive_images(request: Request, pipe: Any, images: dict) -> tuple[list, Optional[str], dict]:
+    """The images of a ``--progressive`` request, the preset of its last pass, and its schedule
+    (:mod:`hidiff.app.progressive`)."""
+    from PIL import Image
+
+    from .progressive import run_diffusers, schedule
+
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    start = request.progressive_start if request.progressive_start is not None else DEFAULT_START
+    strength = request.progressive_strength if request.progressive_strength is not None else DEFAULT_STRENGTH
+    plan = schedule((request.height, request.width), 8 * factor, start=start, strength=strength)
+
+    def first(size: tuple[int, int]) -> dict:
+        return call_kwargs(dataclasses.replace(request, height=size[0], width=size[1]), pipe, images)
+
+    def refine(refiner: Any, size: tuple[int, int], big: list, s: float) -> dict:
+        n = len(big)
+        kwargs: dict[str, Any] = dict(
+            prompt=[request.prompt] * n,
+            negative_prompt=[request.negative_prompt] * n if request.negative_prompt else None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            generator=[torch.Generator("cpu").manual_seed(request.seed + k) for k in range(n)],
+            image=big,
+            strength=s,
+        )
+        params = inspect.signature(refiner.__call__).parameters
+        if "height" in params:
+            kwargs.update(height=size[0], width=size[1])
+        if request.controlnet:
+            kwargs["control_image"] = images["control_image"].resize((size[1], size[0]), Image.LANCZOS)
+            kwargs["controlnet_conditioning_scale"] = request.controlnet_scale
+        return kwargs
+
+    cfgpp = (request.scheduler, request.cfgpp) if request.cfgpp is not None else None
+    config = request.config if request.hidiff else None
+    pictures, preset = run_diffusers(pipe, plan, first, refine, config, cfgpp)
+    return pictures, preset, plan.to_dict()
 
 
 # ------------------------------------------------------------------ metadata
@@ -525,7 +623,9 @@ def metadata(request: Request, index: int, run: Run, pipe: Any, device: torch.de
             "seconds": round(run.seconds, 3),
             "device": str(device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-            "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
+            "vae_tiling": bool(getattr(getattr(pipe, "vae", None), "use_tiling", False)),
+            "memory": run.memory,
+            "progressive": run.progressive,
             "hidiff_version": hidiff.__version__,
             "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__,
@@ -663,6 +763,8 @@ def generate(
 
     if compare and not request.hidiff:
         raise UsageError("--compare runs with and without HiDiffusion; drop --no-hidiff")
+    if compare and request.progressive:
+        raise UsageError("--compare times one direct run against another; drop --progressive or --compare")
     images = check_request(request)
     request = with_seed(request)  # the default file name has it
     if only_index is not None and not 0 <= only_index < request.batch:
@@ -673,7 +775,8 @@ def generate(
     indices = [only_index] if only_index is not None else list(range(request.batch))
     suffixes = _suffixes(compare)
     check_outputs([output_path(out, request, i, s) for s in suffixes.values() for i in indices], overwrite)
-    request, pipe, layout, images, device = prepare(request, images)
+    request, pipe, layout, images, device, plan = prepare(request, images)
+    memory = plan.to_dict()
     written: list[Path] = []
     runs: dict[str, Run] = {}
     if compare:
@@ -683,11 +786,13 @@ def generate(
         warmup_steps = math.ceil(1 / request.strength) + 1 if request.strength else 1
         pipe.set_progress_bar_config(desc="warm-up", disable=quiet)
         pipe(**dict(call_kwargs(plain, pipe, images), num_inference_steps=warmup_steps, output_type="latent"))
-        runs["plain"] = run_pipeline(plain, pipe, images, device, "plain", quiet)
+        runs["plain"] = run_pipeline(plain, pipe, images, device, "plain", quiet, memory)
         written += _write(plain, runs["plain"], pipe, device, out, indices, suffixes["plain"])
     if request.hidiff:
         hidiff.apply_hidiffusion(pipe, config=request.config)
-    runs["hidiff"] = run = run_pipeline(request, pipe, images, device, "hidiff" if request.hidiff else "plain", quiet)
+    runs["hidiff"] = run = run_pipeline(
+        request, pipe, images, device, "hidiff" if request.hidiff else "plain", quiet, memory
+    )
     written += _write(request, run, pipe, device, out, indices, suffixes["hidiff"])
     if compare:
         times = {

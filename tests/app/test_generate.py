@@ -318,7 +318,7 @@ def test_vae_tiling_turns_on_when_a_one_piece_decode_would_not_fit(models, tmp_p
     monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 10**6)  # 1 MB free
     assert gen("--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 1, "--out", tmp_path / "v.png") == 0
     assert re.search(
-        r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ GB, 0.0 GB free\)",
+        r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ [MG]B, 1.0 MB free\)",
         capsys.readouterr().out,
     )
     assert meta(tmp_path / "v.png")[1]["run"]["vae_tiling"] is True

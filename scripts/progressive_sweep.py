@@ -1,0 +1,89 @@
+"""The sweep that chose the progressive mode's default schedule (docs/progressive.md).
+
+On the shipped toy model, at each scale: direct HiDiffusion, then every schedule of the
+grid (first size as a share of the target's side, refinement strength, refinements),
+each row timed right after its own direct-hidiff reference (interleaved, so load drifts
+hit both alike). Prints one JSON line per row.
+
+    .venv/bin/python scripts/progressive_sweep.py --scales 4,8 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from hidiff.app.eval import generate, progressive_pictures
+from hidiff.app.toy.count import count_objects, summarize
+from hidiff.app.toy.pipeline import load_toy_pipeline
+
+PROMPTS = [
+    "one red circle on white",
+    "one green square on black",
+    "one blue triangle on white",
+    "one yellow circle on black",
+    "one blue square on white",
+    "one red triangle on black",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scales", default="4,8")
+    parser.add_argument("--starts", default="0.125,0.25,0.5", help="first side over the target's")
+    parser.add_argument("--strengths", default="0.3,0.4,0.5,0.6")
+    parser.add_argument("--levels", default="1,2")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_toy_pipeline()
+    native = pipe.native_size
+    batch = [p for p in PROMPTS for _ in range(args.samples)]
+
+    def row(label: str, make) -> dict:
+        make(1)  # untimed one-step warm-up at this shape
+        start = time.perf_counter()
+        pictures = make(args.steps)
+        seconds = time.perf_counter() - start
+        return {"method": label, **summarize([count_objects(p) for p in pictures], batch), "seconds": seconds}
+
+    for scale in [int(s) for s in args.scales.split(",")]:
+        size = scale * native
+        for start in args.starts.split(","):
+            share = float(start)
+            if not 0 < share < 1 or share * scale < 1:
+                continue  # the first picture below native size
+            for levels in [int(x) for x in args.levels.split(",")]:
+                # direct HiDiffusion timed again before each group of strengths
+                direct = row("hidiff", lambda n, size=size: generate(pipe, "hidiff", batch, size, n, 0, 1.0))
+                for strength in [float(x) for x in args.strengths.split(",")]:
+                    prog = row(
+                        "progressive",
+                        lambda n, size=size, share=share, strength=strength, levels=levels: progressive_pictures(
+                            pipe, batch, size, n, 0, 1.0, start=share, strength=strength, levels=levels
+                        ),
+                    )
+                    out = {
+                        "scale": scale,
+                        "start": share,
+                        "levels": levels,
+                        "strength": strength,
+                        "dup": prog["duplicated"],
+                        "right": prog["right"],
+                        "empty": prog["empty"],
+                        "direct_right": direct["right"],
+                        "direct_dup": direct["duplicated"],
+                        "time_ratio": prog["seconds"] / direct["seconds"],
+                        "seconds": prog["seconds"],
+                        "direct_seconds": direct["seconds"],
+                    }
+                    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The memory estimate against allocator peaks measured on tiny models, and the plan of hidiff generate:
+each measure only when the budget is short, said, recorded, and a refusal when nothing fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from hidiff.app.cli import main
+from hidiff.app.memory_plan import allocator_peak, measure_unet_call, parse_bytes
+from hidiff.core import memory
+from hidiff.core.config import HiDiffusionConfig
+from hidiff.diffusers.memory import vae_shape
+from hidiff.diffusers.testing import tiny_pipeline, tiny_unet_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def measured_and_estimated(family, side, config, attention):
+    result = measure_unet_call(tiny_unet_config(family, sample_size=side // 2), side, 2, config, attention)
+    return result["measured"], result["estimated"]
+
+
+@pytest.mark.parametrize(
+    "family,side,mode,attention",
+    [
+        ("sd15", 64, None, "flash"),
+        ("sd15", 64, "hidiff", "flash"),
+        ("sd15", 48, "hidiff", "math"),
+        ("sd15", 48, None, "math"),
+        ("sd15", 48, "windows", "sliced"),
+        ("sdxl", 64, "hidiff", "flash"),
+        ("sdxl", 48, None, "math"),
+    ],
+)
+def test_estimate_tracks_the_measured_allocator_peak(family, side, mode, attention):
+    config = {None: None, "hidiff": HiDiffusionConfig(), "windows": HiDiffusionConfig(raunet=False)}[mode]
+    measured, estimated = measured_and_estimated(family, side, config, attention)
+    assert measured > 0
+    assert estimated == pytest.approx(measured, rel=0.15)
+
+
+def test_math_attention_measures_and_estimates_the_scores_windows_divide():
+    plain, plain_est = measured_and_estimated("sd15", 48, None, "math")
+    windowed, windowed_est = measured_and_estimated("sd15", 48, HiDiffusionConfig(raunet=False), "math")
+    assert windowed < 0.6 * plain and windowed_est < 0.6 * plain_est
+
+
+def test_vae_decode_estimate_tracks_the_measured_peak():
+    from diffusers import AutoencoderKL
+
+    # a quarter of SD's VAE width (at 8 channels, tiny_vae's, fixed costs the estimate leaves out dominate)
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=8, **blocks).eval()
+    for side, tiled in ((128, False), (256, True)):
+        if tiled:
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = 128, 16
+        z = torch.randn(1, 4, side // 8, side // 8)
+        with torch.no_grad():
+            vae.decode(z)
+            measured = allocator_peak(lambda z=z: vae.decode(z).sample)
+        estimated = memory.vae_decode_elements(vae_shape(vae), side, side, 1, tiled) * 4
+        assert estimated == pytest.approx(measured, rel=0.15)
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GB") == 8 * 10**9
+    assert parse_bytes("24 GiB") == 24 * 2**30
+    assert parse_bytes("512mb") == 512 * 10**6
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_bytes("lots")
+
+
+# ------------------------------------------------------------------ hidiff generate
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mem")
+    tiny_pipeline("sd15", sample_size=8).save_pretrained(root / "sd")
+    return str(root / "sd")
+
+
+ARGS = ["--prompt", "x", "--width", "128", "--height", "96", "--steps", "2", "--seed", "1"]
+
+
+def gen(model, out, *extra):
+    return main(["generate", "--quiet", "--model", model, *ARGS, "--out", str(out), *map(str, extra)])
+
+
+def run_memory(path):
+    with Image.open(path) as image:
+        return json.loads(image.text["hidiff"])["run"]["memory"]
+
+
+def test_nothing_is_turned_on_when_the_budget_suffices(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "a.png", "--memory-budget", "10GB") == 0
+    plan = run_memory(tmp_path / "a.png")
+    assert plan["budget_bytes"] == 10**10 and plan["budget_source"] == "--memory-budget"
+    assert not plan["vae_tiling"] and not plan["attention_slicing"] and not plan["model_offload"]
+    assert 0 < plan["estimate_bytes"] == plan["planned_bytes"] < 10**10
+    assert "tiling on" not in capsys.readouterr().out
+
+
+def test_a_short_budget_turns_tiling_on_and_says_so(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "a.png", "--memory-budget", "10GB") == 0
+    need = run_memory(tmp_path / "a.png")["estimate_bytes"]
+    capsys.readouterr()
+    # just below the one-piece estimate: tiling makes it fit
+    assert gen(model, tmp_path / "b.png", "--memory-budget", need - 1000) == 0
+    out = capsys.readouterr().out
+    assert "VAE tiling on: 128x96 x1 (decoding in one piece needs about" in out
+    assert "model offload: nothing to gain on CPU" not in out  # it fitted after tiling
+    plan = run_memory(tmp_path / "b.png")
+    assert plan["vae_tiling"] and plan["planned_bytes"] < need - 1000 < plan["estimate_bytes"]
+
+
+def test_a_run_that_cannot_fit_is_refused_with_what_would(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HIDIFF_MEMORY_BUDGET", "2MB")
+    assert gen(model, tmp_path / "a.png") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "needs about" in err and "more than the 2.0 MB budget (HIDIFF_MEMORY_BUDGET)" in err
+    assert "with VAE tiling" in err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_bad_budget_is_a_usage_error(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "a.png", "--memory-budget", "lots") == 2
+    assert "not a memory size" in capsys.readouterr().err
