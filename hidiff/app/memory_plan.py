@@ -383,7 +383,7 @@ def format_info(rows: list[dict[str, Any]], batch: int, dtype: str, attention: s
             f"  {r['mode']:<24} {'tiled' if r['vae_tiling'] else 'one piece':<9} {gb(r['weights_bytes']):>8} "
             f"{gb(r['unet_bytes']):>8} {gb(r['vae_bytes']):>8} {gb(r['peak_bytes']):>8}"
         )
-    worst = rows[1]["unet_by_stage"]
+    worst = next(r for r in rows if r["mode"] == "HiDiffusion (as given)")["unet_by_stage"]
     lines.append("  U-Net peak per stage (as given): " + ", ".join(f"{k} {gb(v)}" for k, v in worst.items()))
     return lines
 

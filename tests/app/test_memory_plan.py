@@ -137,3 +137,16 @@ def test_a_run_that_cannot_fit_is_refused_with_what_would(model, tmp_path, capsy
 def test_a_bad_budget_is_a_usage_error(model, tmp_path, capsys):
     assert gen(model, tmp_path / "a.png", "--memory-budget", "lots") == 2
     assert "not a memory size" in capsys.readouterr().err
+
+
+def test_info_prints_the_estimate_table(capsys):
+    assert main(["info", "--model", "sdxl", "--width", "4096", "--height", "4096", "--steps", "30", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["memory"]
+    modes = {(r["mode"], r["vae_tiling"]): r for r in rows}
+    assert len(modes) == 8
+    one, tiled = modes[("HiDiffusion (as given)", False)], modes[("HiDiffusion (as given)", True)]
+    assert tiled["peak_bytes"] < one["peak_bytes"] and tiled["unet_bytes"] == one["unet_bytes"]
+    assert set(one["unet_by_phase"]) <= {"conv", "pool", "windows", "plain"}
+    assert main(["info", "--model", "sd15", "--width", "1024", "--height", "1024", "--attention", "math"]) == 0
+    out = capsys.readouterr().out
+    assert "attention math" in out and "U-Net peak per stage (as given): down.0" in out
