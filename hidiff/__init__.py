@@ -5,12 +5,14 @@ hidiff.apply_hidiffusion(pipe)          # one line; pipe(...) now works at 2x-4x
 hidiff.remove_hidiffusion(pipe)         # exact undo
 with hidiff.hidiffusion(pipe): ...      # scoped
 hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
+hidiff.edit(pipe, image, "a cat", "a dog")  # edit by CFG++ inversion
 """
 
 from .core.architecture import Architecture, UnsupportedModelError
 from .core.config import HiDiffusionConfig
 from .core.presets import PRESETS, Preset
 from .diffusers.cfgpp import disable_cfgpp, enable_cfgpp, invert
+from .diffusers.edit import edit
 from .diffusers.model import detect_layout
 from .diffusers.patch import (
     CallRecord,
@@ -34,6 +36,7 @@ __all__ = [
     "enable_cfgpp",
     "disable_cfgpp",
     "invert",
+    "edit",
     "HiDiffusionConfig",
     "PRESETS",
     "Preset",

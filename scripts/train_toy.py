@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hidiff.app.toy.pipeline import NATIVE, ToyPipeline, toy_components  # noqa: E402
 from hidiff.app.toy.shapes import training_batch  # noqa: E402
 
+#: Share of training samples whose prompt is replaced by "" (the unconditional input of
+#: classifier-free guidance); ``--drop-share`` overrides it.
 EMPTY_PROMPT_SHARE = 0.1
 MIN_SNR = 5.0
 
@@ -55,6 +57,12 @@ def train(args: argparse.Namespace) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
+    if args.init_from and not ckpt_path.exists():  # a new stage: start from exported weights
+        init = load_toy_pipeline_folder(args.init_from)
+        model["unet"].load_state_dict({k: v.float() for k, v in init.unet.state_dict().items()})
+        model["text_encoder"].load_state_dict({k: v.float() for k, v in init.text_encoder.state_dict().items()})
+        ema.load_state_dict(model.state_dict())
+        print(f"initialised from {args.init_from}", flush=True)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=args.device)
         if state["args"]["seed"] != args.seed or state["args"]["batch"] != args.batch:
@@ -95,7 +103,7 @@ def train(args: argparse.Namespace) -> None:
     while step < args.steps and not stop["now"]:
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x0, prompts = training_batch(args.seed * 1_000_003 + step, args.batch, NATIVE)
-        drop = torch.rand(args.batch, generator=gen) < EMPTY_PROMPT_SHARE
+        drop = torch.rand(args.batch, generator=gen) < args.drop_share
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -152,6 +160,12 @@ def load_pipeline(out: str, use_ema: bool = True) -> ToyPipeline:
     return pipe
 
 
+def load_toy_pipeline_folder(folder: str) -> ToyPipeline:
+    pipe = ToyPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def export(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.out)
     pipe.unet.to(torch.float16)  # halves the shipped file; loading casts back to float32
@@ -171,6 +185,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="initial weights and the data stream")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--drop-share",
+        type=float,
+        default=EMPTY_PROMPT_SHARE,
+        help=f"share of samples trained on the empty prompt, for guidance (default {EMPTY_PROMPT_SHARE})",
+    )
+    parser.add_argument(
+        "--init-from",
+        help="start a new run (no checkpoint in --out yet) from an exported ToyPipeline folder",
+    )
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--export", help="write the EMA weights of --out's checkpoint as a ToyPipeline folder and exit")

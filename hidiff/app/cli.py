@@ -215,6 +215,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_main(args)
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .edit import main as edit_main
+
+    return edit_main(args)
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import main as batch_main
 
@@ -233,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import BATCH_DESCRIPTION
     from .batch import add_arguments as add_batch_arguments
     from .bench import add_arguments as add_bench_arguments
+    from .edit import add_arguments as add_edit_arguments
     from .eval import add_arguments as add_eval_arguments
     from .eval import add_demo_arguments
     from .generate import add_arguments as add_generate_arguments
@@ -246,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
             "generate images with HiDiffusion; every PNG carries what re-runs it",
             add_generate_arguments,
             cmd_generate,
+        ),
+        (
+            "edit",
+            "edit a picture from a source prompt to a target prompt by CFG++ inversion",
+            add_edit_arguments,
+            cmd_edit,
         ),
         (
             "batch",

@@ -650,41 +650,52 @@ def save_png(image: Any, path: Path, text: dict[str, str]) -> None:
 
 def read_metadata(path: str) -> tuple[Request, Optional[int]]:
     """(request, index in its batch) from a PNG written by ``hidiff generate``."""
+    request, meta = read_request(path, METADATA_KEY, Request, "hidiff generate")
+    index = meta.get("index")
+    if not (index is None or _of_type(index, int)):
+        raise UsageError(f"--from-image {path}: unreadable hidiff metadata (its index is of the wrong type)")
+    return request, index if request.batch > 1 else None
+
+
+def read_request(path: str, key: str, kind: type, command: str) -> tuple[Any, dict]:
+    """(request of dataclass ``kind``, the whole metadata) from the ``key`` JSON chunk of a PNG that
+    ``command`` wrote; a UsageError for a missing or malformed chunk, a warning for changed inputs."""
     from PIL import Image
 
     load_image(path, "--from-image", "RGB")  # refuses a missing or non-image file
     with Image.open(path) as image:
         text = dict(getattr(image, "text", {}) or {})
-    if METADATA_KEY not in text:
+    if key not in text:
         raise UsageError(
-            f"--from-image {path} has no '{METADATA_KEY}' metadata: only PNGs written by hidiff generate "
+            f"--from-image {path} has no '{key}' metadata: only PNGs written by {command} "
             "can be re-run (their text chunks may also have been stripped by an image editor)"
         )
     try:
-        meta = json.loads(text[METADATA_KEY])
+        meta = json.loads(text[key])
         if not isinstance(meta, dict) or not isinstance(meta.get("request"), dict):
             raise ValueError("it holds no 'request' object")
-        fields, hints = meta["request"], get_type_hints(Request)
+        fields, hints = meta["request"], get_type_hints(kind)
         unknown = sorted(set(fields) - set(hints))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} (written by a newer hidiff?)")
         for name, value in fields.items():
             if not _of_type(value, hints[name]):
                 raise ValueError(f"{name} is {value!r}, of the wrong type")
-        request = Request(**fields)
-        request.config  # noqa: B018 - validates the stored HiDiffusion config
-        digests, index = meta.get("inputs_sha256") or {}, meta.get("index")
-        if not isinstance(digests, dict) or not (index is None or _of_type(index, int)):
-            raise ValueError("its inputs_sha256 or index is of the wrong type")
+        request = kind(**fields)
+        if hasattr(request, "config"):
+            request.config  # noqa: B018 - validates the stored HiDiffusion config
+        digests = meta.get("inputs_sha256") or {}
+        if not isinstance(digests, dict):
+            raise ValueError("its inputs_sha256 is of the wrong type")
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(
-            f"--from-image {path}: unreadable hidiff metadata ({error}); re-run from a PNG that hidiff generate wrote"
+            f"--from-image {path}: unreadable {key} metadata ({error}); re-run from a PNG that {command} wrote"
         ) from None
     for name, digest in digests.items():
         value = getattr(request, name, None)
         if value and os.path.isfile(value) and _sha256(value) != digest:
             print(f"warning: {value} changed since {path} was made; the result will differ")
-    return request, index if request.batch > 1 else None
+    return request, meta
 
 
 def _kind(hint: Any) -> Any:

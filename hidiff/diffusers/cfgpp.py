@@ -454,18 +454,44 @@ def invert(
     Reconstruct with ``hidiff.enable_cfgpp(pipe, "ddim", guidance)`` and
     ``pipe(prompt, latents=noise, num_inference_steps=num_inference_steps)`` (height and width of the image).
     """
-    if guidance is not None and cfg_scale is not None:
-        raise ValueError("pass guidance (CFG++ lam) or cfg_scale (ordinary CFG), not both")
-    if cfg_scale is not None:
-        cfg_scale = rules.check_cfg_scale(cfg_scale)
-    elif guidance is None:
+    if guidance is None and cfg_scale is None:
         settings = cfgpp_settings(pipe)
         if settings is None:
             raise ValueError("pass guidance=lam (or cfg_scale=w), or call hidiff.enable_cfgpp(pipe, 'ddim', lam) first")
         guidance = settings[1]
+    run = inversion(pipe, image, prompt, negative_prompt, guidance, cfg_scale, num_inference_steps)
+    return run.latents.to(run.dtype)
+
+
+class Inversion:
+    """What :func:`inversion` found: the clean latents, the latents after each inverted step
+    (``levels[t]``: at the noise level of sampling timestep ``t``, float32) and the last of them."""
+
+    def __init__(self, clean: torch.Tensor, levels: dict[int, torch.Tensor], latents: torch.Tensor, dtype: Any):
+        self.clean, self.levels, self.latents, self.dtype = clean, levels, latents, dtype
+
+
+def inversion(
+    pipe: Any,
+    image: Any,
+    prompt: Union[str, Sequence[str]],
+    negative_prompt: Union[None, str, Sequence[str]],
+    guidance: Optional[float],
+    cfg_scale: Optional[float],
+    num_inference_steps: int,
+    num_inverted_steps: Optional[int] = None,
+) -> Inversion:
+    """DDIM inversion of the first ``num_inverted_steps`` (default all) steps of an
+    ``num_inference_steps``-step schedule, counted from the clean end: CFG++ with ``guidance``
+    (lam), or ordinary CFG with ``cfg_scale``. Checks its inputs before running anything."""
+    if guidance is not None and cfg_scale is not None:
+        raise ValueError("pass guidance (CFG++ lam) or cfg_scale (ordinary CFG), not both")
+    if cfg_scale is not None:
+        cfg_scale = rules.check_cfg_scale(cfg_scale)
     lam = check_guidance(guidance) if cfg_scale is None else None
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    inverted = num_inference_steps if num_inverted_steps is None else num_inverted_steps
     session = _SESSIONS.get(pipe) if _is_weakrefable(pipe) else None
     original = session.original if session is not None else getattr(pipe, "scheduler", None)
     unet = _check_pipeline(pipe, getattr(original, "config", {}), sampler_classes()["ddim"].forced_config)
@@ -480,20 +506,30 @@ def invert(
     latents = _encode_image(pipe, image, device)
     batch = latents.shape[0]
     call_kwargs = _conditioning(pipe, prompt, negative_prompt, batch, latents.shape[-2:], device)
-    x = latents.float()
+    clean = latents.float()
     step = ddim.config.num_train_timesteps // num_inference_steps
     patch = get_patch(unet)
     # With HiDiffusion applied, each inversion call is planned as the sampling step it inverts.
     with patch.mirrored(ddim.timesteps) if patch is not None else contextlib.nullcontext():
-        x = _invert_loop(unet, ddim, x, step, device, call_kwargs, lam, cfg_scale)
-    return x.to(unet.dtype)
+        levels = _invert_loop(unet, ddim, clean, step, device, call_kwargs, lam, cfg_scale, inverted)
+    last = levels[int(ddim.timesteps[num_inference_steps - inverted])] if inverted else clean
+    return Inversion(clean, levels, last, unet.dtype)
 
 
 def _invert_loop(
-    unet: Any, ddim: Any, x: torch.Tensor, step: int, device: Any, call_kwargs: dict, lam: Any, cfg_scale: Any
-):
+    unet: Any,
+    ddim: Any,
+    x: torch.Tensor,
+    step: int,
+    device: Any,
+    call_kwargs: dict,
+    lam: Any,
+    cfg_scale: Any,
+    inverted: int,
+) -> dict[int, torch.Tensor]:
     prediction = ddim.config.prediction_type
-    for t in reversed(ddim.timesteps):
+    levels = {}
+    for t in reversed(ddim.timesteps[len(ddim.timesteps) - inverted :]):
         t_from = int(t) - step
         a_from = ddim.alphas_cumprod[t_from] if t_from >= 0 else ddim.final_alpha_cumprod
         a_to = ddim.alphas_cumprod[int(t)]
@@ -507,12 +543,16 @@ def _invert_loop(
         else:
             eps_denoise, eps_renoise = eps_u, rules.guided(eps_u, eps_c, lam)
         x = rules.ddim_invert_step(x, eps_denoise, eps_renoise, a_from, a_to)
-    return x
+        levels[int(t)] = x
+    return levels
 
 
 def _encode_image(pipe: Any, image: Any, device: Any) -> torch.Tensor:
-    """The VAE latents of ``image`` (the mean of the posterior, scaled as the pipeline scales them)."""
-    vae = pipe.vae
+    """The VAE latents of ``image`` (the mean of the posterior, scaled as the pipeline scales them);
+    for a pixel-space pipeline (no ``vae``) the preprocessed pixels themselves."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return pipe.image_processor.preprocess(image).to(device=device, dtype=pipe.unet.dtype)
     pixels = pipe.image_processor.preprocess(image).to(device=device, dtype=vae.dtype)
     latents = vae.encode(pixels).latent_dist.mean
     return latents * vae.config.scaling_factor

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up in this module)
 from torch import nn
 
@@ -38,12 +39,15 @@ TOY_UNET_CONFIG: dict[str, Any] = dict(
     norm_num_groups=8,
 )
 
-#: The sampler the toy model is trained for: v-prediction on a cosine schedule.
+#: The sampler the toy model is trained for: v-prediction on a cosine schedule. The clean
+#: estimate is not clipped: with classifier-free guidance above ~2, DDIM's clipping of x0
+#: (while its noise estimate keeps the unclipped prediction) leaves the final picture noisy
+#: (docs/cfgpp.md, "The toy model and guidance"); CFG++ refuses a clipping scheduler.
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
     prediction_type="v_prediction",
-    clip_sample=True,
+    clip_sample=False,
     set_alpha_to_one=True,
     timestep_spacing="trailing",
 )
@@ -111,6 +115,33 @@ class ToyPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: ToyTextEncoder, scheduler: Any) -> None:
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+        # pixel space: pictures in [0, 1] <-> model input in [-1, 1], no resizing (no VAE)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
+
+    def encode_prompt(
+        self,
+        prompt: Union[str, Sequence[str]],
+        device: Any = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: Union[None, str, Sequence[str]] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(prompt embeddings, negative embeddings or None) as Stable Diffusion pipelines return them;
+        the negative prompt defaults to "" (the unconditional input the model was trained with)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != len(prompts):
+                raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+            negatives = list(negative_prompt)
+        else:
+            negatives = [negative_prompt or ""] * len(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        dtype = self.unet.dtype
+        positive = self.text_encoder.encode(prompts).to(dtype)
+        if not do_classifier_free_guidance:
+            return positive, None
+        return positive, self.text_encoder.encode(negatives).to(dtype)
 
     @property
     def native_size(self) -> int:
@@ -130,6 +161,8 @@ class ToyPipeline(DiffusionPipeline):
         output_type: str = "pil",
         callback_on_step_end: Optional[Callable] = None,
         return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+        negative_prompt: Union[None, str, Sequence[str]] = None,
     ) -> Any:
         """Sample images of ``prompt`` at ``height`` x ``width`` (default: native).
 
@@ -137,8 +170,10 @@ class ToyPipeline(DiffusionPipeline):
         it is noised to ``strength`` of the schedule and denoised from there.
         ``output_type``: ``"pil"``, ``"pt"`` (B x 3 x H x W in [0, 1]) or ``"np"``.
         ``callback_on_step_end(pipe, i, t, {})`` runs after every step, as in diffusers.
-        ``guidance_scale`` > 1 turns on classifier-free guidance (the model was trained with
-        10% empty prompts); the trained model draws its cleanest pictures without it (1.0).
+        ``guidance_scale`` > 1 turns on classifier-free guidance against ``negative_prompt``
+        (default "", the unconditional input the model was trained on).
+        ``latents``: the starting noise (B x 3 x H x W, scaled by the scheduler's
+        ``init_noise_sigma`` as in diffusers), instead of drawing it from ``generator``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if image is not None and not isinstance(image, torch.Tensor):
@@ -146,6 +181,12 @@ class ToyPipeline(DiffusionPipeline):
         if image is not None:
             image = image if image.ndim == 4 else image[None]
             height, width = int(image.shape[-2]), int(image.shape[-1])
+        if latents is not None:
+            if image is not None:
+                raise ValueError("pass image (image-to-image) or latents (the starting noise), not both")
+            if latents.ndim != 4 or latents.shape[1] != 3 or latents.shape[0] not in (1, len(prompts)):
+                raise ValueError(f"latents must be 1 or {len(prompts)} x 3 x H x W, got {tuple(latents.shape)}")
+            height, width = int(latents.shape[-2]), int(latents.shape[-1])
         height = height or self.native_size
         width = width or self.native_size
         factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -156,15 +197,18 @@ class ToyPipeline(DiffusionPipeline):
         if image is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         device, dtype = self.unet.device, self.unet.dtype
-        cond = self.text_encoder.encode(prompts).to(dtype)
         guided = guidance_scale > 1
-        if guided:
-            cond = torch.cat([self.text_encoder.encode([""] * len(prompts)).to(dtype), cond])
+        cond, negative = self.encode_prompt(prompts, device, 1, guided, negative_prompt)
+        if negative is not None:
+            cond = torch.cat([negative, cond])
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         shape = (len(prompts), 3, height, width)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        if latents is not None:
+            noise = latents.to(device, dtype).expand(shape)
+        else:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
         if image is None:
             x = noise * self.scheduler.init_noise_sigma
         else:
