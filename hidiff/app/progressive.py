@@ -158,3 +158,65 @@ def _bicubic() -> Any:
     from PIL import Image
 
     return Image.BICUBIC
+
+
+def progressive(
+    pipe: Any,
+    prompt: Any,
+    height: int,
+    width: int,
+    start: float = DEFAULT_START,
+    strength: float = DEFAULT_STRENGTH,
+    levels: int = 1,
+    config: Any = None,
+    cfgpp: Optional[tuple[str, float]] = None,
+    seed: Optional[int] = None,
+    **kwargs: Any,
+) -> list:
+    """Progressive generation with a diffusers text-to-image (or ControlNet) pipeline: ``prompt`` at
+    ``height`` x ``width``, first at ``start`` of the side, then refined by img2img at ``strength``.
+
+    HiDiffusion (``config``, or the pipeline's own options if it is patched) runs in every pass and is
+    removed after the run unless the pipeline was patched before; ``cfgpp`` (sampler, lambda) samples
+    every pass with CFG++ (a pipeline with CFG++ on must pass it, so that the refiner gets it too).
+    ``kwargs`` go to every pass (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``...);
+    a ControlNet pipeline's conditioning image goes in as ``image`` and is resized for each pass.
+    ``seed`` makes each pass draw its noise from ``torch.Generator().manual_seed(seed)``. Returns the
+    images (PIL)."""
+    import torch
+
+    import hidiff
+
+    patched = hidiff.is_patched(pipe)
+    if patched and config is None:
+        config = hidiff.get_patch(pipe).config
+    control = kwargs.pop("image", None) if getattr(pipe, "controlnet", None) is not None else None
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    plan = schedule((height, width), 8 * factor, start=start, strength=strength, levels=levels)
+
+    def generator() -> dict:
+        return {"generator": torch.Generator().manual_seed(seed)} if seed is not None else {}
+
+    def sized(size: Size) -> Any:
+        return control.resize((size[1], size[0]), _bicubic()) if control is not None else None
+
+    def first(size: Size) -> dict:
+        extra = {"image": sized(size)} if control is not None else {}
+        return dict(prompt=prompt, height=size[0], width=size[1], **kwargs, **extra, **generator())
+
+    def refine(refiner: Any, size: Size, images: list, s: float) -> dict:
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        extra = {"control_image": sized(size)} if control is not None else {}
+        rest = {k: v for k, v in kwargs.items() if k != "num_images_per_prompt"}
+        return dict(prompt=prompts, image=images, strength=s, **rest, **extra, **generator())
+
+    if cfgpp is not None:
+        hidiff.enable_cfgpp(pipe, scheduler=cfgpp[0], guidance=cfgpp[1])
+    if not patched:
+        hidiff.apply_hidiffusion(pipe, config=config)
+    try:
+        images, _ = run_diffusers(pipe, plan, first, refine, config, cfgpp)
+    finally:
+        if not patched and hidiff.is_patched(pipe):
+            hidiff.remove_hidiffusion(pipe)
+    return images

@@ -143,3 +143,15 @@ def test_toy_eval_progressive_method_makes_target_size_pictures():
     assert pictures.shape == (1, 3, 32, 32)
     direct = generate(pipe, "hidiff", ["one red circle on white"], 32, 2, 0, 1.0)
     assert not torch.equal(pictures, direct)
+
+
+def test_python_api_runs_every_pass_with_hidiffusion_and_removes_it():
+    pipe = tiny_pipeline("sd15", sample_size=8)
+    pipe.set_progress_bar_config(disable=True)
+    images = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
+    assert [im.size for im in images] == [(128, 128)]
+    assert not hidiff.is_patched(pipe)
+    again = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    other = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0, strength=0.75)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
