@@ -151,8 +151,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: bool = True) -> list:
-    """hidiff eval's figures (duplication, right shape, s/image) with kv_downsample 1, 2, 4, and
-    each picture's PSNR/SSIM against the same seed with kv_downsample 1."""
+    """hidiff eval's figures (duplication, right shape, s/image) with kv_downsample 1, 2, 4 at
+    kv_levels 1 and 2, and each picture's PSNR/SSIM against the same seed with kv_downsample 1."""
     from hidiff.app import eval as ev
     from hidiff.app.eval import generate
     from hidiff.app.toy.count import count_objects, summarize
@@ -164,8 +164,8 @@ def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: 
     for scale in scales:
         size = scale * pipe.native_size
         ref = None
-        for factor in (1, 2, 4):
-            options = {"kv_downsample": factor, "window_attn": window}
+        for factor, levels in ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2)):
+            options = {"kv_downsample": factor, "kv_levels": levels, "window_attn": window}
             ev.HIDIFF_OPTIONS["_kv"] = options
             generate(pipe, "_kv", batch, size, 1, 0, 1.0)  # untimed warm-up step
             t0 = time.perf_counter()
@@ -177,6 +177,7 @@ def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: 
             row = {
                 "size": size,
                 "kv_downsample": factor,
+                "kv_levels": levels,
                 "windows": window,
                 **summarize([count_objects(p) for p in pictures], batch),
                 "s_per_image": seconds / len(batch),
@@ -223,7 +224,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--eval", action="store_true", help="also the toy eval table (about 3 minutes)")
+    parser.add_argument("--eval", action="store_true", help="also the toy eval table (about 10 minutes)")
     parser.add_argument("--sides", default="64,56,72", help="sizes the token maps are captured at")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
