@@ -2,8 +2,9 @@
 
 On the shipped toy model, at each scale: direct HiDiffusion, then every schedule of the
 grid (first size as a share of the target's side, refinement strength, refinements),
-each row timed right after its own direct-hidiff reference (interleaved, so load drifts
-hit both alike). Prints one JSON line per row.
+each group of strengths timed right after its own direct-hidiff reference, in wall time and in
+this process's CPU time (one thread: what the run computed, far less sensitive to other jobs on
+the machine than wall time). Prints one JSON line per row.
 
     .venv/bin/python scripts/progressive_sweep.py --scales 4,8 --threads 1
 """
@@ -47,10 +48,15 @@ def main() -> None:
 
     def row(label: str, make) -> dict:
         make(1)  # untimed one-step warm-up at this shape
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         pictures = make(args.steps)
-        seconds = time.perf_counter() - start
-        return {"method": label, **summarize([count_objects(p) for p in pictures], batch), "seconds": seconds}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return {
+            "method": label,
+            **summarize([count_objects(p) for p in pictures], batch),
+            "seconds": seconds,
+            "cpu": cpu,
+        }
 
     for scale in [int(s) for s in args.scales.split(",")]:
         size = scale * native
@@ -79,6 +85,7 @@ def main() -> None:
                         "direct_right": direct["right"],
                         "direct_dup": direct["duplicated"],
                         "time_ratio": prog["seconds"] / direct["seconds"],
+                        "cpu_ratio": prog["cpu"] / direct["cpu"],
                         "seconds": prog["seconds"],
                         "direct_seconds": direct["seconds"],
                     }

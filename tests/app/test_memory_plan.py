@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hidiff
 from hidiff.app.cli import main
 from hidiff.app.memory_plan import allocator_peak, measure_unet_call, parse_bytes
 from hidiff.core import memory
@@ -150,3 +151,50 @@ def test_info_prints_the_estimate_table(capsys):
     assert main(["info", "--model", "sd15", "--width", "1024", "--height", "1024", "--attention", "math"]) == 0
     out = capsys.readouterr().out
     assert "attention math" in out and "U-Net peak per stage (as given): down.0" in out
+
+
+def test_plan_turns_on_slicing_then_offload_only_as_far_as_needed(monkeypatch):
+    """Every branch on CPU: the budget is injected, the device named (the plan reads only its type)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    import hidiff.app.memory_plan as mp
+    from hidiff.app.args import UsageError
+
+    pipe = tiny_pipeline("sd15", sample_size=8)
+    pipe.unet.set_attn_processor(AttnProcessor())  # materialises its scores: slicing can help
+    layout = hidiff.detect_layout(pipe.unet)
+    args = dict(width=512, height=512, batch=1, config=HiDiffusionConfig(), steps=4, guidance=True, free=None)
+
+    def plan(budget, device="cpu", tiling="auto"):
+        return mp.make_plan(pipe, layout, torch.device(device), vae_tiling=tiling, budget_flag=str(budget), **args)
+
+    first = plan(10**12)
+    assert first.turned_on() == [] and first.peak == first.first
+    tiled = mp.pipeline_estimate(
+        pipe, layout, attention="math", vae_tiling=True, **{k: v for k, v in args.items() if k != "free"}
+    )
+    sliced = mp.pipeline_estimate(
+        pipe, layout, attention="sliced", vae_tiling=True, **{k: v for k, v in args.items() if k != "free"}
+    )
+    assert sliced.peak < tiled.peak
+    short = plan(sliced.peak)  # tiling alone is not enough, slicing is
+    assert short.turned_on() == ["VAE tiling", "attention slicing"] and short.peak <= sliced.peak
+    monkeypatch.setattr(mp, "_has_accelerate", lambda: True)
+    offloaded = plan(sliced.peak - 1, device="cuda")
+    assert offloaded.turned_on() == ["VAE tiling", "attention slicing", "model offload"]
+    with pytest.raises(UsageError, match=r"would fit: \d+x\d+"):
+        plan(sliced.peak - 1)  # on CPU offload gains nothing: refused, with a smaller size that fits
+    assert "VAE tiling" not in plan(first.first, tiling="off").turned_on()
+
+
+def test_cpu_without_a_budget_warns_instead_of_refusing(monkeypatch):
+    import hidiff.app.memory_plan as mp
+
+    pipe = tiny_pipeline("sd15", sample_size=8)
+    layout = hidiff.detect_layout(pipe.unet)
+    monkeypatch.delenv(mp.BUDGET_ENV, raising=False)
+    plan = mp.make_plan(
+        pipe, layout, torch.device("cpu"), 512, 512, 1, None, 4, True, vae_tiling="auto", budget_flag=None, free=1000
+    )
+    assert plan.budget_source == "free memory" and plan.vae_tiling
+    assert plan.actions[-1].startswith("warning: 512x512 x1 needs about")
