@@ -1,7 +1,7 @@
 """Train the toy model (hidiff.app.toy) on CPU or GPU; resumable, reproducible from its seeds.
 
     .venv/bin/python scripts/train_toy.py --out runs/toy --steps 12000          # train / resume
-    .venv/bin/python scripts/train_toy.py --out runs/toy --export hidiff/toy/weights   # ship the EMA weights
+    .venv/bin/python scripts/train_toy.py --out runs/toy --export hidiff/app/toy/weights   # ship the EMA weights
 
 Every step's pictures, timesteps and noise are a function of (--seed, step), so a run
 stopped and resumed from its checkpoint sees the same data as an uninterrupted one.
@@ -10,12 +10,22 @@ at the end; training stops cleanly on SIGTERM/SIGINT after writing it.
 
 Recipe (chosen to learn fast on a CPU): v-prediction on a cosine schedule with
 min-SNR-5 loss weights, AdamW at 1e-3 with a linear warm-up, gradient clipping at 1,
-an EMA of the weights (decay up to 0.999) which is what gets shipped, and 10% empty
-prompts so classifier-free guidance works.
+an EMA of the weights (decay up to 0.999) which is what gets shipped, and a share of
+empty prompts (--drop-share, default 10%) so classifier-free guidance works.
 
-The shipped weights (hidiff/toy/weights): ``--steps 3799`` at the default ``--lr 1e-3``,
-then resumed to step 4625 with ``--lr 2e-4 --warmup 1``; one thread on a shared 2-core
-CPU, about 90 minutes in all (0.5 to 2 s per step, depending on the machine's load).
+The shipped weights (hidiff/app/toy/weights) are three stages, one thread on a shared
+2-core CPU (0.5 to 2.7 s per step, depending on the machine's load):
+
+    # 1-2: the first toy model (about 90 minutes)
+    train_toy.py --out runs/toy --steps 3799
+    train_toy.py --out runs/toy --steps 4625 --lr 2e-4 --warmup 1
+    train_toy.py --out runs/toy --export runs/toy-stage2
+    # 3: guidance fine-tune, 20% empty prompts, new data stream (about 50 minutes)
+    train_toy.py --out runs/toy-cfg --init-from runs/toy-stage2 --seed 1 --drop-share 0.2 \
+        --lr 2e-4 --warmup 50 --steps 2400
+    train_toy.py --out runs/toy-cfg --export hidiff/app/toy/weights
+
+Why stage 3 exists: docs/cfgpp.md, "The toy model and guidance".
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ SLOW_TESTS = frozenset(
         "test_apply_again_replaces_options",
         "test_apply_twice_equals_apply_once",
         "test_every_sampler_runs_and_is_reproducible",
+        "test_a_colour_edit_on_the_shipped_toy_changes_the_colour_and_keeps_the_object",
         "test_at_or_below_native_nothing_changes_unless_asked",
         "test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart",
         "test_bench_json_with_the_published_package_and_a_chart",

@@ -70,6 +70,9 @@ METHODS = (BASELINE, *HIDIFF_METHODS, "deepshrink", "hiresfix", "progressive")
 #: apply_hidiffusion options of the HiDiffusion methods.
 HIDIFF_OPTIONS = HIDIFF_METHODS
 DEEP_SHRINK_END = 0.35
+#: Classifier-free guidance of ``hidiff eval``: a scale the guidance-trained toy model draws
+#: well at (docs/cfgpp.md measures it from 1 to 12.5).
+EVAL_GUIDANCE = 5.0
 HIRES_STRENGTH = 0.5
 
 
@@ -235,7 +238,7 @@ def run_eval(
     methods: Optional[Sequence[str]] = None,
     steps: int = 20,
     seed: int = 0,
-    guidance: float = 1.0,
+    guidance: float = EVAL_GUIDANCE,
     log: Any = None,
     reference_python: Optional[str] = None,
     model: Optional[str] = None,
@@ -370,7 +373,12 @@ def add_arguments(parser: Any) -> None:
         help="sizes as whole multiples of the native size",
     )
     add_method_flags(parser, "--methods", METHODS, "all of them")
-    parser.add_argument("--guidance", type=flag(finite, float), default=1.0, help="classifier-free guidance (1: off)")
+    parser.add_argument(
+        "--guidance",
+        type=flag(finite, float),
+        default=EVAL_GUIDANCE,
+        help=f"classifier-free guidance scale (default {EVAL_GUIDANCE:g}; 1: off)",
+    )
     parser.add_argument("--grid", metavar="FILE.png", type=png_file, help="write a grid of samples per method and size")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 

@@ -183,7 +183,7 @@ def test_published_method_runs_the_published_package_on_the_same_model_and_seeds
     assert (published - baseline).abs().max() > 1e-2  # it changed the pictures
     torch.manual_seed(5)  # the published window shifts draw from the global RNG
     with hidiff.hidiffusion(pipe, window_shift="reference", preset="sd-1024"):
-        ours = generate(pipe, "baseline", [PROMPT] * 2, 2 * NATIVE, 3, 5, 1.0)
+        ours = generate(pipe, "baseline", [PROMPT] * 2, 2 * NATIVE, 3, 5, result["guidance"])
     assert (ours - published).abs().max() <= 1e-4
 
 
