@@ -155,7 +155,7 @@ def progressive_pictures(
     steps: int,
     seed: int,
     guidance: float,
-    start: float = progressive.DEFAULT_START,
+    start: Optional[float] = None,
     strength: float = progressive.DEFAULT_STRENGTH,
     levels: int = 1,
 ) -> torch.Tensor:
@@ -165,6 +165,8 @@ def progressive_pictures(
     if size <= pipe.native_size:
         return generate(pipe, "hidiff", prompts, size, steps, seed, guidance)
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if start is None:
+        start = progressive.default_start((size, size), (pipe.native_size, pipe.native_size))
     plan = progressive.schedule((size, size), multiple, start=start, strength=strength, levels=levels)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
 

@@ -50,7 +50,7 @@ from .args import (
 )
 from .loading import load_pipeline, quiet_libraries, resolve_device, set_scheduler
 from .memory_plan import check_budget
-from .progressive import DEFAULT_START, DEFAULT_STRENGTH, check_start
+from .progressive import DEFAULT_STRENGTH, check_start
 
 METADATA_KEY = "hidiff"
 
@@ -203,7 +203,8 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         "--progressive-start",
         type=_typed("progressive_start"),
         metavar="SHARE",
-        help=f"with --progressive: the first picture's side over the target's, in (0, 1) (default {DEFAULT_START})",
+        help="with --progressive: the first picture's side over the target's, in (0, 1) (default: twice the "
+        "native side, at most half the target's)",
     )
     run.add_argument(
         "--progressive-strength",
@@ -546,10 +547,16 @@ def progressive_images(request: Request, pipe: Any, images: dict) -> tuple[list,
     (:mod:`hidiff.app.progressive`)."""
     from PIL import Image
 
-    from .progressive import run_diffusers, schedule
+    import hidiff
+
+    from .progressive import default_start, run_diffusers, schedule
 
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    start = request.progressive_start if request.progressive_start is not None else DEFAULT_START
+    layout = hidiff.detect_layout(pipe.unet)
+    native = (factor * layout.native[0], factor * layout.native[1])
+    start = request.progressive_start
+    if start is None:
+        start = default_start((request.height, request.width), native)
     strength = request.progressive_strength if request.progressive_strength is not None else DEFAULT_STRENGTH
     plan = schedule((request.height, request.width), 8 * factor, start=start, strength=strength)
 

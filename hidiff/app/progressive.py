@@ -19,9 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-#: The measured default: the first picture at half the target's side, one refinement at strength 0.5.
-DEFAULT_START = 0.5
+#: The measured default: the first picture at twice the native side (where direct HiDiffusion keeps
+#: shapes), at most half the target's; one refinement at strength 0.5.
+DEFAULT_START_SCALE = 2.0
+MAX_START = 0.5
 DEFAULT_STRENGTH = 0.5
+
+
+def default_start(target: Size, native: Size) -> float:
+    """The first picture's side over the target's: 2x native, at most half the target (docs/progressive.md)."""
+    share = min(DEFAULT_START_SCALE * native[0] / target[0], DEFAULT_START_SCALE * native[1] / target[1])
+    return min(MAX_START, share)
+
 
 Size = tuple[int, int]  # (height, width)
 
@@ -60,7 +69,7 @@ class Schedule:
 def schedule(
     target: Size,
     multiple: int,
-    start: float = DEFAULT_START,
+    start: float = MAX_START,
     strength: float = DEFAULT_STRENGTH,
     levels: int = 1,
 ) -> Schedule:
@@ -165,7 +174,7 @@ def progressive(
     prompt: Any,
     height: int,
     width: int,
-    start: float = DEFAULT_START,
+    start: Optional[float] = None,
     strength: float = DEFAULT_STRENGTH,
     levels: int = 1,
     config: Any = None,
@@ -174,7 +183,8 @@ def progressive(
     **kwargs: Any,
 ) -> list:
     """Progressive generation with a diffusers text-to-image (or ControlNet) pipeline: ``prompt`` at
-    ``height`` x ``width``, first at ``start`` of the side, then refined by img2img at ``strength``.
+    ``height`` x ``width``, first at ``start`` of the side (default: :func:`default_start`), then refined
+    by img2img at ``strength``.
 
     HiDiffusion (``config``, or the pipeline's own options if it is patched) runs in every pass and is
     removed after the run unless the pipeline was patched before; ``cfgpp`` (sampler, lambda) samples
@@ -192,6 +202,9 @@ def progressive(
         config = hidiff.get_patch(pipe).config
     control = kwargs.pop("image", None) if getattr(pipe, "controlnet", None) is not None else None
     factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if start is None:
+        native = int(pipe.unet.config.sample_size) * factor
+        start = default_start((height, width), (native, native))
     plan = schedule((height, width), 8 * factor, start=start, strength=strength, levels=levels)
 
     def generator() -> dict:

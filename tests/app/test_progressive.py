@@ -155,3 +155,9 @@ def test_python_api_runs_every_pass_with_hidiffusion_and_removes_it():
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
     other = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0, strength=0.75)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+
+
+def test_default_start_is_twice_native_at_most_half_the_target():
+    assert progressive.default_start((2048, 2048), (512, 512)) == 0.5  # 4x: 2x native is half the target
+    assert progressive.default_start((4096, 4096), (512, 512)) == 0.25  # 8x: 2x native
+    assert progressive.default_start((1024, 1024), (512, 512)) == 0.5  # 2x: at most half the target
