@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -150,15 +151,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1)
 
 
-def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: bool = True) -> list:
+def toy_eval(
+    samples: int = 2, steps: int = 20, scales: tuple = (2, 4), window: bool = True, guidance: Optional[float] = None
+) -> list:
     """hidiff eval's figures (duplication, right shape, s/image) with kv_downsample 1, 2, 4 at
     kv_levels 1 and 2, and each picture's PSNR/SSIM against the same seed with kv_downsample 1."""
     from hidiff.app import eval as ev
-    from hidiff.app.eval import generate
+    from hidiff.app.eval import EVAL_GUIDANCE, generate
     from hidiff.app.toy.count import count_objects, summarize
     from hidiff.app.toy.pipeline import load_toy_pipeline
 
     pipe = load_toy_pipeline()
+    guidance = EVAL_GUIDANCE if guidance is None else guidance  # hidiff eval's
     batch = [p for p in EVAL_PROMPTS for _ in range(samples)]
     rows = []
     for scale in scales:
@@ -167,9 +171,9 @@ def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: 
         for factor, levels in ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2)):
             options = {"kv_downsample": factor, "kv_levels": levels, "window_attn": window}
             ev.HIDIFF_OPTIONS["_kv"] = options
-            generate(pipe, "_kv", batch, size, 1, 0, 1.0)  # untimed warm-up step
+            generate(pipe, "_kv", batch, size, 1, 0, guidance)  # untimed warm-up step
             t0 = time.perf_counter()
-            pictures = generate(pipe, "_kv", batch, size, steps, 0, 1.0)
+            pictures = generate(pipe, "_kv", batch, size, steps, 0, guidance)
             seconds = time.perf_counter() - t0
             del ev.HIDIFF_OPTIONS["_kv"]
             if ref is None:
@@ -179,6 +183,8 @@ def toy_eval(samples: int = 2, steps: int = 15, scales: tuple = (2, 4), window: 
                 "kv_downsample": factor,
                 "kv_levels": levels,
                 "windows": window,
+                "guidance": guidance,
+                "steps": steps,
                 **summarize([count_objects(p) for p in pictures], batch),
                 "s_per_image": seconds / len(batch),
                 "psnr_vs_kv1": float(psnr(pictures, ref).mean()) if factor > 1 else None,
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--eval", action="store_true", help="also the toy eval table (about 10 minutes)")
     parser.add_argument("--sides", default="64,56,72", help="sizes the token maps are captured at")
+    parser.add_argument("--samples", type=int, default=2, help="--eval: samples per prompt")
+    parser.add_argument("--steps", type=int, default=20, help="--eval: denoising steps (hidiff eval's default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sides = tuple(int(s) for s in args.sides.split(","))
@@ -239,7 +247,7 @@ def main() -> None:
     t = {} if args.skip_timing else timing()
     for k, v in t.items():
         print(f"  {k:<40} {v * 1000:8.1f} ms")
-    ev = toy_eval() if args.eval else []
+    ev = toy_eval(samples=args.samples, steps=args.steps) if args.eval else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"quality": q, "timing_s": t, "eval": ev, "threads": args.threads}, f, indent=2)
