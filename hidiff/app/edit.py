@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
-from ..core.cfgpp import DEFAULT_GUIDANCE, SAMPLERS
+from ..core.cfgpp import SAMPLERS
+from ..diffusers.edit import DEFAULT_EDIT_GUIDANCE
 from .args import (
     AUTO,
     DTYPES,
@@ -89,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--steps", type=_typed("steps"), help="schedule length (default 50); strength x steps run")
     run.add_argument(
-        "--cfgpp", type=_typed("cfgpp"), metavar="LAMBDA", help=f"CFG++ guidance in [0, 1] (default {DEFAULT_GUIDANCE})"
+        "--cfgpp",
+        type=_typed("cfgpp"),
+        metavar="LAMBDA",
+        help=f"CFG++ guidance in [0, 1] (default {DEFAULT_EDIT_GUIDANCE})",
     )
     run.add_argument(
         "--cfg-scale", type=_typed("cfg_scale"), help="ordinary CFG inversion and sampling at this scale instead"
@@ -225,7 +229,7 @@ def main(args: Any) -> int:
     if request.seed is None:
         request = dataclasses.replace(request, seed=random.SystemRandom().randrange(2**32))
     if request.cfgpp is None and request.cfg_scale is None:
-        request = dataclasses.replace(request, cfgpp=DEFAULT_GUIDANCE)
+        request = dataclasses.replace(request, cfgpp=DEFAULT_EDIT_GUIDANCE)
     out = args.out
     if args.from_image and not out:
         out = str(Path(args.from_image).with_name(Path(args.from_image).stem + "-rerun.png"))

@@ -47,7 +47,7 @@ def test_the_png_re_runs_the_edit_from_its_metadata(capsys, toy_folder, picture,
     assert code == 0, err
     meta = json.loads(Image.open(first).text["hidiff-edit"])
     assert meta["request"]["scheduler"] == "euler-a" and meta["request"]["steps"] == 6
-    assert meta["request"]["cfgpp"] == hidiff.diffusers.cfgpp.DEFAULT_GUIDANCE and isinstance(
+    assert meta["request"]["cfgpp"] == hidiff.diffusers.edit.DEFAULT_EDIT_GUIDANCE and isinstance(
         meta["request"]["seed"], int
     )
     code, out, err = _edit(capsys, "--from-image", str(first))
