@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from hidiff.app.eval import generate, progressive_pictures
+from hidiff.app.eval import EVAL_GUIDANCE, generate, progressive_pictures
 from hidiff.app.toy.count import count_objects, summarize
 from hidiff.app.toy.pipeline import load_toy_pipeline
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--direct-once", action="store_true", help="time direct HiDiffusion once per scale")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_toy_pipeline()
@@ -60,18 +61,22 @@ def main() -> None:
 
     for scale in [int(s) for s in args.scales.split(",")]:
         size = scale * native
+        direct = None
         for start in args.starts.split(","):
             share = float(start)
             if not 0 < share < 1 or share * scale < 1:
                 continue  # the first picture below native size
             for levels in [int(x) for x in args.levels.split(",")]:
                 # direct HiDiffusion timed again before each group of strengths
-                direct = row("hidiff", lambda n, size=size: generate(pipe, "hidiff", batch, size, n, 0, 1.0))
+                if direct is None or not args.direct_once:
+                    direct = row(
+                        "hidiff", lambda n, size=size: generate(pipe, "hidiff", batch, size, n, 0, EVAL_GUIDANCE)
+                    )
                 for strength in [float(x) for x in args.strengths.split(",")]:
                     prog = row(
                         "progressive",
                         lambda n, size=size, share=share, strength=strength, levels=levels: progressive_pictures(
-                            pipe, batch, size, n, 0, 1.0, start=share, strength=strength, levels=levels
+                            pipe, batch, size, n, 0, EVAL_GUIDANCE, start=share, strength=strength, levels=levels
                         ),
                     )
                     out = {

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hidiff.app.eval import generate, progressive_pictures
+from hidiff.app.eval import EVAL_GUIDANCE, generate, progressive_pictures
 from hidiff.app.toy.pipeline import load_toy_pipeline
 
 PROMPTS = [
@@ -45,8 +45,8 @@ def main() -> None:
 
     def make(method: str, size: int, steps: int):
         if method == "progressive":
-            return progressive_pictures(pipe, batch, size, steps, 0, 1.0, levels=args.levels, **options)
-        return generate(pipe, method, batch, size, steps, 0, 1.0)
+            return progressive_pictures(pipe, batch, size, steps, 0, EVAL_GUIDANCE, levels=args.levels, **options)
+        return generate(pipe, method, batch, size, steps, 0, EVAL_GUIDANCE)
 
     methods = args.methods.split(",")
     for scale in [int(s) for s in args.scales.split(",")]:
