@@ -6,6 +6,7 @@ hidiff.remove_hidiffusion(pipe)         # exact undo
 with hidiff.hidiffusion(pipe): ...      # scoped
 hidiff.enable_cfgpp(pipe, "ddim", 0.6)  # CFG++ sampling (hidiff.invert: DDIM inversion with it)
 hidiff.edit(pipe, image, "a cat", "a dog")  # edit by CFG++ inversion
+hidiff.progressive(pipe, prompt, 4096, 4096)  # small first, then enlarged and refined
 """
 
 from .core.architecture import Architecture, UnsupportedModelError
@@ -23,6 +24,7 @@ from .diffusers.patch import (
     last_call,
     remove_hidiffusion,
 )
+from .diffusers.progressive import progressive
 
 #: The name ``detect_layout``'s result had before the core/host split.
 Layout = Architecture
@@ -37,6 +39,7 @@ __all__ = [
     "disable_cfgpp",
     "invert",
     "edit",
+    "progressive",
     "HiDiffusionConfig",
     "PRESETS",
     "Preset",

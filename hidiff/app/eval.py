@@ -19,7 +19,7 @@ Methods:
   full-size skip connection; forward hooks of this module, removed after the run;
 * ``hiresfix``: native-size generation, bicubic upscale, then image-to-image at
   strength 0.5 (its time includes both passes);
-* ``progressive``: hidiff's progressive mode (:mod:`hidiff.app.progressive`): HiDiffusion
+* ``progressive``: hidiff's progressive mode (:func:`hidiff.progressive`): HiDiffusion
   at an intermediate size, bicubic upscale, image-to-image with HiDiffusion at the target
   size, on the measured default schedule (its time includes every pass);
 * ``published``: the published ``hidiffusion`` package (0.1.10) on the same model,
@@ -43,7 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import progressive
+from ..core import progressive
 from .args import (
     BASELINE,
     HIDIFF_METHODS,

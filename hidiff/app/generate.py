@@ -26,6 +26,7 @@ from typing import Any, Optional, get_args, get_type_hints
 import torch
 
 from ..core.config import HiDiffusionConfig
+from ..core.progressive import DEFAULT_STRENGTH, check_start
 from .args import (
     AUTO,
     CFGPP_SCHEDULERS,
@@ -50,7 +51,6 @@ from .args import (
 )
 from .loading import load_pipeline, quiet_libraries, resolve_device, set_scheduler
 from .memory_plan import check_budget
-from .progressive import DEFAULT_STRENGTH, check_start
 
 METADATA_KEY = "hidiff"
 
@@ -544,12 +544,13 @@ def run_pipeline(
 
 def progressive_images(request: Request, pipe: Any, images: dict) -> tuple[list, Optional[str], dict]:
     """The images of a ``--progressive`` request, the preset of its last pass, and its schedule
-    (:mod:`hidiff.app.progressive`)."""
+    (:mod:`hidiff.diffusers.progressive`)."""
     from PIL import Image
 
     import hidiff
 
-    from .progressive import default_start, run_diffusers, schedule
+    from ..core.progressive import default_start, schedule
+    from ..diffusers.progressive import run_diffusers
 
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     layout = hidiff.detect_layout(pipe.unet)

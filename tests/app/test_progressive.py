@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import hidiff
-from hidiff.app import progressive
 from hidiff.app.cli import main
+from hidiff.core import progressive
+from hidiff.diffusers.progressive import run_diffusers
 from hidiff.diffusers.testing import tiny_pipeline
 
 
@@ -119,7 +120,7 @@ def test_progressive_leaves_the_pipeline_as_it_was_and_cfgpp_reaches_the_refiner
         return dict(prompt="x", image=images, strength=strength, num_inference_steps=4)
 
     plan = progressive.schedule((128, 128), 64)
-    images, preset = progressive.run_diffusers(pipe, plan, first, refine, hidiff.get_patch(pipe).config, ("ddim", 0.5))
+    images, preset = run_diffusers(pipe, plan, first, refine, hidiff.get_patch(pipe).config, ("ddim", 0.5))
     assert images[0].size == (128, 128) and preset is not None
     assert seen == [("StableDiffusionImg2ImgPipeline", type(scheduler).__name__, True)]
     assert hidiff.is_patched(pipe) and type(pipe.scheduler) is type(scheduler)
@@ -148,12 +149,12 @@ def test_toy_eval_progressive_method_makes_target_size_pictures():
 def test_python_api_runs_every_pass_with_hidiffusion_and_removes_it():
     pipe = tiny_pipeline("sd15", sample_size=8)
     pipe.set_progress_bar_config(disable=True)
-    images = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
+    images = hidiff.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
     assert [im.size for im in images] == [(128, 128)]
     assert not hidiff.is_patched(pipe)
-    again = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
+    again = hidiff.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0)
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
-    other = progressive.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0, strength=0.75)
+    other = hidiff.progressive(pipe, "x", 128, 128, num_inference_steps=4, seed=0, strength=0.75)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
 
 
