@@ -80,6 +80,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models gain nothing from threads, busy OpenMP threads spin on a shared CPU, and the CLI's
+    subprocesses run with OMP_NUM_THREADS=1, so in-process results match theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def sd_pipe():
     pipe = tiny_pipeline("sd15")

@@ -29,13 +29,7 @@ SIZE = ["--width", "128", "--height", "96", "--steps", "2"]  # above the tiny mo
 PROMPTS = [f"a red circle number {i}" for i in range(10)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The subprocesses run with OMP_NUM_THREADS=1: the same maths in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ NATIVE = 8  # latent side of the saved tiny models: 64 px, so 128x96 is above na
 SIZE = ["--width", "128", "--height", "96", "--steps", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared, busy CPU makes OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

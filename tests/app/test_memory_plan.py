@@ -17,13 +17,7 @@ from hidiff.core.config import HiDiffusionConfig
 from hidiff.diffusers.memory import vae_shape
 from hidiff.diffusers.testing import tiny_pipeline, tiny_unet_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured_and_estimated(family, side, config, attention):

@@ -17,13 +17,7 @@ from hidiff.core import progressive
 from hidiff.diffusers.progressive import run_diffusers
 from hidiff.diffusers.testing import tiny_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedule_sizes_and_checks():
