@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from hidiff.app.eval import DOCS_PROMPTS
 from hidiff.core import ops
 
 
@@ -121,16 +122,6 @@ def quality(got: list) -> dict:
     return {k: (statistics.mean(v), max(v), len(v)) for k, v in out.items()}
 
 
-EVAL_PROMPTS = (
-    "one red circle on white",
-    "one green square on black",
-    "one blue triangle on white",
-    "one yellow circle on black",
-    "one blue square on white",
-    "one red triangle on black",
-)
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mse = ((a - b) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
@@ -163,7 +154,7 @@ def toy_eval(
 
     pipe = load_toy_pipeline()
     guidance = EVAL_GUIDANCE if guidance is None else guidance  # hidiff eval's
-    batch = [p for p in EVAL_PROMPTS for _ in range(samples)]
+    batch = [p for p in DOCS_PROMPTS for _ in range(samples)]
     rows = []
     for scale in scales:
         size = scale * pipe.native_size

@@ -17,18 +17,11 @@ import time
 
 import torch
 
-from hidiff.app.eval import EVAL_GUIDANCE, generate, progressive_pictures
+from hidiff.app.eval import DOCS_PROMPTS, EVAL_GUIDANCE, generate, progressive_pictures
 from hidiff.app.toy.count import count_objects, summarize
 from hidiff.app.toy.pipeline import load_toy_pipeline
 
-PROMPTS = [
-    "one red circle on white",
-    "one green square on black",
-    "one blue triangle on white",
-    "one yellow circle on black",
-    "one blue square on white",
-    "one red triangle on black",
-]
+PROMPTS = list(DOCS_PROMPTS)
 
 
 def main() -> None:

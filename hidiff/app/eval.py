@@ -73,6 +73,15 @@ DEEP_SHRINK_END = 0.35
 #: Classifier-free guidance of ``hidiff eval``: a scale the guidance-trained toy model draws
 #: well at (docs/cfgpp.md measures it from 1 to 12.5).
 EVAL_GUIDANCE = 5.0
+#: The six prompts of the docs' toy tables (each colour, each shape and both backgrounds once).
+DOCS_PROMPTS = (
+    "one red circle on white",
+    "one green square on black",
+    "one blue triangle on white",
+    "one yellow circle on black",
+    "one blue square on white",
+    "one red triangle on black",
+)
 HIRES_STRENGTH = 0.5
 
 
