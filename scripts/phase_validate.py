@@ -46,8 +46,8 @@ def main() -> None:
     modes = args.modes.split(",")
     real = {m: _local_run(m, unet, scheduler, inputs) for m in modes}
     phase = {m: _phase_run(m, unet, scheduler, inputs) for m in modes}
-    for m in modes:  # warm-up
-        real[m](1)
+    for m in modes:  # warm-up: every phase's shapes once (a one-step loop warms only the first)
+        phase[m](args.steps)
     samples: dict = {m: {"real": [], "per_phase": [], "calls": 0} for m in modes}
     for _ in range(args.repeats):
         for m in modes:

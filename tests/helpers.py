@@ -128,3 +128,27 @@ def unet2d_model(down, up):
         up_block_types=up,
         norm_num_groups=16,
     ).eval()
+
+
+class SharedPipelines:
+    """Tiny pipelines built once per test module (building them is most of a test's cost).
+    ``restore`` takes off what a test applied, so the next test finds each one stock; call it
+    from an autouse fixture after every test."""
+
+    def __init__(self):
+        self._pipes = {}
+
+    def get(self, family="sd15", task="text2img", **unet_overrides):
+        from hidiff.diffusers.testing import tiny_pipeline
+
+        key = (family, task, tuple(sorted(unet_overrides.items())))
+        if key not in self._pipes:
+            self._pipes[key] = tiny_pipeline(family, task, **unet_overrides)
+        return self._pipes[key]
+
+    def restore(self):
+        import hidiff
+
+        for pipe in self._pipes.values():
+            hidiff.disable_cfgpp(pipe)
+            hidiff.remove_hidiffusion(pipe)

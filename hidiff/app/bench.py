@@ -113,7 +113,12 @@ def add_arguments(parser: Any) -> None:
         "--batch", type=flag(positive), default=2, help="U-Net batch (classifier-free guidance doubles it)"
     )
     parser.add_argument("--repeats", type=flag(positive), default=1)
-    parser.add_argument("--warmup", type=flag(non_negative), default=1, help="one-step warm-up runs per mode")
+    parser.add_argument(
+        "--warmup",
+        type=flag(non_negative),
+        default=1,
+        help="warm-up runs per mode (one step each; with --per-phase one call per phase)",
+    )
     add_method_flags(parser, "--modes", (*MODES, *KV_MODES, ALL), ",".join(DEFAULT_MODES))
     add_kv_flag(parser)  # N > 1 adds the mode hidiff-kvN (with --kv-levels 2: hidiff-kvN-l2)
     parser.add_argument(
@@ -426,9 +431,12 @@ def run_bench(
                 flops[PUBLISHED] = published.info["flops_per_step"]
             local = _phase_run if per_phase else _local_run
             runs = {m: published.run if m == PUBLISHED else local(m, unet, scheduler, inputs) for m in modes}
-            for m in modes:  # warm-up: first calls pay for allocation and kernel selection
+            # warm-up: first calls pay for allocation and kernel selection. Per phase, one pass
+            # calls every phase once: a one-step warm-up would warm only the first phase, and a
+            # cold phase's time is multiplied by its number of steps
+            for m in modes:
                 for _ in range(warmup):
-                    runs[m](1)
+                    runs[m](steps if per_phase else 1)
             for _ in range(repeats):
                 for m in modes:
                     samples[m].append(runs[m](steps))

@@ -29,3 +29,29 @@ def test_per_phase_refuses_the_published_mode(capsys, tmp_path):
     assert (
         main(["bench", "--tiny", "--per-phase", "--modes", "hidiff,published", "--reference-python", str(python)]) == 2
     )
+
+
+def test_per_phase_warm_up_calls_every_phase(monkeypatch):
+    # a one-step warm-up would leave the later phases cold, and a cold phase's time is
+    # multiplied by its number of steps in the composition
+    import hidiff.app.bench as bench
+
+    calls: list = []
+    real_phase_run = bench._phase_run
+
+    def recording(mode, unet, scheduler, inputs):
+        run = real_phase_run(mode, unet, scheduler, inputs)
+
+        def wrapped(steps):
+            result = run(steps)
+            calls.append((mode, steps, result["unet_calls"]))
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(bench, "_phase_run", recording)
+    run_bench(
+        family="sd15", tiny=True, height=640, width=640, steps=5, batch=1, warmup=1, per_phase=True, modes=("hidiff",)
+    )
+    warm = [c for c in calls if c[0] == "hidiff"][0]
+    assert warm[1] == 5 and warm[2] == 2  # both phases of the sd-1024 schedule at 5 steps

@@ -4,35 +4,25 @@ stock diffusers schedulers, inversion, HiDiffusion together with CFG++, restore 
 import diffusers
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import SharedPipelines, assert_untouched, snapshot
 
 import hidiff
 from hidiff.diffusers import cfgpp
-from hidiff.diffusers.testing import tiny_components, tiny_pipeline
+from hidiff.diffusers.testing import tiny_components
 
 STEPS = 5
 LAM = 0.6
 PROMPT, NEGATIVE = "one red circle", "blue"
 
 
-_PIPES = {}
-
-
-def _pipe(family="sd15", task="text2img", **unet_overrides):
-    """One tiny pipeline per kind for the whole module (building them is most of the cost);
-    every test leaves it as it found it (see ``_restore_shared``)."""
-    key = (family, task, tuple(sorted(unet_overrides.items())))
-    if key not in _PIPES:
-        _PIPES[key] = tiny_pipeline(family, task, **unet_overrides)
-    return _PIPES[key]
+_SHARED = SharedPipelines()
+_pipe = _SHARED.get
 
 
 @pytest.fixture(autouse=True)
 def _restore_shared():
     yield
-    for pipe in _PIPES.values():
-        hidiff.disable_cfgpp(pipe)
-        hidiff.remove_hidiffusion(pipe)
+    _SHARED.restore()
 
 
 def _assert_equal_to_rule(ours, expected):

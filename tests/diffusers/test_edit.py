@@ -4,7 +4,7 @@ for large pictures, reproducibility, the pipeline restored (also after an except
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
-from helpers import assert_untouched, snapshot
+from helpers import SharedPipelines, assert_untouched, snapshot
 
 import hidiff
 from hidiff.app.toy import ToyPipeline, toy_components
@@ -14,22 +14,14 @@ from hidiff.diffusers.testing import tiny_pipeline
 N, STRENGTH, LAM = 5, 0.6, 0.6
 SOURCE, TARGET, NEGATIVE = "one red circle", "one blue square", "green"
 
-_PIPES = {}
-
-
-def _pipe(**unet_overrides):
-    key = tuple(sorted(unet_overrides.items()))
-    if key not in _PIPES:
-        _PIPES[key] = tiny_pipeline("sd15", **unet_overrides)
-    return _PIPES[key]
+_SHARED = SharedPipelines()
+_pipe = _SHARED.get
 
 
 @pytest.fixture(autouse=True)
 def _restore_shared():
     yield
-    for pipe in _PIPES.values():
-        hidiff.disable_cfgpp(pipe)
-        hidiff.remove_hidiffusion(pipe)
+    _SHARED.restore()
 
 
 def _image(side, seed=4):
