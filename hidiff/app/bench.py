@@ -22,6 +22,7 @@ and runs one repetition whenever its turn in the interleaving comes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import statistics
@@ -56,7 +57,7 @@ from .args import (
     positive,
 )
 from .reference import check_reference_python, reference_env
-from .timing import REPLY_PREFIX, PeakMemory, loop_flops, move, timed_loop
+from .timing import REPLY_PREFIX, loop_flops, move, timed_loop, timed_phases
 
 #: Mode name -> apply_hidiffusion options (None: stock U-Net); ``published`` (the published
 #: package, run by ``--reference-python``) comes on top.
@@ -253,10 +254,10 @@ class PublishedRunner:
             f"(bash scripts/setup.sh builds .venv-ref). Its output:\n{tail}"
         )
 
-    def run(self, steps: int) -> dict:
+    def run(self, steps: int, per_phase: bool = False) -> dict:
         assert self._proc is not None and self._proc.stdin is not None
         self.info  # noqa: B018  (ready before the first request)
-        self._proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+        self._proc.stdin.write(json.dumps({"steps": steps, "per_phase": per_phase}) + "\n")
         self._proc.stdin.flush()
         return self._read()
 
@@ -314,7 +315,6 @@ def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torc
     """Seconds of the text encoders on ``batch`` prompts (what classifier-free guidance gives
     the U-Net: the negative and positive prompt of batch / 2 images) and of the VAE decoding
     batch / 2 latents of the benchmark's size; each once, after a one-prompt / one-small-latent warm-up."""
-    import time
 
     images = max(1, batch // 2)
     prompts = ["a photograph of a lighthouse on a cliff at dusk"] * batch
@@ -393,8 +393,6 @@ def run_bench(
     if config_folder is not None and model is None:
         raise ValueError("--config gives the component configs of a single-file --model; it needs --model")
     family = family or "sd15"
-    if per_phase and (reference_python is not None or PUBLISHED in (modes or ())):
-        raise ValueError("--per-phase times hidiff's own phases; the published mode runs whole loops: drop one")
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
     if kv_levels is not None and kv_levels > 1 and (kv_downsample or 1) == 1:
         raise ValueError("--kv-levels 2 says where key/value downsampling acts: give --kv-downsample 2 or 4 with it")
@@ -430,7 +428,12 @@ def run_bench(
             if published is not None:
                 flops[PUBLISHED] = published.info["flops_per_step"]
             local = _phase_run if per_phase else _local_run
-            runs = {m: published.run if m == PUBLISHED else local(m, unet, scheduler, inputs) for m in modes}
+            runs = {
+                m: functools.partial(published.run, per_phase=per_phase)
+                if m == PUBLISHED
+                else local(m, unet, scheduler, inputs)
+                for m in modes
+            }
             # warm-up: first calls pay for allocation and kernel selection. Per phase, one pass
             # calls every phase once: a one-step warm-up would warm only the first phase, and a
             # cold phase's time is multiplied by its number of steps
@@ -523,7 +526,6 @@ def _phase_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
 
     def run(steps: int) -> dict:
         x = inputs["sample"]
-        extra = {k: v for k, v in inputs.items() if k != "sample"}
         latent = (int(x.shape[-2]), int(x.shape[-1]))
         if options is not None:
             adapter.apply_hidiffusion(unet, scheduler=scheduler, window_seed=0, **options)
@@ -532,28 +534,9 @@ def _phase_run(mode: str, unet: Any, scheduler: Any, inputs: dict) -> Any:
             patch = adapter.get_patch(unet)
             plans = [patch.plan(latent, i, steps) if patch is not None else None for i in range(steps)]
             keys = [(p.conv, p.pool, p.windows, p.kv) if p is not None else "stock" for p in plans]
-            measured: dict = {}
-            with PeakMemory(x.device) as memory, torch.no_grad():
-                for key, t in zip(keys, scheduler.timesteps):
-                    if key in measured:
-                        continue
-                    if x.device.type == "cuda":
-                        torch.cuda.synchronize(x.device)
-                    start = time.perf_counter()
-                    eps = unet(x, t, **extra).sample
-                    scheduler.step(eps, t, x)
-                    if x.device.type == "cuda":
-                        torch.cuda.synchronize(x.device)
-                    measured[key] = time.perf_counter() - start
+            return timed_phases(unet, scheduler, inputs, steps, keys)
         finally:
             adapter.remove_hidiffusion(unet)
-        phases = [p is not None and (p.conv or p.pool) for p in plans]
-        return {
-            "times": [measured[k] for k in keys],
-            "phases": phases,
-            "unet_calls": len(measured),
-            "peak": memory.peak,
-        }
 
     return run
 

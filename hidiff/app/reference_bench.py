@@ -8,7 +8,8 @@ Protocol, one JSON object per line on stdout, each prefixed with ``REPLY_PREFIX`
 output on stdout is ignored): after loading the saved U-Net and applying the published
 HiDiffusion it answers ``{"ready": ...}`` with its versions, how many modules the package
 replaced and the FLOPs of each step; then each line ``{"steps": N}`` on stdin runs one
-timed loop of N steps and answers with its times; end of input ends it. Staying alive
+timed loop of N steps (with ``"per_phase": true``, one call per distinct phase of those N
+steps) and answers with its times; end of input ends it. Staying alive
 between repetitions lets them interleave with hidiff's modes, so machine drift cancels.
 """
 
@@ -51,6 +52,28 @@ def run_steps(pipe, scheduler, inputs, steps):
     return result
 
 
+def run_phases(pipe, scheduler, inputs, steps, flops):
+    """``hidiff bench --per-phase``: one timed call per distinct phase of the published schedule.
+    The package counts its own calls in each patched block's ``timestep`` (wrapping at
+    ``_num_timesteps``), so every counter is set to the step before that step's call, and back
+    to 0 after. Phases are told apart by their FLOPs, which differ wherever the geometry does."""
+    if len(flops) != steps:
+        raise RuntimeError(f"FLOPs counted for {len(flops)} steps, asked for {steps}")
+    pipe._num_timesteps = steps
+    counters = [
+        m for m in pipe.unet.modules() if type(m).__module__.startswith("hidiffusion") and hasattr(m, "timestep")
+    ]
+
+    def at_step(i):
+        for module in counters:
+            module.timestep = i
+
+    try:
+        return timing.timed_phases(pipe.unet, scheduler, inputs, steps, list(flops), at_step)
+    finally:
+        at_step(0)
+
+
 def count_flops(diffusers, spec, inputs):
     """FLOPs of each step of the published schedule, on a weightless (meta) copy."""
     config = diffusers.UNet2DConditionModel.load_config(spec["model_dir"])
@@ -90,7 +113,10 @@ def main(spec_path):
     )
     for line in sys.stdin:
         request = json.loads(line)
-        reply(run_steps(pipe, scheduler, inputs, request["steps"]))
+        if request.get("per_phase"):
+            reply(run_phases(pipe, scheduler, inputs, request["steps"], flops))
+        else:
+            reply(run_steps(pipe, scheduler, inputs, request["steps"]))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,51 @@ def timed_loop(unet: Any, scheduler: Any, inputs: dict, steps: int) -> dict:
     return {"times": times, "phases": phases, "unet_calls": len(probe.sizes), "peak": memory.peak}
 
 
+def timed_phases(
+    unet: Any,
+    scheduler: Any,
+    inputs: dict,
+    steps: int,
+    keys: list,
+    before_call: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Like :func:`timed_loop`, but ``keys`` names each step's phase and only the first step of
+    each distinct phase runs (U-Net + scheduler step, timed); every step gets its phase's time.
+    ``before_call(i)`` runs before step ``i``'s call, to put an implementation that counts its
+    own calls at that step. The sample stays the initial one: the time does not depend on it."""
+    if len(keys) != steps:
+        raise ValueError(f"{len(keys)} phase keys for {steps} steps")
+    x = inputs["sample"]
+    extra = {k: v for k, v in inputs.items() if k != "sample"}
+    stock = stock_deep_size(unet, tuple(x.shape[-2:]))
+    scheduler.set_timesteps(steps)
+    measured: dict = {}
+    reduced: dict = {}
+    probe = DeepSizeProbe(unet)
+    try:
+        with PeakMemory(x.device) as memory, torch.no_grad():
+            for i, (key, t) in enumerate(zip(keys, scheduler.timesteps)):
+                if key in measured:
+                    continue
+                if before_call is not None:
+                    before_call(i)
+                _sync(x.device)
+                start = time.perf_counter()
+                eps = unet(x, t, **extra).sample
+                scheduler.step(eps, t, x)
+                _sync(x.device)
+                measured[key] = time.perf_counter() - start
+                reduced[key] = probe.sizes[-1] != stock
+    finally:
+        probe.close()
+    return {
+        "times": [measured[k] for k in keys],
+        "phases": [reduced[k] for k in keys],
+        "unet_calls": len(measured),
+        "peak": memory.peak,
+    }
+
+
 def move(inputs: Any, device: Any, dtype: Optional[torch.dtype] = None) -> Any:
     """Loop inputs (tensors, nested in dicts) on ``device``; floating ones in ``dtype``."""
     if isinstance(inputs, dict):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import reference_python
 
 from hidiff.app.bench import format_table, run_bench
-from hidiff.app.cli import main
 
 
 @pytest.mark.slow
@@ -23,12 +23,28 @@ def test_per_phase_times_one_call_per_phase_and_composes_the_schedule():
     assert "per phase" in format_table(result)
 
 
-def test_per_phase_refuses_the_published_mode(capsys, tmp_path):
-    python = tmp_path / "python"
-    python.write_text("")
-    assert (
-        main(["bench", "--tiny", "--per-phase", "--modes", "hidiff,published", "--reference-python", str(python)]) == 2
+@pytest.mark.reference
+@pytest.mark.slow
+def test_per_phase_times_the_published_package_phase_by_phase():
+    result = run_bench(
+        family="sd15",
+        tiny=True,
+        height=640,
+        width=640,
+        steps=5,
+        batch=1,
+        warmup=1,
+        per_phase=True,
+        modes=("hidiff", "published"),
+        reference_python=reference_python(),
     )
+    published, ours = result["modes"]["published"], result["modes"]["hidiff"]
+    # one call per phase, each at its own step: had the package's own call counters not been
+    # set to the step, the plain phase's call would still run the strided conv (rau_steps 5)
+    assert result["published"]["unet_calls"] == [2]
+    assert published["rau_steps"] == ours["rau_steps"] == 2
+    assert published["flops"] == ours["flops"]
+    assert published["total_s"] > 0
 
 
 def test_per_phase_warm_up_calls_every_phase(monkeypatch):
