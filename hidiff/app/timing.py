@@ -90,25 +90,7 @@ def timed_loop(unet: Any, scheduler: Any, inputs: dict, steps: int) -> dict:
     Returns seconds per step, whether RAU-Net acted in each step, the number of U-Net
     calls, and the peak memory over the loop.
     """
-    x = inputs["sample"]
-    extra = {k: v for k, v in inputs.items() if k != "sample"}
-    stock = stock_deep_size(unet, tuple(x.shape[-2:]))
-    scheduler.set_timesteps(steps)
-    times = []
-    probe = DeepSizeProbe(unet)
-    try:
-        with PeakMemory(x.device) as memory, torch.no_grad():
-            for t in scheduler.timesteps:
-                _sync(x.device)
-                start = time.perf_counter()
-                eps = unet(x, t, **extra).sample
-                x = scheduler.step(eps, t, x).prev_sample
-                _sync(x.device)
-                times.append(time.perf_counter() - start)
-    finally:
-        probe.close()
-    phases = [size != stock for size in probe.sizes]
-    return {"times": times, "phases": phases, "unet_calls": len(probe.sizes), "peak": memory.peak}
+    return timed_phases(unet, scheduler, inputs, steps, list(range(steps)))
 
 
 def timed_phases(
@@ -120,9 +102,10 @@ def timed_phases(
     before_call: Optional[Callable[[int], None]] = None,
 ) -> dict:
     """Like :func:`timed_loop`, but ``keys`` names each step's phase and only the first step of
-    each distinct phase runs (U-Net + scheduler step, timed); every step gets its phase's time.
-    ``before_call(i)`` runs before step ``i``'s call, to put an implementation that counts its
-    own calls at that step. The sample stays the initial one: the time does not depend on it."""
+    each distinct phase runs (U-Net + scheduler step, timed); every step gets its phase's time
+    (all keys distinct: the whole loop). ``before_call(i)`` runs before step ``i``'s call, to put
+    an implementation that counts its own calls at that step. The sample is carried from one
+    timed call to the next; the time does not depend on its values."""
     if len(keys) != steps:
         raise ValueError(f"{len(keys)} phase keys for {steps} steps")
     x = inputs["sample"]
@@ -142,7 +125,7 @@ def timed_phases(
                 _sync(x.device)
                 start = time.perf_counter()
                 eps = unet(x, t, **extra).sample
-                scheduler.step(eps, t, x)
+                x = scheduler.step(eps, t, x).prev_sample
                 _sync(x.device)
                 measured[key] = time.perf_counter() - start
                 reduced[key] = probe.sizes[-1] != stock
@@ -151,7 +134,7 @@ def timed_phases(
     return {
         "times": [measured[k] for k in keys],
         "phases": [reduced[k] for k in keys],
-        "unet_calls": len(measured),
+        "unet_calls": len(probe.sizes),
         "peak": memory.peak,
     }
 
