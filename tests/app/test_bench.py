@@ -106,8 +106,18 @@ def test_bench_json_with_the_published_package_and_a_chart(capsys, tmp_path):
     modes = result["modes"]
     assert list(modes) == ["baseline", "hidiff", "raunet", "msw", "published"]
     for mode in modes.values():
-        assert set(mode) == {"total_s", "step_s", "rau_steps", "peak_memory_bytes", "flops", "speedup", "flop_speedup"}
+        assert set(mode) == {
+            "total_s",
+            "totals_s",
+            "step_s",
+            "rau_steps",
+            "peak_memory_bytes",
+            "flops",
+            "speedup",
+            "flop_speedup",
+        }
         assert mode["total_s"] > 0 and mode["peak_memory_bytes"] > 0 and mode["flops"] > 0
+        assert mode["totals_s"] == [mode["total_s"]]  # one repetition
         assert set(mode["step_s"]) == {"rau", "plain"}
     assert modes["baseline"]["speedup"] == 1.0 and modes["baseline"]["rau_steps"] == 0
     # sd-1024 at 3 steps: the strided conv acts in step 0 only (T1 = int(1.2) = 1)
@@ -215,3 +225,65 @@ def test_bench_model_and_family_are_exclusive(capsys, tmp_path):
     assert "not both" in capsys.readouterr().err
     assert main(["bench", "--config", str(tmp_path)]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_repetitions_alternate_the_mode_order_and_keep_each_total(monkeypatch):
+    """Every other repetition runs the modes in reverse, so drift in the machine's speed over a
+    repetition favours no mode; each repetition's total is kept beside the median."""
+    from hidiff.app import bench
+
+    calls = []
+
+    def fake_run(mode, unet, scheduler, inputs):
+        def run(steps):
+            calls.append(mode)
+            # a distinct time per call, so a total records which call it came from
+            return {"times": [float(len(calls))] * steps, "phases": [False] * steps, "unet_calls": steps, "peak": 1}
+
+        return run
+
+    monkeypatch.setattr(bench, "_local_run", fake_run)
+    result = bench.run_bench(
+        tiny=True, height=256, width=256, steps=2, batch=1, repeats=3, warmup=1, modes=("hidiff", "msw")
+    )
+    order = ["baseline", "hidiff", "msw"]
+    assert calls == order + order + order[::-1] + order
+    assert result["modes"]["msw"]["totals_s"] == [2 * 6.0, 2 * 7.0, 2 * 12.0]
+    assert result["modes"]["baseline"]["totals_s"] == [2 * 4.0, 2 * 9.0, 2 * 10.0]
+    assert result["modes"]["baseline"]["total_s"] == 2 * 9.0
+
+
+def test_the_published_line_pairs_each_repetition():
+    from hidiff.app.bench import format_table
+
+    def mode(totals):
+        return {
+            "total_s": sorted(totals)[len(totals) // 2],
+            "totals_s": totals,
+            "step_s": {"rau": 1.0, "plain": 1.0},
+            "speedup": 1.0,
+            "flop_speedup": 1.0,
+            "flops": 1e9,
+            "peak_memory_bytes": 2**20,
+        }
+
+    result = {
+        "family": "sd15",
+        "tiny": False,
+        "width": 1024,
+        "height": 1024,
+        "batch": 1,
+        "steps": 3,
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": 1,
+        "repeats": 3,
+        "modes": {
+            "baseline": mode([9.0, 9.0, 9.0]),
+            "hidiff": mode([4.0, 6.0, 5.0]),
+            "published": mode([5.0, 5.0, 5.0]),
+        },
+        "published": {"hidiffusion": "0.1.10", "diffusers": "0.27.2", "python": "ref"},
+    }
+    last = format_table(result).splitlines()[-1]
+    assert last.endswith("hidiff takes 1.00x its time (per repetition: 0.80x, 1.20x, 1.00x)")
