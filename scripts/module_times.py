@@ -28,27 +28,37 @@ from collections import defaultdict
 
 import torch
 
+# timing.py and reference_bench.py import no hidiff, so the published side can use them too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hidiff", "app"))
+
+import reference_bench  # noqa: E402
+import timing  # noqa: E402
+
 # Blocks and transformer parts timed; repeated transformer blocks of a layer are summed.
 TIMED = re.compile(
     r"^(down_blocks\.\d+\.(resnets|attentions|downsamplers)\.\d+|mid_block|up_blocks\.\d+\.(resnets|attentions|upsamplers)"
     r"\.\d+|.*transformer_blocks\.\d+\.(attn1|attn2|ff))$"
 )
 PARTS = re.compile(r"\.(attn1|attn2|ff)$")
-PUBLISHED_NAMES = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
-def hidiff_setup(args: argparse.Namespace) -> dict:
+def hidiff_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hidiff.app.bench import _inputs
+    from hidiff.app.bench import PUBLISHED_NAMES, _inputs
     from hidiff.diffusers.testing import FULL_UNET_CONFIGS
 
+    if args.family not in FULL_UNET_CONFIGS:
+        parser.error(f"--family must be one of {', '.join(FULL_UNET_CONFIGS)}")
+    if not 0 <= args.step < args.steps:
+        parser.error(f"--step must be in 0..{args.steps - 1}")
     config = dict(FULL_UNET_CONFIGS[args.family])
-    os.makedirs(args.out, exist_ok=True)
     setup = {k: getattr(args, k) for k in ("family", "size", "step", "steps", "dtype", "threads", "calls")}
+    setup.update(config=config, name_or_path=PUBLISHED_NAMES[args.family])
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "setup.json"), "w") as f:
-        json.dump({**setup, "config": config}, f)
+        json.dump(setup, f)
     torch.save(_inputs(config, 1, (args.size // 8, args.size // 8)), os.path.join(args.out, "inputs.pt"))
-    return {**setup, "config": config}
+    return setup
 
 
 def build(setup: dict, out: str):
@@ -58,16 +68,10 @@ def build(setup: dict, out: str):
     dtype = getattr(torch, setup["dtype"])
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel.from_config(setup["config"]).to(dtype).eval()
-    inputs = torch.load(os.path.join(out, "inputs.pt"))
-
-    def cast(v):
-        if isinstance(v, dict):
-            return {k: cast(x) for k, x in v.items()}
-        return v.to(dtype) if v.is_floating_point() else v
-
+    inputs = timing.move(torch.load(os.path.join(out, "inputs.pt")), "cpu", dtype)
     scheduler = diffusers.DDIMScheduler()
     scheduler.set_timesteps(setup["steps"])
-    return diffusers, unet, cast(inputs), scheduler
+    return diffusers, unet, inputs, scheduler
 
 
 def time_side(side: str, setup: dict, out: str) -> dict:
@@ -85,16 +89,9 @@ def time_side(side: str, setup: dict, out: str) -> dict:
                 unet(sample, scheduler.timesteps[0], **inputs)
             run(scheduler.timesteps[step])
     else:
-        from hidiffusion import apply_hidiffusion
-
-        pipe = diffusers.DiffusionPipeline()
-        pipe.register_modules(unet=unet)
-        pipe.register_to_config(_name_or_path=PUBLISHED_NAMES[setup["family"]])
-        apply_hidiffusion(pipe)
+        pipe = reference_bench.published_pipeline(diffusers, unet, setup["name_or_path"])
         pipe._num_timesteps = setup["steps"]
-        counters = [
-            m for m in unet.modules() if type(m).__module__.startswith("hidiffusion") and hasattr(m, "timestep")
-        ]
+        counters = reference_bench.call_counters(unet)
 
         def call() -> None:
             for module in counters:  # the package counts its own calls: put it at the step
@@ -154,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=("hidiff", "published", "compare"))
     parser.add_argument("--out", required=True, help="folder shared by the three commands")
-    parser.add_argument("--family", default="sdxl", choices=sorted(PUBLISHED_NAMES))
+    parser.add_argument("--family", default="sdxl", help="a family of hidiff bench: sd15, sdxl, ...")
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--step", type=int, default=0, help="the step of the schedule whose call is timed")
     parser.add_argument("--steps", type=int, default=50)
@@ -167,9 +164,7 @@ def main() -> None:
         compare(args.out, args.rows)
         return
     if args.side == "hidiff":
-        if not 0 <= args.step < args.steps:
-            parser.error(f"--step must be in 0..{args.steps - 1}")
-        setup = hidiff_setup(args)
+        setup = hidiff_setup(args, parser)
     else:
         with open(os.path.join(args.out, "setup.json")) as f:
             setup = json.load(f)

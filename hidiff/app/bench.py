@@ -555,9 +555,10 @@ def _summary(samples: list, flops_per_step: list) -> dict:
     for name, active in (("rau", True), ("plain", False)):
         values = [t for s in samples for t, p in zip(s["times"], s["phases"]) if p == active]
         per_phase[name] = statistics.median(values) if values else None
+    totals = [sum(s["times"]) for s in samples]
     return {
-        "total_s": statistics.median(sum(s["times"]) for s in samples),
-        "totals_s": [sum(s["times"]) for s in samples],
+        "total_s": statistics.median(totals),
+        "totals_s": totals,
         "step_s": per_phase,
         "rau_steps": sum(samples[0]["phases"]),
         "peak_memory_bytes": max(s["peak"] for s in samples),

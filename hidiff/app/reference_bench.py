@@ -42,6 +42,11 @@ def published_pipeline(diffusers, unet, name_or_path):
     return pipe
 
 
+def call_counters(unet):
+    """The published package's patched blocks, each counting its own calls in ``timestep``."""
+    return [m for m in unet.modules() if type(m).__module__.startswith("hidiffusion") and hasattr(m, "timestep")]
+
+
 def run_steps(pipe, scheduler, inputs, steps):
     pipe._num_timesteps = steps
     result = timing.timed_loop(pipe.unet, scheduler, inputs, steps)
@@ -60,9 +65,7 @@ def run_phases(pipe, scheduler, inputs, steps, flops):
     if len(flops) != steps:
         raise RuntimeError(f"FLOPs counted for {len(flops)} steps, asked for {steps}")
     pipe._num_timesteps = steps
-    counters = [
-        m for m in pipe.unet.modules() if type(m).__module__.startswith("hidiffusion") and hasattr(m, "timestep")
-    ]
+    counters = call_counters(pipe.unet)
 
     def at_step(i):
         for module in counters:
