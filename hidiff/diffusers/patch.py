@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import pickle
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -87,6 +89,7 @@ class Patch:
     def attach(self) -> None:
         self._handles.append(self.unet.register_forward_pre_hook(Hook(self, "on_call"), with_kwargs=True))
         self._handles.append(self.unet.register_forward_hook(Hook(self, "on_done"), always_call=True))
+        self._handles.append(self.unet.register_state_dict_pre_hook(Hook(self, "on_state_dict")))
         for group in self.groups:
             group.attach(self.unet)
 
@@ -107,15 +110,18 @@ class Patch:
             names.update(group.describe(self.unet))
         return names
 
+    # ------------------------------------------------------------------ copies and saving
     # A deep copy keeps its own pipeline when the pipeline is copied with it; a U-Net copied
-    # alone keeps following the original pipeline's scheduler. Pickles leave the pipeline out.
+    # alone keeps following the original pipeline's scheduler (or the scheduler it was given:
+    # a copy of that scheduler, which nothing drives, would put every call off its schedule).
     def __deepcopy__(self, memo: dict) -> Patch:
         new = Patch.__new__(Patch)
         memo[id(self)] = new
         pipe = self.pipe
         for key, value in vars(self).items():
-            if key != "_pipe":
+            if key not in ("_pipe", "_scheduler"):
                 setattr(new, key, copy.deepcopy(value, memo))
+        new._scheduler = memo.get(id(self._scheduler), self._scheduler)
         if pipe is not None and id(pipe) in memo:
             new._pipe = weakref.ref(memo[id(pipe)])
         else:
@@ -124,8 +130,21 @@ class Patch:
                 new._scheduler = pipe.scheduler
         return new
 
+    # A pickle cannot take the schedule along: the pipeline (or the scheduler given to
+    # apply_hidiffusion) stays in this process, so a loaded U-Net would place its calls by
+    # timestep value and run RAU-Net at other steps. Refused while pickling, so nothing of the
+    # model changes; a patch that follows no schedule places calls that way already and pickles exactly.
     def __getstate__(self) -> dict:
+        followed = self.pipe if self.pipe is not None else self._scheduler
+        if followed is not None:
+            raise pickle.PicklingError(unpicklable_message(self.unet, followed))
         return {**vars(self), "_pipe": None}
+
+    def on_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        """State-dict pre-hook: warn when a library's save call writes the model (it is saved stock)."""
+        saver = saving_call()
+        if saver is not None:
+            warnings.warn(saved_stock_message(self.unet, saver), stacklevel=2)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -348,6 +367,43 @@ def _check_owner(unet: nn.Module, pipe: Any, doing: str, fix: str) -> None:
             f"{model_name(unet)} is shared with another pipeline ({type(existing.pipe).__name__}) and patched through "
             f"it; one U-Net follows one pipeline's schedule, so hidiff will not {doing} {type(pipe).__name__}. {fix}"
         )
+
+
+#: (module, function) of the library calls that save a model's weights to files.
+_SAVERS = (("diffusers", "save_pretrained"), ("accelerate", "save_model"), ("safetensors", "save_model"))
+
+
+def saving_call() -> Optional[str]:
+    """``module.function`` of the library save call this state_dict() is made for, if any."""
+    frame = sys._getframe(2)
+    for _ in range(20):
+        if frame is None:
+            return None
+        module = str(frame.f_globals.get("__name__", ""))
+        for library, function in _SAVERS:
+            if frame.f_code.co_name == function and module.split(".")[0] == library:
+                return f"{library} {function}"
+        frame = frame.f_back
+    return None
+
+
+def saved_stock_message(unet: nn.Module, saver: str) -> str:
+    return (
+        f"hidiff: {model_name(unet)} is saved by {saver} without HiDiffusion: the patch is applied at run time "
+        "and is not part of the weights or the config, so the saved model loads stock. Apply HiDiffusion again "
+        "after loading (hidiff.apply_hidiffusion(pipe))."
+    )
+
+
+def unpicklable_message(unet: nn.Module, followed: Any) -> str:
+    whose = f"{type(followed).__name__}'s scheduler" if hasattr(followed, "unet") else type(followed).__name__
+    return (
+        f"hidiff: cannot pickle {model_name(unet)} (torch.save of the module or its pipeline) while HiDiffusion is "
+        f"applied: the patch follows {whose}, which does not travel with the pickle, so a loaded copy would run "
+        "RAU-Net at other steps. Save the weights instead (torch.save(unet.state_dict(), path) or "
+        "save_pretrained) and apply HiDiffusion again after loading, or call hidiff.remove_hidiffusion first; "
+        "copy.deepcopy works while patched."
+    )
 
 
 def remove_hidiffusion(pipe_or_unet: Any) -> Any:
