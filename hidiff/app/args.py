@@ -15,11 +15,11 @@ import argparse
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, get_args
+from typing import Any, Callable, Optional, Sequence
 
 from ..core.cfgpp import SAMPLERS as CFGPP_SAMPLERS
 from ..core.cfgpp import check_guidance
-from ..core.config import AtNative, ControlNetMode, HiDiffusionConfig, WindowShift
+from ..core.config import HiDiffusionConfig, OptionSpec, option_spec, option_specs
 from ..diffusers.testing import FULL_UNET_CONFIGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -54,9 +54,6 @@ CFGPP_SCHEDULERS = CFGPP_SAMPLERS
 AUTO = "auto"
 DTYPES = ("float32", "float16", "bfloat16")
 VAE_TILING = (AUTO, "on", "off")
-WINDOW_SHIFTS: tuple[str, ...] = get_args(WindowShift)
-AT_NATIVE: tuple[str, ...] = get_args(AtNative)
-CONTROLNET_MODES: tuple[str, ...] = get_args(ControlNetMode)
 
 #: Modes of ``hidiff bench`` and methods of ``hidiff eval``: the stock model, HiDiffusion and
 #: its one-part ablations (name -> apply_hidiffusion options), and the published package.
@@ -270,75 +267,104 @@ def keywords_for(function: Callable, args: argparse.Namespace, **given: Any) -> 
 
 
 # ------------------------------------------------------------------ the HiDiffusion config flags
-#: Flag destinations that are HiDiffusionConfig fields of the same name.
-_CONFIG_FIELDS = (
-    "raunet",
-    "window_attn",
-    "preset",
-    "t1_ratio",
-    "t2_ratio",
-    "aggressive",
-    "aggressive_step_ratio",
-    "window_shift",
-    "window_seed",
-    "at_native",
-    "controlnet_steps_ratio",
-    "kv_downsample",
-    "kv_levels",
-)
+#: What a choice flag holds when given its none_label (``--preset auto``): None over a base config,
+#: which a flag not given (None) is not.
+NONE_GIVEN = object()
+#: Flags not spelled after their field (``--name-with-dashes``): the short ratio flags of earlier
+#: releases, and ``--controlnet-mode`` (generate's ``--controlnet`` is the ControlNet model).
+_FLAG_NAMES = {"t1_ratio": "--t1", "t2_ratio": "--t2", "controlnet": "--controlnet-mode"}
+
+
+def config_flag(spec: OptionSpec) -> str:
+    """The flag of a HiDiffusionConfig field."""
+    return _FLAG_NAMES.get(spec.name, "--" + spec.name.replace("_", "-"))
+
+
+def config_dest(spec: OptionSpec) -> str:
+    """The argparse dest of a field's flag (named after the flag, so it never meets another flag's)."""
+    return config_flag(spec)[2:].replace("-", "_")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("HiDiffusion options (see hidiff.HiDiffusionConfig)")
-    on_off = argparse.BooleanOptionalAction
-    ratio = flag(probability, float)
-    group.add_argument("--raunet", action=on_off, help="RAU-Net on or off (default on)")
-    group.add_argument("--window-attn", action=on_off, help="MSW-MSA on or off (default on)")
-    group.add_argument("--preset", help="force a preset instead of the automatic choice")
-    group.add_argument("--t1", type=ratio, dest="t1_ratio", help="T1 ratio override, in [0, 1]")
-    group.add_argument("--t2", type=ratio, dest="t2_ratio", help="T2 ratio override, in [0, 1]")
-    group.add_argument("--aggressive", action=on_off, help="SDXL below 4x native: strided conv first, then pool")
-    group.add_argument("--aggressive-step-ratio", type=ratio, help="where the aggressive schedule switches to pool")
-    group.add_argument("--window-shift", choices=WINDOW_SHIFTS, help="window shift mode")
-    group.add_argument("--window-seed", type=flag(seed), help="fixed seed for 'seeded' window shifts")
-    group.add_argument("--at-native", choices=AT_NATIVE, help="behaviour at or below native size")
-    group.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, help="how ControlNets run under HiDiffusion")
-    group.add_argument(
-        "--controlnet-steps-ratio", type=ratio, help="share of steps ControlNets run in 'native' mode, in [0, 1]"
-    )
-    add_kv_flag(group)
-
-
-#: --kv-downsample: the factors of HiDiffusionConfig.kv_downsample; --kv-levels: its kv_levels.
-KV_FACTORS = (1, 2, 4)
-KV_LEVELS = (1, 2)
+    """A flag for every HiDiffusionConfig field, made from its OptionSpec (help, kind, choices, range)."""
+    group = parser.add_argument_group("HiDiffusion options (see hidiff.HiDiffusionConfig and docs/options.md)")
+    add_option_flags(group, [spec.name for spec in option_specs()])
 
 
 def add_kv_flag(parser: Any) -> None:
-    parser.add_argument(
-        "--kv-downsample",
-        type=int,
-        choices=KV_FACTORS,
-        metavar="N",
-        help="ToDo-style key/value downsampling of the top stage's self-attention by N per side: "
-        "1 (off, default), 2 or 4 (see docs/speed.md)",
-    )
-    parser.add_argument(
-        "--kv-levels",
-        type=int,
-        choices=KV_LEVELS,
-        metavar="L",
-        help="where --kv-downsample acts: 1 the top transformer stage (default), 2 also the next-lower-resolution "
-        "one (needs --kv-downsample 2 or 4)",
-    )
+    """--kv-downsample and --kv-levels alone (``hidiff bench``, whose other config flags are its modes)."""
+    add_option_flags(parser, ["kv_downsample", "kv_levels"])
+
+
+def add_option_flags(parser: Any, names: Sequence[str]) -> None:
+    for name in names:
+        spec = option_spec(name)
+        parser.add_argument(config_flag(spec), dest=config_dest(spec), help=_flag_help(spec), **_flag_kind(spec))
+
+
+def _flag_help(spec: OptionSpec) -> str:
+    if spec.default is None:
+        default = spec.none_label
+    elif spec.kind == "bool":
+        default = "on" if spec.default else "off"
+    else:
+        default = f"{spec.default:g}" if isinstance(spec.default, float) else str(spec.default)
+    return f"{spec.help} (default: {default})".replace("%", "%%")
+
+
+def _flag_kind(spec: OptionSpec) -> dict[str, Any]:
+    """The argparse keywords of a field's flag: its action or type, and its choices."""
+    if spec.kind == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if spec.kind == "choice":
+        words = (*spec.choices, spec.none_label) if spec.optional else tuple(spec.choices or ())
+        return {"type": _choice_flag(spec), "metavar": "{" + ",".join(words) + "}"}
+    if spec.kind == "int" and spec.choices:
+        return {"type": int, "choices": spec.choices}
+    return {"type": flag(_spec_check(spec), float if spec.kind == "float" else int)}
+
+
+def _choice_flag(spec: OptionSpec) -> Callable[[str], Any]:
+    """An argparse type for a choice field; an optional one takes its none_label for None."""
+
+    def convert(text: str) -> Any:
+        if spec.optional and text == spec.none_label:
+            return NONE_GIVEN
+        if text not in (spec.choices or ()):
+            choices = ", ".join((*spec.choices, spec.none_label) if spec.optional else spec.choices or ())
+            what = spec.name.replace("_", " ")
+            raise argparse.ArgumentTypeError(f"invalid choice: unknown {what} {text!r}; choose from {choices}")
+        return text
+
+    convert.__name__ = spec.name
+    return convert
+
+
+def _spec_check(spec: OptionSpec) -> Callable[[Any], Any]:
+    """A check (value -> value, or ValueError) from a field's spec; its message without the field's name,
+    which the flag's name stands in for."""
+
+    def check(value: Any) -> Any:
+        try:
+            spec.check(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error).removeprefix(spec.name + " ")) from None
+        return value
+
+    check.__name__ = spec.name
+    return check
 
 
 def config_from_args(args: argparse.Namespace, base: Optional[HiDiffusionConfig] = None) -> HiDiffusionConfig:
     """The HiDiffusionConfig of the flags given, on top of ``base`` (a config, or the defaults)."""
-    options: dict[str, Any] = {name: getattr(args, name) for name in _CONFIG_FIELDS if getattr(args, name) is not None}
-    if args.controlnet_mode is not None:
-        options["controlnet"] = args.controlnet_mode
+    options = _given_options(args)
     try:
         return HiDiffusionConfig.from_options(base, **options)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields whose flags were given (an optional choice given as its none_label sets None)."""
+    values = {spec.name: getattr(args, config_dest(spec), None) for spec in option_specs()}
+    return {name: None if value is NONE_GIVEN else value for name, value in values.items() if value is not None}

@@ -96,8 +96,8 @@ class OptionSpec:
 
 
 def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int):  # the largest n-bit number as 2**n - 1, as seeds are described
+        return f"2**{value.bit_length()} - 1" if value >= 2**16 and (value + 1) & value == 0 else str(value)
     return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
