@@ -1,224 +1,232 @@
-"""The HiDiffusion node for ComfyUI: MODEL in, MODEL out (a patched clone).
+"""The HiDiffusion node's inputs, made from the library's option specs, and its V1 node class.
 
-Importing this module needs torch (which ComfyUI has) but not ComfyUI itself; ComfyUI's
-modules are imported when the node runs.
+The node's widgets are built from :func:`hidiff.core.config.option_specs` (kind, default,
+range, help text, the "advanced" hint), so a new library option becomes a new input with
+no edit here. Two renderings use the one description: the V3 node (``hidiff.comfy.v3``,
+what ComfyUI 0.3.4x and newer load through ``comfy_entrypoint``) and the V1 class below
+(``INPUT_TYPES``; loaded only by a ComfyUI without the V3 API).
+
+Saved workflows keep loading: the node id (``HiDiffusion``), the input names, their order
+(UI-format workflows store widget values by position) and the widget encodings (-1 for
+"the library decides" on numbers, "auto"/"on"/"off" for an optional switch, strings for
+fixed integer choices) are the ones the node has always had; options added later are
+appended after them.
+
+Importing this module needs torch (which ComfyUI has) but not ComfyUI itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from ..core.config import HiDiffusionConfig
-from ..core.presets import PRESETS
+from ..core.config import HiDiffusionConfig, OptionSpec, option_specs
 
-_DEFAULTS = HiDiffusionConfig()
-#: Widget value meaning "None" (the library's default) for the optional numbers.
+#: Widget value meaning "None" (the library decides) for the optional numbers.
 UNSET = -1
+#: The node's inputs in the order saved workflows store them; later options follow.
+WIDGET_ORDER = (
+    "raunet",
+    "window_attn",
+    "preset",
+    "t1_ratio",
+    "t2_ratio",
+    "aggressive",
+    "aggressive_step_ratio",
+    "window_shift",
+    "window_seed",
+    "kv_downsample",
+    "kv_levels",
+    "at_native",
+)
+#: Library options the node does not offer: ComfyUI runs ControlNets in its own nodes, and
+#: the node always resizes their residuals (see docs/comfyui.md).
+NOT_OFFERED = ("controlnet", "controlnet_steps_ratio")
+#: What an optional switch's combo shows for None / True / False.
+SWITCH = {"auto": None, "on": True, "off": False}
+#: Where ComfyUI's own nodes of each kind live in menus that predate the detection below.
+FALLBACK_CATEGORIES = {"model_patch": "model_patches/unet", "sampler": "sampling/custom_sampling/samplers"}
+
+DISPLAY_NAME = "HiDiffusion (RAU-Net + MSW-MSA)"
+DESCRIPTION = (
+    "HiDiffusion (RAU-Net + MSW-MSA): generate above the model's native resolution without duplicated "
+    "objects, and faster. Put it between the model loader (and LoRAs) and the sampler."
+)
+MODEL_TOOLTIP = "An SD 1.x, SD 2.x or SDXL model (fine-tunes, LoRAs and few-step models included)."
+OUTPUT_TOOLTIP = "The model with HiDiffusion (a patched copy; the input model is unchanged)."
 
 
-def _float_default(value: Any) -> float:
-    return float(UNSET) if value is None else float(value)
+@dataclass(frozen=True)
+class Widget:
+    """One input of the node, host-neutral: enough to render it as V1 or V3 and to read it back."""
+
+    name: str
+    io: str  # "BOOLEAN", "FLOAT", "INT" or "COMBO"
+    default: Any
+    tooltip: str
+    spec: OptionSpec
+    options: Optional[tuple[str, ...]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    step: Optional[float] = None
+
+    @property
+    def advanced(self) -> bool:
+        return self.spec.advanced
+
+    def to_library(self, value: Any) -> Any:
+        """The HiDiffusionConfig value of this widget's ``value``."""
+        spec = self.spec
+        if self.io == "BOOLEAN":
+            return bool(value)
+        if self.io == "COMBO":
+            if spec.kind == "bool":
+                if value not in SWITCH:
+                    raise ValueError(f"{self.name} must be one of {', '.join(SWITCH)}, got {value!r}")
+                return SWITCH[value]
+            if spec.optional and value == spec.none_label:
+                return None
+            if spec.kind == "int":
+                return int(value)
+            if spec.kind == "float":
+                return float(value)
+            return value
+        if value is None or (spec.optional and float(value) < 0):
+            return None
+        return int(value) if self.io == "INT" else float(value)
 
 
-def _choice_default(value: Any) -> str:
-    return {None: "auto", True: "on", False: "off"}[value]
+def _widget(spec: OptionSpec) -> Widget:
+    """The widget of one option (see the module docstring for the encodings)."""
+    tooltip = spec.help
+    if spec.kind == "bool" and spec.optional:
+        tooltip += " Here: auto is None, on is True, off is False."
+        default = next(label for label, v in SWITCH.items() if v == spec.default)
+        return Widget(spec.name, "COMBO", default, tooltip, spec, options=tuple(SWITCH))
+    if spec.kind == "bool":
+        return Widget(spec.name, "BOOLEAN", bool(spec.default), tooltip, spec)
+    if spec.choices is not None:
+        options = tuple(str(c) for c in spec.choices)
+        if spec.optional:
+            tooltip += f" Here: {spec.none_label} is None."
+            options = (spec.none_label, *options)
+        default = spec.none_label if spec.default is None else str(spec.default)
+        return Widget(spec.name, "COMBO", default, tooltip, spec, options=options)
+    io = "INT" if spec.kind == "int" else "FLOAT"
+    cast = int if io == "INT" else float
+    minimum = spec.minimum
+    default = spec.default
+    if spec.optional:
+        tooltip += f" Here: {UNSET} is None."
+        minimum, default = UNSET, UNSET if spec.default is None else spec.default
+    return Widget(
+        spec.name,
+        io,
+        cast(default),
+        tooltip,
+        spec,
+        minimum=None if minimum is None else cast(minimum),
+        maximum=None if spec.maximum is None else cast(spec.maximum),
+        step=spec.step,
+    )
+
+
+def widgets() -> tuple[Widget, ...]:
+    """The node's widgets (every library option a ComfyUI user sets), in saved-workflow order."""
+    specs = {s.name: s for s in option_specs() if s.name not in NOT_OFFERED}
+    order = [n for n in WIDGET_ORDER if n in specs] + [n for n in specs if n not in WIDGET_ORDER]
+    return tuple(_widget(specs[n]) for n in order)
+
+
+def widget_defaults() -> dict[str, Any]:
+    """Every widget at its default (the library's defaults), by name, in order."""
+    return {w.name: w.default for w in widgets()}
+
+
+def config_from_widgets(**values: Any) -> HiDiffusionConfig:
+    """The library's config from the node's widget values (missing ones at their defaults)."""
+    known = {w.name: w for w in widgets()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise TypeError(f"unknown HiDiffusion input(s) {', '.join(unknown)}; inputs: {', '.join(known)}")
+    options = {name: w.to_library(values.get(name, w.default)) for name, w in known.items()}
+    return HiDiffusionConfig.from_options(**options)
+
+
+def core_category(kind: str) -> str:
+    """The menu category where the running ComfyUI puts its own nodes of ``kind``.
+
+    ``model_patch``: FreeU_V2's (``model_patches/unet`` in 0.3.75, ``model/patch/unet`` in
+    0.33); ``sampler``: KSamplerSelect's (``sampling/custom_sampling/samplers``,
+    ``model/sampling/samplers``). Read from the nodes themselves, never from a version number.
+    """
+    module, name = {
+        "model_patch": ("comfy_extras.nodes_freelunch", "FreeU_V2"),
+        "sampler": ("comfy_extras.nodes_custom_sampler", "KSamplerSelect"),
+    }[kind]
+    try:
+        node = getattr(importlib.import_module(module), name)
+        category = node.GET_SCHEMA().category if hasattr(node, "GET_SCHEMA") else node.CATEGORY
+    except Exception:  # ComfyUI missing (docs, generator) or a tree without the node
+        return FALLBACK_CATEGORIES[kind]
+    return category if isinstance(category, str) and category else FALLBACK_CATEGORIES[kind]
+
+
+def apply_node(model: Any, **values: Any) -> Any:
+    """What the node does: a patched clone of ``model``; errors say they come from HiDiffusion."""
+    from .patch import apply_hidiffusion
+
+    try:
+        return apply_hidiffusion(model, config=config_from_widgets(**values))
+    except (TypeError, ValueError, RuntimeError) as e:
+        # ComfyUI shows the exception text as the node's error: say who is talking.
+        text = str(e)
+        if text.startswith("HiDiffusion"):
+            raise
+        try:
+            error = type(e)(f"HiDiffusion: {text}")
+        except Exception:  # an exception type that takes other arguments
+            raise e from None
+        raise error from e
+
+
+def _v1_input(w: Widget) -> tuple:
+    extra: dict[str, Any] = {"default": w.default, "tooltip": w.tooltip}
+    for key, value in (("min", w.minimum), ("max", w.maximum), ("step", w.step)):
+        if value is not None:
+            extra[key] = value
+    if w.advanced:
+        extra["advanced"] = True
+    return (list(w.options), extra) if w.io == "COMBO" else (w.io, extra)
 
 
 class HiDiffusion:
-    """Higher-resolution images from SD 1.x / 2.x / SDXL without duplicated objects (RAU-Net + MSW-MSA)."""
+    """The node in ComfyUI's V1 form (a ComfyUI without ``comfy_api.latest`` loads this one).
+
+    Higher-resolution images from SD 1.x / 2.x / SDXL without duplicated objects (RAU-Net + MSW-MSA).
+    """
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        d = _DEFAULTS
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "An SD 1.x, SD 2.x or SDXL model (fine-tunes, LoRAs and few-step models included)."},
-                ),
-                "raunet": (
-                    "BOOLEAN",
-                    {
-                        "default": d.raunet,
-                        "tooltip": "RAU-Net: in the early steps, shrink one U-Net stage's features (strided conv, then "
-                        "avg-pooling) so the layout forms at the model's native scale. Prevents duplicated objects.",
-                    },
-                ),
-                "window_attn": (
-                    "BOOLEAN",
-                    {
-                        "default": d.window_attn,
-                        "tooltip": "MSW-MSA: run the top-resolution self-attention in shifted 2x2 windows. Faster at "
-                        "high resolution, same look.",
-                    },
-                ),
-                "preset": (
-                    ["auto", *PRESETS],
-                    {
-                        "default": "auto" if d.preset is None else d.preset,
-                        "tooltip": "Schedule of RAU-Net over the steps. auto: chosen per run from the model family, the "
-                        "size relative to native, the step count (few-step models) and ControlNet use. "
-                        + "; ".join(f"{p.name}: {p.note}" for p in PRESETS.values()),
-                    },
-                ),
-                "t1_ratio": (
-                    "FLOAT",
-                    {
-                        "default": _float_default(d.t1_ratio),
-                        "min": -1.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Override the preset's T1 ratio (share of the steps until which RAU-Net acts; "
-                        "T1 = int(steps x ratio)). -1: the preset's own value.",
-                    },
-                ),
-                "t2_ratio": (
-                    "FLOAT",
-                    {
-                        "default": _float_default(d.t2_ratio),
-                        "min": -1.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Override the preset's T2 ratio (the earlier switch point, T2 <= T1). -1: the preset's "
-                        "own value.",
-                    },
-                ),
-                "aggressive": (
-                    ["auto", "on", "off"],
-                    {
-                        "default": _choice_default(d.aggressive),
-                        "tooltip": "SDXL below 4x native: on runs the strided conv first and then pools (published "
-                        "text-to-image schedule); off pools from the first step (published for inpainting). auto: "
-                        "off for inpainting models, else on.",
-                    },
-                ),
-                "aggressive_step_ratio": (
-                    "FLOAT",
-                    {
-                        "default": float(d.aggressive_step_ratio),
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Where the aggressive SDXL schedule switches from strided conv to pooling, as a share "
-                        "of the steps (8/50 = 0.16, as published).",
-                    },
-                ),
-                "window_shift": (
-                    ["seeded", "reference", "none"],
-                    {
-                        "default": d.window_shift,
-                        "tooltip": "How the windows shift each step. seeded: a fixed function of each image's seed, the "
-                        "step and the layer (reproducible, same as the hidiff library); reference: drawn from torch's "
-                        "global RNG as the published code does; none: never shift.",
-                    },
-                ),
-                "window_seed": (
-                    "INT",
-                    {
-                        "default": UNSET if d.window_seed is None else int(d.window_seed),
-                        "min": -1,
-                        "max": 2**53,
-                        "tooltip": "With window_shift=seeded: -1 seeds each image's window shifts from its own initial "
-                        "noise (so the sampler seed decides them); any other value fixes them. The same value gives "
-                        "the same shifts as the hidiff library's window_seed.",
-                    },
-                ),
-                "kv_downsample": (
-                    ["1", "2", "4"],
-                    {
-                        "default": str(getattr(d, "kv_downsample", 1)),
-                        "tooltip": "ToDo-style key/value downsampling of the top-resolution self-attention (inside "
-                        "the windows when window_attn is on): 1 off; 2 or 4 shrink keys and values that much per "
-                        "side while queries keep full resolution. Faster, slightly softer. Acts where HiDiffusion "
-                        "acts.",
-                    },
-                ),
-                "kv_levels": (
-                    ["1", "2"],
-                    {
-                        "default": str(getattr(d, "kv_levels", 1)),
-                        "tooltip": "Where kv_downsample acts: 1 the top-resolution transformer stage only; 2 also "
-                        "the next-lower-resolution one (unwindowed; faster still, softer). Needs kv_downsample 2 or 4.",
-                    },
-                ),
-                "at_native": (
-                    ["skip", "apply"],
-                    {
-                        "default": d.at_native,
-                        "tooltip": "skip: do nothing at or below the model's native size (512 px SD 1.x, 768 px SD 2.x-v, "
-                        "1024 px SDXL); apply: act at every size, as the published code does.",
-                    },
-                ),
-            }
-        }
+        required: dict[str, Any] = {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}
+        required.update((w.name, _v1_input(w)) for w in widgets())
+        return {"required": required}
 
     RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with HiDiffusion (a patched copy; the input model is unchanged).",)
+    OUTPUT_TOOLTIPS = (OUTPUT_TOOLTIP,)
     FUNCTION = "apply"
-    CATEGORY = "model_patches"
-    DESCRIPTION = (
-        "HiDiffusion (RAU-Net + MSW-MSA): generate above the model's native resolution without duplicated "
-        "objects, and faster. Put it between the model loader (and LoRAs) and the sampler."
-    )
+    CATEGORY = FALLBACK_CATEGORIES["model_patch"]
+    DESCRIPTION = DESCRIPTION
 
-    def apply(self, model: Any, **widgets: Any) -> tuple:
-        from .patch import apply_hidiffusion
-
-        try:
-            return (apply_hidiffusion(model, config=config_from_widgets(**widgets)),)
-        except (TypeError, ValueError, RuntimeError) as e:
-            # ComfyUI shows the exception text as the node's error: say who is talking.
-            text = str(e)
-            if text.startswith("HiDiffusion"):
-                raise
-            try:
-                error = type(e)(f"HiDiffusion: {text}")
-            except Exception:  # an exception type that takes other arguments
-                raise e from None
-            raise error from e
-
-
-def config_from_widgets(
-    raunet: bool = _DEFAULTS.raunet,
-    window_attn: bool = _DEFAULTS.window_attn,
-    preset: str = "auto",
-    t1_ratio: float = UNSET,
-    t2_ratio: float = UNSET,
-    aggressive: str = "auto",
-    aggressive_step_ratio: float = _DEFAULTS.aggressive_step_ratio,
-    window_shift: str = _DEFAULTS.window_shift,
-    window_seed: int = UNSET,
-    kv_downsample: Any = None,
-    kv_levels: Any = None,
-    at_native: str = _DEFAULTS.at_native,
-) -> HiDiffusionConfig:
-    """The library's config from the node's widget values (-1 / "auto" mean the library default None)."""
-    if aggressive not in ("auto", "on", "off"):
-        raise ValueError(f"aggressive must be auto, on or off, got {aggressive!r}")
-    extra = {}
-    if kv_downsample is not None:
-        extra["kv_downsample"] = int(kv_downsample)
-    if kv_levels is not None:
-        extra["kv_levels"] = int(kv_levels)
-    return HiDiffusionConfig.from_options(
-        **extra,
-        raunet=bool(raunet),
-        window_attn=bool(window_attn),
-        preset=None if preset == "auto" else preset,
-        t1_ratio=None if t1_ratio is None or float(t1_ratio) < 0 else float(t1_ratio),
-        t2_ratio=None if t2_ratio is None or float(t2_ratio) < 0 else float(t2_ratio),
-        aggressive={"auto": None, "on": True, "off": False}[aggressive],
-        aggressive_step_ratio=float(aggressive_step_ratio),
-        window_shift=window_shift,
-        window_seed=None if window_seed is None or int(window_seed) < 0 else int(window_seed),
-        at_native=at_native,
-    )
+    def apply(self, model: Any, **values: Any) -> tuple:
+        return (apply_node(model, **values),)
 
 
 from .samplers import SamplerDDIMCFGpp  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {"HiDiffusion": HiDiffusion, "HiDiffSamplerDDIMCFGpp": SamplerDDIMCFGpp}
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "HiDiffusion": "HiDiffusion (RAU-Net + MSW-MSA)",
+    "HiDiffusion": DISPLAY_NAME,
     "HiDiffSamplerDDIMCFGpp": "SamplerDDIM CFG++ (hidiff)",
 }

@@ -54,24 +54,33 @@ def sample_ddim_cfgpp(
     return x
 
 
+DDIM_CFGPP_TOOLTIP = "DDIM CFG++ (hidiff). The guidance lam in [0, 1] is the sampler node's cfg value."
+DDIM_CFGPP_DESCRIPTION = (
+    "DDIM with CFG++ (hidiff): guided clean estimate, unconditional re-noising. Set cfg to the CFG++ "
+    "guidance lam (0-1, e.g. 0.6; lam stands for an ordinary cfg of 1 + 11.5 lam) and use the ddim_uniform "
+    "scheduler for DDIM's timesteps."
+)
+
+
+def ddim_cfgpp_sampler() -> Any:
+    """ComfyUI's SAMPLER object for :func:`sample_ddim_cfgpp`."""
+    import comfy.samplers
+
+    return comfy.samplers.KSAMPLER(sample_ddim_cfgpp)
+
+
 class SamplerDDIMCFGpp:
-    """DDIM with CFG++ as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."""
+    """DDIM with CFG++ as a SAMPLER, in ComfyUI's V1 form (``hidiff.comfy.v3`` has the V3 node)."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {}}
 
     RETURN_TYPES = ("SAMPLER",)
-    OUTPUT_TOOLTIPS = ("DDIM CFG++ (hidiff). The guidance lam in [0, 1] is the sampler node's cfg value.",)
+    OUTPUT_TOOLTIPS = (DDIM_CFGPP_TOOLTIP,)
     FUNCTION = "get_sampler"
     CATEGORY = "sampling/custom_sampling/samplers"
-    DESCRIPTION = (
-        "DDIM with CFG++ (hidiff): guided clean estimate, unconditional re-noising. Set cfg to the CFG++ "
-        "guidance lam (0-1, e.g. 0.6; lam stands for an ordinary cfg of 1 + 11.5 lam) and use the ddim_uniform "
-        "scheduler for DDIM's timesteps."
-    )
+    DESCRIPTION = DDIM_CFGPP_DESCRIPTION
 
     def get_sampler(self) -> tuple:
-        import comfy.samplers
-
-        return (comfy.samplers.KSAMPLER(sample_ddim_cfgpp),)
+        return (ddim_cfgpp_sampler(),)

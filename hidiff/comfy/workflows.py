@@ -31,10 +31,9 @@ class Node:
 
 def hidiffusion_widgets() -> dict[str, Any]:
     """The node's widgets at their defaults (the library's defaults)."""
-    from .nodes import HiDiffusion
+    from .nodes import widget_defaults
 
-    required = HiDiffusion.INPUT_TYPES()["required"]
-    return {name: spec[1]["default"] for name, spec in required.items() if name != "model"}
+    return widget_defaults()
 
 
 # Input types of the stock nodes used here (for the UI format's link types).

@@ -132,10 +132,9 @@ def test_node_renders_in_the_browser(comfy_server, tmp_path):
     assert state["registered"], state
     assert sorted(state["types"]) == sorted(n["type"] for n in workflow["nodes"])
     widgets = dict(state["widgets"])
-    from hidiff.comfy.nodes import HiDiffusion
+    from hidiff.comfy.nodes import widget_defaults
 
-    defaults = {k: v[1]["default"] for k, v in HiDiffusion.INPUT_TYPES()["required"].items() if k != "model"}
-    assert widgets == defaults
+    assert widgets == widget_defaults()
     assert not state["errors"]
     text = state["text"].lower()
     assert "missing" not in text and "error" not in text, state["text"][:1000]

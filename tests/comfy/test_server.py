@@ -110,8 +110,15 @@ def error_message(entry) -> str:
 
 
 def test_object_info_lists_the_node_with_its_inputs(server):
+    """Registered through comfy_entrypoint (V3), in the menus where this ComfyUI keeps its own
+    U-Net patches and samplers, with the inputs saved workflows use, in their order."""
     info = _get(server["url"] + "/object_info/HiDiffusion")["HiDiffusion"]
-    assert info["category"] == "model_patches" and info["output"] == ["MODEL"]
+    freeu = _get(server["url"] + "/object_info/FreeU_V2")["FreeU_V2"]
+    select = _get(server["url"] + "/object_info/KSamplerSelect")["KSamplerSelect"]
+    sampler = _get(server["url"] + "/object_info/HiDiffSamplerDDIMCFGpp")["HiDiffSamplerDDIMCFGpp"]
+    assert info["category"] == freeu["category"] and info["output"] == ["MODEL"]
+    assert sampler["category"] == select["category"] and sampler["output"] == ["SAMPLER"]
+    assert info.get("python_module", "").startswith("custom_nodes.")
     required = info["input"]["required"]
     assert list(required) == [
         "model",
