@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
-from ..core.config import HiDiffusionConfig
+from ..core.config import HiDiffusionConfig, option_specs
 from . import generate
-from .args import AUTO, EXIT_FAILURE, EXIT_OK, SEED_MAX, UsageError, add_threads_flag, set_threads
+from .args import AUTO, EXIT_FAILURE, EXIT_OK, SEED_MAX, UsageError, add_threads_flag, config_dest, set_threads
 
 MANIFEST = "manifest.jsonl"
 EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
@@ -45,9 +45,14 @@ LINE_FIELDS = tuple(
     for f in dataclasses.fields(generate.Request)
     if f.name not in ("model", "config_folder", "controlnet", "device", "dtype", "hidiff_config")
 )
-#: HiDiffusionConfig options a JSONL line may set: its field names, and the names of their flags.
-CONFIG_ALIASES = {"t1": "t1_ratio", "t2": "t2_ratio", "controlnet_mode": "controlnet"}
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HiDiffusionConfig) if f.name != "controlnet")
+#: HiDiffusionConfig options a JSONL line may set (key -> field), made from option_specs(): each by its field's
+#: name and by its flag's; ``controlnet`` (the ControlNet model, a Request field) only as ``controlnet_mode``.
+CONFIG_KEYS = {
+    key: spec.name
+    for spec in option_specs()
+    for key in (spec.name, config_dest(spec))
+    if key not in {f.name for f in dataclasses.fields(generate.Request)}
+}
 _PATH_FIELDS = ("image", "mask", "control_image")
 #: Request fields left out of the file name's digest: where an image is made, not what it is.
 _PLACE_FIELDS = ("device",)
@@ -128,10 +133,10 @@ def _json_line(text: str, number: int, where: str, folder: Path) -> Line:
             if name in _PATH_FIELDS and value:  # relative to the prompt file
                 value = str((folder / value).resolve()) if not os.path.isabs(value) else value
             fields[name] = value
-        elif name in CONFIG_FIELDS or name in CONFIG_ALIASES:
-            config[CONFIG_ALIASES.get(name, name)] = value
+        elif name in CONFIG_KEYS:
+            config[CONFIG_KEYS[name]] = value
         else:
-            known = ", ".join(sorted({*LINE_FIELDS, *CONFIG_FIELDS, *CONFIG_ALIASES}))
+            known = ", ".join(sorted({*LINE_FIELDS, *CONFIG_KEYS}))
             raise UsageError(
                 f"{where}: unknown key {key!r} (the model, ControlNet, device and dtype come from the command line); "
                 f"known keys: {known}"
