@@ -108,6 +108,21 @@ def _option(default: Any, kind: OptionKind, help: str, **hints: Any) -> Any:
 
 
 _RATIO = {"minimum": 0.0, "maximum": 1.0, "step": 0.01}
+
+
+def _ratio_override(threshold: str, meaning: str) -> Any:
+    """t1_ratio / t2_ratio: None keeps the preset's own ratio."""
+    return _option(
+        None,
+        "float",
+        f"Override the preset's {threshold} ratio: {meaning}. None: the preset's own value.",
+        **_RATIO,
+        optional=True,
+        none_label="preset",
+        advanced=True,
+    )
+
+
 _PRESET_NOTES = "; ".join(f"{p.name}: {p.note}" for p in PRESETS.values())
 
 
@@ -140,25 +155,10 @@ class HiDiffusionConfig:
         choices=tuple(PRESETS),
         optional=True,
     )
-    t1_ratio: Optional[float] = _option(
-        None,
-        "float",
-        "Override the preset's T1 ratio: the share of the steps until which RAU-Net acts, "
-        "T1 = int(steps x ratio). None: the preset's own value.",
-        **_RATIO,
-        optional=True,
-        none_label="preset",
-        advanced=True,
+    t1_ratio: Optional[float] = _ratio_override(
+        "T1", "the share of the steps until which RAU-Net acts, T1 = int(steps x ratio)"
     )
-    t2_ratio: Optional[float] = _option(
-        None,
-        "float",
-        "Override the preset's T2 ratio: the earlier switch point, T2 <= T1. None: the preset's own value.",
-        **_RATIO,
-        optional=True,
-        none_label="preset",
-        advanced=True,
-    )
+    t2_ratio: Optional[float] = _ratio_override("T2", "the earlier switch point, T2 <= T1")
     aggressive: Optional[bool] = _option(
         None,
         "bool",
