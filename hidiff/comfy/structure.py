@@ -83,6 +83,13 @@ def _stage(**values: Any) -> Stage:
     return Stage(**{k: v for k, v in values.items() if k in known})
 
 
+def _embedding(unet_config: dict) -> str:
+    """What the time embedding takes besides the timestep (ComfyUI's ``label_emb``): a Linear stack for
+    SDXL's (and unCLIP's) vector, an embedding table for class labels (the x4 upscaler's noise level)."""
+    classes = unet_config.get("num_classes")
+    return "" if classes is None else "vector" if classes == "sequential" else "class"
+
+
 def _model_name(model_patcher: Any) -> str:
     model = getattr(model_patcher, "model", model_patcher)
     config = getattr(model, "model_config", None)
@@ -155,6 +162,7 @@ def describe(model_patcher: Any) -> ComfyNetwork:
         cross_attention_dim=unet_config.get("context_dim"),
         native=None,
         name=name,
+        embedding=_embedding(unet_config) if unet_config else None,
     )
     arch = recognise(network)
     v_prediction = _is_v_prediction(model)

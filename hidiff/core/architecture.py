@@ -33,6 +33,9 @@ class Stage:
     cross_attention: bool  # transformer blocks with self- and cross-attention
     downsample: bool  # ends in a 3x3 stride-2 conv downsampler
     other_attention: str = ""  # what attention the stage has instead of transformer blocks, if any
+    # its transformer blocks attend to the text in place of self-attention (diffusers' only_cross_attention,
+    # ComfyUI's disable_self_attentions, as in the SD x4 upscaler): nothing there for MSW-MSA to window
+    cross_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class NetworkDescription:
     cross_attention_dim: Optional[int] = None
     native: Optional[tuple[int, int]] = None  # native latent (height, width), when the host knows it
     name: str = "model"
+    # What the time embedding takes besides the timestep: "" nothing, "vector" (a vector projected
+    # into it: SDXL's pooled text and size ids, unCLIP's image embedding), "class" (class labels, e.g.
+    # the x4 upscaler's noise level), or another kind by its host's name; None where the host does not say.
+    embedding: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,12 @@ class ArchitectureRecord:
     default_native: int  # native latent side when the model does not say
     families: dict[int, str] = field(default_factory=dict)  # cross-attention width -> family name
     description: str = ""
+    # The whole structure a network must have to be this family (empty: not checked). Widths,
+    # layers per stage and transformer depths are not part of it: fine-tunes and distillations
+    # change them and the placement follows the structure (see docs/reliability.md).
+    attention_stages: tuple[int, ...] = ()  # down stages with cross-attention (the up path mirrors them)
+    in_channels: tuple[int, ...] = ()
+    embeddings: tuple[str, ...] = ()
 
 
 #: The known families. Order matters only when two records match one network.
@@ -79,6 +92,10 @@ REGISTRY: tuple[ArchitectureRecord, ...] = (
         default_native=64,
         families={768: "sd1", 1024: "sd2"},
         description="SD 1.x/2.x: 4 stages, cross-attention in the first three",
+        attention_stages=(0, 1, 2),
+        # latents (4), depth-to-image (5), InstructPix2Pix (8), inpainting (9); 3: in pixel space (the toy model)
+        in_channels=(3, 4, 5, 8, 9),
+        embeddings=("",),
     ),
     ArchitectureRecord(
         "sdxl",
@@ -89,6 +106,9 @@ REGISTRY: tuple[ArchitectureRecord, ...] = (
         pool_offset=0,
         default_native=128,
         description="SDXL: 3 stages, cross-attention in the last two",
+        attention_stages=(1, 2),
+        in_channels=(4, 8, 9),  # latents, InstructPix2Pix, inpainting
+        embeddings=("vector",),  # pooled text and size ids
     ),
     # The SDXL refiner: a fourth, deepest stage without attention below SDXL's layout.
     # HiDiffusion acts where it acts on SDXL: the first attention stage strides or pools
@@ -102,6 +122,9 @@ REGISTRY: tuple[ArchitectureRecord, ...] = (
         pool_offset=0,
         default_native=128,
         description="SDXL refiner: 4 stages, cross-attention in the middle two",
+        attention_stages=(1, 2),
+        in_channels=(4,),
+        embeddings=("vector",),  # pooled text, size ids and the aesthetic score
     ),
 )
 
@@ -174,14 +197,23 @@ def recognise(network: NetworkDescription, registry: Sequence[ArchitectureRecord
             "a Stable Diffusion U-Net, "
             f"which HiDiffusion's windows and schedule are made for. {SUPPORTED}"
         )
-    for record in registry:
-        if len(stages) == record.num_stages and attention[0] == record.first_attention_stage:
-            break
-    else:
+    candidates = [r for r in registry if len(stages) == r.num_stages and attention[0] == r.first_attention_stage]
+    if not candidates:
         known = "; ".join(r.description or r.kind for r in registry)
         raise UnsupportedModelError(
             f"{name} has {len(stages)} down stages with cross-attention at stages {attention}, a layout HiDiffusion "
             f"has no record for (it knows: {known}). {SUPPORTED}"
+        )
+    mismatches = {r.name: structure_mismatches(network, r) for r in candidates}
+    record = next((r for r in candidates if not mismatches[r.name]), None)
+    if record is None:
+        nearest = candidates[0]
+        raise UnsupportedModelError(
+            f"{name} is not a network HiDiffusion knows: by its layout it is nearest the {family_name(nearest)} "
+            f"({nearest.description.partition(': ')[2] or nearest.kind}), but "
+            + "; ".join(mismatches[nearest.name])
+            + ". HiDiffusion's placement and presets are made for a family's whole structure, so it is not applied "
+            f"to this one. {SUPPORTED}"
         )
     first = record.first_attention_stage
     conv_stage, pool_stage = first + record.conv_offset, first + record.pool_offset
@@ -202,6 +234,13 @@ def recognise(network: NetworkDescription, registry: Sequence[ArchitectureRecord
             f"up stage {up_pool} has {network.up_layers[up_pool]} layers where its down stage's "
             f"{stages[pool_stage].layers} skips need {stages[pool_stage].layers + 1}"
         )
+    if not problems and record.attention_stages:
+        up = [k for k, a in enumerate(network.up_cross_attention) if a]
+        expected = sorted(record.num_stages - 1 - k for k in record.attention_stages)
+        if up != expected:
+            problems.append(
+                f"its up path has cross-attention at stages {up} where the {family_name(record)}'s has it at {expected}"
+            )
     if problems:
         raise UnsupportedModelError(
             f"{name} looks like the {record.name} layout, but " + "; ".join(problems) + f". {SUPPORTED}"
@@ -219,3 +258,45 @@ def recognise(network: NetworkDescription, registry: Sequence[ArchitectureRecord
         inpainting=network.in_channels == 9,
         network=network,
     )
+
+
+_EMBEDDINGS = {
+    "": "nothing but the timestep",
+    "vector": "a projected vector (as SDXL's pooled text and size ids)",
+    "class": "class labels",
+}
+
+
+def family_name(record: ArchitectureRecord) -> str:
+    return record.description.partition(":")[0] or record.name
+
+
+def _either(values: Sequence[object]) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def structure_mismatches(network: NetworkDescription, record: ArchitectureRecord) -> list[str]:
+    """How ``network`` differs from the whole structure of ``record``'s family, in words (empty: it matches)."""
+    family, stages, found = family_name(record), network.stages, []
+    attention = [k for k, s in enumerate(stages) if s.cross_attention]
+    if record.attention_stages and tuple(attention) != record.attention_stages:
+        found.append(
+            f"it has cross-attention at down stages {attention} where the {family} has it at "
+            f"{list(record.attention_stages)}"
+        )
+    cross_only = [k for k, s in enumerate(stages) if s.cross_only]
+    if cross_only:
+        found.append(
+            f"its transformer blocks at stages {cross_only} attend to the text in place of self-attention "
+            "(as in the SD x4 upscaler), where MSW-MSA windows a self-attention"
+        )
+    if record.in_channels and network.in_channels not in record.in_channels:
+        found.append(
+            f"it takes {network.in_channels} input channels where the {family} takes {_either(record.in_channels)}"
+        )
+    if record.embeddings and network.embedding is not None and network.embedding not in record.embeddings:
+        has = _EMBEDDINGS.get(network.embedding, f"a {network.embedding!r} embedding")
+        wants = _either([_EMBEDDINGS.get(e, repr(e)) for e in record.embeddings])
+        found.append(f"its time embedding takes {has} where the {family}'s takes {wants}")
+    return found

@@ -90,6 +90,7 @@ def describe_unet(unet: Any) -> NetworkDescription:
             cross_attention=bool(transformer_blocks(block)),
             downsample=_stride2_conv(block),
             other_attention="" if transformer_blocks(block) else _other_attention(block),
+            cross_only=any(getattr(m, "only_cross_attention", False) for m in transformer_blocks(block)),
         )
         for block in down
     )
@@ -108,7 +109,18 @@ def describe_unet(unet: Any) -> NetworkDescription:
         cross_attention_dim=cross if isinstance(cross, int) else None,
         native=native,
         name=name,
+        embedding=_embedding(config),
     )
+
+
+def _embedding(config: Any) -> str:
+    """What the time embedding takes besides the timestep, in the core's words (see NetworkDescription)."""
+    addition, class_type = getattr(config, "addition_embed_type", None), getattr(config, "class_embed_type", None)
+    if addition == "text_time" or class_type in ("projection", "simple_projection"):
+        return "vector"
+    if addition or class_type:
+        return str(addition or class_type)
+    return "class" if getattr(config, "num_class_embeds", None) else ""
 
 
 def detect_layout(unet: Any) -> Architecture:

@@ -59,7 +59,9 @@ def test_registry_recognises_each_family(net, family, kind, stages, conv, pool, 
     assert (arch.family, arch.kind, arch.num_stages) == (family, kind, stages)
     assert (arch.conv_stage, arch.pool_stage, arch.window_stage, arch.native) == (conv, pool, window, native)
     assert arch.up_index(arch.window_stage) == stages - 1 - window
-    assert not arch.inpainting and recognise(dataclasses.replace(net, in_channels=9)).inpainting
+    assert not arch.inpainting
+    if family != "sdxl-refiner":  # no 9-channel refiner exists: the refiner takes 4 channels only
+        assert recognise(dataclasses.replace(net, in_channels=9)).inpainting
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,93 @@ def test_refusals_name_what_was_found_and_what_to_do(net, words):
     for word in words:
         assert word in str(info.value), (word, str(info.value))
     assert "Use a Stable Diffusion U-Net" in str(info.value)
+
+
+# --------------------------------------------------------------------------- whole structure (issue 27)
+def _refiner_like_upscaler():
+    """The SD x4 upscaler as a host describes it: the refiner's stage count and first attention
+    stage, but attention down to stage 3, cross-only blocks, 7 channels and class labels."""
+    stages = tuple(Stage(64 * (k + 1), 2, k >= 1, k < 3, cross_only=k in (1, 2)) for k in range(4))
+    return NetworkDescription(
+        stages=stages,
+        up_layers=(3, 3, 3, 3),
+        up_cross_attention=(True, True, True, False),
+        in_channels=7,
+        cross_attention_dim=1024,
+        name="upscaler",
+        embedding="class",
+    )
+
+
+def test_the_x4_upscaler_layout_is_refused_with_every_difference_from_the_refiner():
+    with pytest.raises(UnsupportedModelError) as info:
+        recognise(_refiner_like_upscaler())
+    assert str(info.value) == (
+        "upscaler is not a network HiDiffusion knows: by its layout it is nearest the SDXL refiner (4 stages, "
+        "cross-attention in the middle two), but it has cross-attention at down stages [1, 2, 3] where the SDXL "
+        "refiner has it at [1, 2]; its transformer blocks at stages [1, 2] attend to the text in place of "
+        "self-attention (as in the SD x4 upscaler), where MSW-MSA windows a self-attention; it takes 7 input "
+        "channels where the SDXL refiner takes 4; its time embedding takes class labels where the SDXL refiner's "
+        "takes a projected vector (as SDXL's pooled text and size ids). HiDiffusion's placement and presets are "
+        "made for a family's whole structure, so it is not applied to this one. Use a Stable Diffusion U-Net "
+        "(SD 1.x, SD 2.x, SDXL, SDXL Turbo or a fine-tune of one), or run this model without HiDiffusion."
+    )
+
+
+SD_FULL = dataclasses.replace(SD, embedding="")
+SDXL_FULL = dataclasses.replace(SDXL, embedding="vector")
+REFINER_FULL = dataclasses.replace(REFINER, embedding="vector")
+
+
+def _cross_only(net, stage):
+    stages = list(net.stages)
+    stages[stage] = dataclasses.replace(stages[stage], cross_only=True)
+    return dataclasses.replace(net, stages=tuple(stages))
+
+
+@pytest.mark.parametrize(
+    "net, words",
+    [
+        # one difference at a time from a family that otherwise matches
+        (
+            dataclasses.replace(SD_FULL, in_channels=7),
+            "it takes 7 input channels where the SD 1.x/2.x takes 3, 4, 5, 8 or 9",
+        ),
+        (dataclasses.replace(SDXL_FULL, in_channels=5), "it takes 5 input channels where the SDXL takes 4, 8 or 9"),
+        (dataclasses.replace(REFINER_FULL, in_channels=9), "it takes 9 input channels where the SDXL refiner takes 4"),
+        (dataclasses.replace(SD_FULL, embedding="class"), "its time embedding takes class labels where"),
+        (dataclasses.replace(SD_FULL, embedding="vector"), "its time embedding takes a projected vector"),
+        (dataclasses.replace(SDXL_FULL, embedding=""), "takes nothing but the timestep where the SDXL's takes"),
+        (dataclasses.replace(SDXL_FULL, embedding="image"), "its time embedding takes a 'image' embedding"),
+        (_cross_only(SD_FULL, 1), "its transformer blocks at stages [1] attend to the text in place of self-attention"),
+        (_cross_only(SDXL_FULL, 2), "its transformer blocks at stages [2] attend to the text"),
+        (network([True, True, True, True]), "it has cross-attention at down stages [0, 1, 2, 3] where the SD 1.x/2.x"),
+        (network([True, False, True, False]), "it has cross-attention at down stages [0, 2] where"),
+        (network([False, True, True, True]), "it has cross-attention at down stages [1, 2, 3] where the SDXL refiner"),
+        (
+            dataclasses.replace(SD_FULL, up_cross_attention=(True, True, True, True)),
+            "its up path has cross-attention at stages [0, 1, 2, 3] where the SD 1.x/2.x's has it at [1, 2, 3]",
+        ),
+    ],
+)
+def test_a_network_must_match_its_family_whole_structure(net, words):
+    with pytest.raises(UnsupportedModelError) as info:
+        recognise(net)
+    assert words in str(info.value), str(info.value)
+    assert str(info.value).endswith("or run this model without HiDiffusion.")
+
+
+@pytest.mark.parametrize("channels", [3, 4, 5, 8, 9])
+def test_every_sd_input_variant_is_recognised(channels):
+    """Pixel space (the toy model), latents, depth-to-image, InstructPix2Pix, inpainting."""
+    assert recognise(dataclasses.replace(SD_FULL, in_channels=channels)).family == "sd1"
+
+
+def test_full_descriptions_of_the_families_are_recognised_and_unknown_parts_not_checked():
+    assert [recognise(n).family for n in (SD_FULL, SDXL_FULL, REFINER_FULL)] == ["sd1", "sdxl", "sdxl-refiner"]
+    assert recognise(dataclasses.replace(SDXL_FULL, in_channels=8)).family == "sdxl"
+    # a host that does not say what the time embedding takes (None) is not refused for it
+    assert recognise(dataclasses.replace(SD_FULL, embedding=None)).family == "sd1"
 
 
 def test_other_attention_is_named():
