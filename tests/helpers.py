@@ -20,6 +20,10 @@ ENVIRONMENTS = {
         os.path.join(ROOT, ".comfy", "bin", "python"),
         "needs the ComfyUI environment .comfy: bash scripts/install_comfy.sh",
     ),
+    "invokeai": (
+        os.path.join(ROOT, ".invokeai", "bin", "python"),
+        "needs the InvokeAI environment .invokeai: bash scripts/install_invokeai.sh",
+    ),
 }
 
 
