@@ -12,9 +12,10 @@
   / T2I-Adapter residuals to the plan's feature sizes, and passes a per-call
   :class:`CallState` down in a copy of ``transformer_options``;
 * a ``forward_timestep_embed_patch`` for ``Downsample``: in the conv stage's block, while
-  the plan says so, the downsampler's conv runs with stride 4 / padding 2 / dilation 2 (a
-  shallow copy of the conv with that geometry: same weights, LoRA and casting included;
-  the model's own module is never changed);
+  the plan says so, the downsampler's conv runs with stride 4 / padding 2 / dilation 2
+  (:func:`strided_conv`: the model's own weights, taken through ComfyUI's cast path where
+  its op would cast, so LoRA weight functions, low-VRAM offload and dynamic VRAM apply; the
+  module is never changed or copied);
 * an ``input_block_patch`` (avg-pool the pool stage's first block output) and an
   ``output_block_patch`` (grow the map back to its skip connection's size);
 * ``attn1`` replacements on every self-attention of the top stage and its mirror: shifted
@@ -197,8 +198,7 @@ class HiDiffusionPatch:
             or tuple(transformer_options.get("block", ())) != ("input", self.network.blocks.conv_block)
         ):
             return layer(x)
-        conv = _strided_copy(layer.op)
-        out = conv(x)
+        out = strided_conv(layer.op, x)
         if state.record is not None:
             state.record.conv_out = (int(out.shape[-2]), int(out.shape[-1]))
         return out
@@ -335,14 +335,44 @@ def _fit(residual: Any, size: tuple[int, int]) -> Any:
     return ops.resize_to(residual, tuple(size))
 
 
-def _strided_copy(conv: Any) -> Any:
-    """A shallow copy of a 3x3 stride-2 conv with RAU-Net's geometry: the copy shares the
-    parameters (and ComfyUI's cast / LoRA state at call time); the model's conv is untouched."""
-    strided = object.__new__(type(conv))
-    strided.__dict__.update(conv.__dict__)
+def strided_conv(conv: Any, x: torch.Tensor) -> torch.Tensor:
+    """The downsampler's 3x3 stride-2 ``conv`` applied to ``x`` with RAU-Net's geometry (stride 4,
+    padding 2, dilation 2), its weight and bias taken the way the module's own forward takes them.
+
+    Where ComfyUI's op would cast (``comfy_cast_weights``: low-VRAM / partially loaded / dynamic-VRAM
+    modules; or weight functions: LoRA patches kept off the weights), the weight and bias come from
+    ``comfy.ops.cast_bias_weight`` on the model's own module, so the device move, dtype cast, LoRA
+    functions and offload streams are ComfyUI's, and ``uncast_bias_weight`` releases them after use;
+    otherwise the module's parameters are used as they are. The module is neither changed nor copied
+    (ComfyUI keeps per-module bookkeeping on it that a copy would fork).
+    """
+    if not isinstance(conv, torch.nn.Conv2d):
+        raise UnsupportedModelError(
+            f"HiDiffusion: the conv stage's downsampler is a {type(conv).__name__}, not a Conv2d; RAU-Net's "
+            "strided conv cannot run on it. Turn raunet off for this model."
+        )
     g = ops.RAU_CONV_GEOMETRY
-    strided.stride, strided.padding, strided.dilation = g["stride"], g["padding"], g["dilation"]
-    return strided
+
+    def run(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, weight, bias, g["stride"], g["padding"], g["dilation"], conv.groups)
+
+    casts = bool(getattr(conv, "comfy_cast_weights", False)) or bool(getattr(conv, "weight_function", ()))
+    if not (casts or getattr(conv, "bias_function", ())):
+        return run(conv.weight, conv.bias)
+    import comfy.ops
+
+    every_op = getattr(comfy.ops, "run_every_op", None)
+    if every_op is not None:
+        every_op()  # what ComfyUI's ops do first (an interrupt check)
+    uncast = getattr(comfy.ops, "uncast_bias_weight", None)
+    if uncast is None or "offloadable" not in _parameters(comfy.ops.cast_bias_weight):
+        weight, bias = comfy.ops.cast_bias_weight(conv, x)  # ComfyUI before offload streams
+        return run(weight, bias)
+    weight, bias, offload = comfy.ops.cast_bias_weight(conv, x, offloadable=True)
+    try:
+        return run(weight, bias)
+    finally:
+        uncast(conv, weight, bias, offload)
 
 
 def _map_size(tokens: int, extra_options: dict) -> Optional[tuple[int, int]]:
