@@ -44,7 +44,8 @@ PARTS = re.compile(r"\.(attn1|attn2|ff)$")
 
 def hidiff_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hidiff.app.bench import PUBLISHED_NAMES, _inputs
+    from hidiff.app.bench import _inputs
+    from hidiff.app.bench_published import PUBLISHED_NAMES
     from hidiff.diffusers.testing import FULL_UNET_CONFIGS
 
     if args.family not in FULL_UNET_CONFIGS:

@@ -21,17 +21,10 @@ and runs one repetition whenever its turn in the interleaving comes.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import signal
 import statistics
-import subprocess
-import tempfile
-import threading
 import time
-from pathlib import Path
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -56,8 +49,9 @@ from .args import (
     png_file,
     positive,
 )
-from .reference import check_reference_python, reference_env
-from .timing import REPLY_PREFIX, loop_flops, move, timed_loop, timed_phases
+from .bench_published import PublishedRunner, sigterm_as_exit
+from .reference import check_reference_python
+from .timing import loop_flops, move, timed_loop, timed_phases
 
 #: Mode name -> apply_hidiffusion options (None: stock U-Net); ``published`` (the published
 #: package, run by ``--reference-python``) comes on top.
@@ -81,16 +75,6 @@ KV_MODES: dict[str, dict] = {
 }
 #: Every mode; ``--modes`` may also name ``all`` (alone) for all of :data:`MODES` (the kv modes by name).
 RUN_MODES = (*MODES, *KV_MODES, PUBLISHED)
-
-#: The hub name the published package is shown for each family: it picks its preset from it.
-PUBLISHED_NAMES = {
-    "sd15": "runwayml/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1-base",
-    "sd21-768": "stabilityai/stable-diffusion-2-1-base",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
-
-_RUNNER = Path(__file__).with_name("reference_bench.py")
 
 
 def add_arguments(parser: Any) -> None:
@@ -188,114 +172,6 @@ def count_flops(config: dict, options: Optional[dict], batch: int, latent: tuple
     return {"total": sum(per_step), "per_step": per_step, "by_module": by_module}
 
 
-class PublishedRunner:
-    """The published package in another Python, alive across repetitions.
-
-    The U-Net is saved once with ``save_pretrained`` and loaded there with
-    ``from_pretrained``; the inputs travel as a saved tensor file.
-    """
-
-    def __init__(self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="hidiff-bench-")
-        self._proc: Optional[subprocess.Popen] = None
-        self._python = python
-        self._info: Optional[dict] = None
-        try:
-            self._start(python, family, unet, inputs, steps, device, dtype, Path(self._tmp.name))
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(
-        self, python: str, family: str, unet: Any, inputs: dict, steps: int, device: str, dtype: str, tmp: Path
-    ) -> None:
-        unet.save_pretrained(tmp / "unet")
-        torch.save(inputs, tmp / "inputs.pt")
-        spec = {
-            "model_dir": str(tmp / "unet"),
-            "inputs": str(tmp / "inputs.pt"),
-            "name_or_path": PUBLISHED_NAMES[family],
-            "steps": steps,
-            "device": device,
-            "dtype": dtype,
-            "threads": torch.get_num_threads(),
-        }
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        self._log = open(tmp / "stderr.txt", "w+")
-        self._proc = subprocess.Popen(
-            [python, str(_RUNNER), str(tmp / "spec.json")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=reference_env(),
-        )
-
-    @property
-    def info(self) -> dict:
-        """What the runner reported once ready (versions, replaced modules, FLOPs per step);
-        waits for it: the runner loads in the background while hidiff counts its own FLOPs."""
-        if self._info is None:
-            self._info = {**self._read(), "python": self._python}
-            self._info.pop("ready")
-        return self._info
-
-    def _read(self) -> dict:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            if line.startswith(REPLY_PREFIX):
-                return json.loads(line[len(REPLY_PREFIX) :])
-        self._proc.wait()
-        self._log.seek(0)
-        tail = self._log.read()[-3000:]
-        raise RuntimeError(
-            f"the published hidiffusion run in {self._proc.args[0]} stopped (exit code {self._proc.returncode}); "
-            f"--reference-python needs a Python with hidiffusion==0.1.10 and diffusers 0.27.x "
-            f"(bash scripts/setup.sh builds .venv-ref). Its output:\n{tail}"
-        )
-
-    def run(self, steps: int, per_phase: bool = False) -> dict:
-        assert self._proc is not None and self._proc.stdin is not None
-        self.info  # noqa: B018  (ready before the first request)
-        self._proc.stdin.write(json.dumps({"steps": steps, "per_phase": per_phase}) + "\n")
-        self._proc.stdin.flush()
-        return self._read()
-
-    def close(self, kill: bool = False) -> None:
-        """End the runner (at once with ``kill``, as when the bench fails or is stopped)
-        and remove the saved U-Net."""
-        if self._proc is not None:
-            if kill:
-                self._proc.kill()
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()  # end of input: the runner exits
-            try:
-                self._proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._log.close()
-        self._tmp.cleanup()
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM raises SystemExit while the bench runs, so that a stopped bench still ends
-    its runner and removes the saved U-Net (gigabytes in the temporary folder)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 #: The family name a loaded model is benchmarked (and shown to the published package) as.
 _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
 
@@ -386,78 +262,21 @@ def run_bench(
     ``per_phase``: each step's time is that of one U-Net call (plus the scheduler step) timed
     once per distinct phase (:func:`_phase_run`), so a long schedule costs a few calls.
     """
-    from diffusers import DDIMScheduler
-
     if model is not None and (family is not None or tiny):
         raise ValueError("give --model (a real model) or --family/--tiny (a random-weight U-Net), not both")
     if config_folder is not None and model is None:
         raise ValueError("--config gives the component configs of a single-file --model; it needs --model")
     family = family or "sd15"
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
-    if kv_levels is not None and kv_levels > 1 and (kv_downsample or 1) == 1:
-        raise ValueError("--kv-levels 2 says where key/value downsampling acts: give --kv-downsample 2 or 4 with it")
-    if kv_downsample is not None and kv_downsample > 1:
-        modes = tuple(dict.fromkeys((*modes, kv_mode(kv_downsample, kv_levels or 1))))
+    modes = _with_kv_mode(modes, kv_downsample, kv_levels)
     dev, dt = torch.device(device), getattr(torch, dtype)
     latent = (height // 8, width // 8)
-    components = None
-    if model is not None:
-        pipe, family = load_model(model, config_folder, dt)
-        unet = pipe.unet.to(dev, dt).eval()
-        config = dict(unet.config)
-        components = time_components(pipe, batch, latent, dev, dt)
-    else:
-        config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
-        unet = make_unet(config, dtype=dt).to(dev)
-    cpu_inputs = _inputs(config, batch, latent)
-    inputs = move(cpu_inputs, dev, dt)
-    scheduler = DDIMScheduler()
-    published = None
-    samples: dict[str, list] = {m: [] for m in modes}
-    with _sigterm_as_exit():
-        try:
-            if PUBLISHED in modes:
-                assert reference_python is not None
-                published = PublishedRunner(reference_python, family, unet, cpu_inputs, steps, device, dtype)
-            # counted while the runner loads: its FLOPs come with its ready message
-            flops = {
-                m: count_flops(config, mode_options(m), batch, latent, steps)["per_step"]
-                for m in modes
-                if m != PUBLISHED
-            }
-            if published is not None:
-                flops[PUBLISHED] = published.info["flops_per_step"]
-            local = _phase_run if per_phase else _local_run
-            runs = {
-                m: functools.partial(published.run, per_phase=per_phase)
-                if m == PUBLISHED
-                else local(m, unet, scheduler, inputs)
-                for m in modes
-            }
-            # warm-up: first calls pay for allocation and kernel selection. Per phase, one pass
-            # calls every phase once: a one-step warm-up would warm only the first phase, and a
-            # cold phase's time is multiplied by its number of steps
-            for m in modes:
-                for _ in range(warmup):
-                    runs[m](steps if per_phase else 1)
-            # Every other repetition runs the modes in reverse order: this machine's speed drifts
-            # by 5% to 20% over minutes, and a fixed order would hand that drift to the later modes
-            for r in range(repeats):
-                for m in modes if r % 2 == 0 else modes[::-1]:
-                    samples[m].append(runs[m](steps))
-        except BaseException:
-            if published is not None:
-                published.close(kill=True)
-            raise
-    if published is not None:
-        published.close()
-    results = {m: _summary(samples[m], flops[m]) for m in modes}
-    base = results[BASELINE]
-    for r in results.values():
-        r["speedup"] = base["total_s"] / r["total_s"]
-        r["flop_speedup"] = base["flops"] / r["flops"]
+    bench = _bench_unet(family, model, config_folder, tiny, batch, latent, dev, dt)
+    runs = Runs(bench, modes, batch, latent, steps, per_phase, reference_python, device, dtype)
+    with sigterm_as_exit(), runs:
+        samples = runs.interleaved(steps, warmup, repeats)
     result = {
-        "family": family,
+        "family": bench.family,
         "tiny": tiny,
         "height": height,
         "width": width,
@@ -470,15 +289,142 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "per_phase": per_phase,
-        "modes": results,
+        "modes": _compare(samples, runs.flops),
     }
-    if components is not None:
+    if bench.components is not None:
         result["model"] = model
-        result["unet_parameters"] = sum(p.numel() for p in unet.parameters())
-        result["components"] = components
-    if published is not None:
-        result["published"] = {**published.info, "unet_calls": [s["unet_calls"] for s in samples[PUBLISHED]]}
+        result["unet_parameters"] = sum(p.numel() for p in bench.unet.parameters())
+        result["components"] = bench.components
+    if runs.published is not None:
+        result["published"] = {**runs.published.info, "unet_calls": [s["unet_calls"] for s in samples[PUBLISHED]]}
     return result
+
+
+def _with_kv_mode(modes: tuple, kv_downsample: Optional[int], kv_levels: Optional[int]) -> tuple:
+    """``modes`` with the kv mode that --kv-downsample / --kv-levels ask for."""
+    if kv_levels is not None and kv_levels > 1 and (kv_downsample or 1) == 1:
+        raise ValueError("--kv-levels 2 says where key/value downsampling acts: give --kv-downsample 2 or 4 with it")
+    if kv_downsample is not None and kv_downsample > 1:
+        modes = tuple(dict.fromkeys((*modes, kv_mode(kv_downsample, kv_levels or 1))))
+    return modes
+
+
+@dataclass
+class BenchUNet:
+    """The U-Net every mode runs, its config and family, and a real model's other parts' times."""
+
+    unet: Any
+    config: dict
+    family: str
+    components: Optional[dict] = None
+
+
+def _bench_unet(
+    family: str,
+    model: Optional[str],
+    config_folder: Optional[str],
+    tiny: bool,
+    batch: int,
+    latent: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> BenchUNet:
+    """A real model's U-Net (its text encoders and VAE timed once), or a random-weight one of ``family``."""
+    if model is not None:
+        pipe, family = load_model(model, config_folder, dtype)
+        unet = pipe.unet.to(device, dtype).eval()
+        return BenchUNet(unet, dict(unet.config), family, time_components(pipe, batch, latent, device, dtype))
+    config = tiny_unet_config(family) if tiny else dict(FULL_UNET_CONFIGS[family])
+    return BenchUNet(make_unet(config, dtype=dtype).to(device), config, family)
+
+
+class Runs:
+    """One timed run per mode over the same U-Net and inputs (the published mode in its own Python),
+    with each mode's FLOPs per step; a context that ends the published runner however it is left."""
+
+    def __init__(
+        self,
+        bench: BenchUNet,
+        modes: tuple,
+        batch: int,
+        latent: tuple[int, int],
+        steps: int,
+        per_phase: bool,
+        reference_python: Optional[str],
+        device: str,
+        dtype: str,
+    ) -> None:
+        self.modes, self.per_phase = modes, per_phase
+        self.config, self.batch, self.latent, self.steps = bench.config, batch, latent, steps
+        self.cpu_inputs = _inputs(bench.config, batch, latent)
+        self.inputs = move(self.cpu_inputs, torch.device(device), getattr(torch, dtype))
+        self.unet, self.family = bench.unet, bench.family
+        self.reference = (reference_python, device, dtype)
+        self.published: Optional[PublishedRunner] = None
+        self.flops: dict[str, list] = {}
+        self.runs: dict[str, Any] = {}
+
+    def __enter__(self) -> Runs:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        from diffusers import DDIMScheduler
+
+        python, device, dtype = self.reference
+        if PUBLISHED in self.modes:
+            assert python is not None
+            self.published = PublishedRunner(python, self.family, self.unet, self.cpu_inputs, self.steps, device, dtype)
+        # counted while the runner loads: its FLOPs come with its ready message
+        for m in self.modes:
+            if m != PUBLISHED:
+                self.flops[m] = count_flops(self.config, mode_options(m), self.batch, self.latent, self.steps)[
+                    "per_step"
+                ]
+        scheduler, local = DDIMScheduler(), _phase_run if self.per_phase else _local_run
+        for m in self.modes:
+            self.runs[m] = local(m, self.unet, scheduler, self.inputs) if m != PUBLISHED else self._published_run
+        if self.published is not None:
+            self.flops[PUBLISHED] = self.published.info["flops_per_step"]
+
+    def _published_run(self, steps: int) -> dict:
+        assert self.published is not None
+        return self.published.run(steps, per_phase=self.per_phase)
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if self.published is not None:
+            self.published.close(kill=kind is not None)
+
+    def interleaved(self, steps: int, warmup: int, repeats: int) -> dict[str, list]:
+        """Each mode's samples: ``repeats`` timed runs of ``steps``, the modes interleaved, after
+        ``warmup`` untimed runs each."""
+        # warm-up: first calls pay for allocation and kernel selection. Per phase, one pass
+        # calls every phase once: a one-step warm-up would warm only the first phase, and a
+        # cold phase's time is multiplied by its number of steps
+        for m in self.modes:
+            for _ in range(warmup):
+                self.runs[m](steps if self.per_phase else 1)
+        # Every other repetition runs the modes in reverse order: this machine's speed drifts
+        # by 5% to 20% over minutes, and a fixed order would hand that drift to the later modes
+        samples: dict[str, list] = {m: [] for m in self.modes}
+        for r in range(repeats):
+            for m in self.modes if r % 2 == 0 else self.modes[::-1]:
+                samples[m].append(self.runs[m](steps))
+        return samples
+
+
+def _compare(samples: dict[str, list], flops: dict[str, list]) -> dict[str, dict]:
+    """Each mode's summary, with its speed-up over the baseline, measured and by FLOPs."""
+    results = {m: _summary(samples[m], flops[m]) for m in samples}
+    base = results[BASELINE]
+    for r in results.values():
+        r["speedup"] = base["total_s"] / r["total_s"]
+        r["flop_speedup"] = base["flops"] / r["flops"]
+    return results
 
 
 def _check(
@@ -564,89 +510,3 @@ def _summary(samples: list, flops_per_step: list) -> dict:
         "peak_memory_bytes": max(s["peak"] for s in samples),
         "flops": sum(flops_per_step),
     }
-
-
-def format_table(result: dict) -> str:
-    lines = [
-        f"{_title(result)}, median of {result['repeats']}"
-        f"{' (per phase: one U-Net call per distinct phase, composed over the schedule)' if result.get('per_phase') else ''}",
-        f"{'mode':<13} {'total s':>9} {'s/step RAU':>11} {'s/step rest':>12} {'speed-up':>9} "
-        f"{'FLOP bound':>11} {'of bound':>9} {'GFLOP':>9} {'peak MB':>9}",
-    ]
-    for name, r in result["modes"].items():
-        rau, rest = r["step_s"]["rau"], r["step_s"]["plain"]
-        lines.append(
-            f"{name:<13} {r['total_s']:9.2f} {_f(rau):>11} {_f(rest):>12} {r['speedup']:8.2f}x "
-            f"{r['flop_speedup']:10.2f}x {r['speedup'] / r['flop_speedup']:8.0%} {r['flops'] / 1e9:9.1f} "
-            f"{r['peak_memory_bytes'] / 2**20:9.0f}"
-        )
-    parts = result.get("components")
-    if parts is not None:
-        lines.append(
-            f"model {result['model']}: text encoders {parts['text_encoders_s']:.2f} s for {parts['prompts']} prompts, "
-            f"VAE decode {parts['vae_decode_s']:.2f} s for {parts['images']} image(s) (once each, outside the loop)"
-        )
-    ref = result.get("published")
-    if ref is not None:
-        ours, theirs = result["modes"]["hidiff"], result["modes"][PUBLISHED]
-        paired = ""
-        if len(ours["totals_s"]) > 1:
-            # each repetition's pair ran back to back: their ratios show the spread the medians hide
-            paired = (
-                " (per repetition: "
-                + ", ".join(f"{a / b:.2f}x" for a, b in zip(ours["totals_s"], theirs["totals_s"]))
-                + ")"
-            )
-        lines.append(
-            f"published: hidiffusion {ref['hidiffusion']} on diffusers {ref['diffusers']} ({ref['python']}); "
-            f"hidiff takes {ours['total_s'] / theirs['total_s']:.2f}x its time{paired}"
-        )
-    return "\n".join(lines)
-
-
-def _title(result: dict) -> str:
-    name = f"{result['model']} ({result['family']})" if result.get("model") else result["family"]
-    return (
-        f"{name}{' (tiny)' if result['tiny'] else ''} {result['width']}x{result['height']}, "
-        f"batch {result['batch']}, {result['steps']} steps, {result['device']} {result['dtype']}, "
-        f"{result['threads']} threads"
-    )
-
-
-def _f(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def write_plot(result: dict, path: str) -> None:
-    """A PNG: total time per mode, and measured speed-up next to the FLOP bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["modes"])
-    modes = [result["modes"][n] for n in names]
-    x = range(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.bar_label(left.bar(x, [m["total_s"] for m in modes], color="#4c72b0"), fmt="%.1f", fontsize=8)
-    left.set_ylabel("seconds (denoising loop)")
-    left.set_title("total time")
-    width = 0.38
-    right.bar([i - width / 2 for i in x], [m["speedup"] for m in modes], width, label="measured", color="#4c72b0")
-    right.bar(
-        [i + width / 2 for i in x], [m["flop_speedup"] for m in modes], width, label="FLOP bound", color="#dd8452"
-    )
-    right.axhline(1.0, color="grey", linewidth=0.8)
-    right.set_ylabel("speed-up over baseline")
-    right.set_title("speed-up")
-    for bars in right.containers:
-        right.bar_label(bars, fmt="%.2fx", fontsize=8)
-    right.set_ylim(0, 1.25 * max(max(m["speedup"], m["flop_speedup"]) for m in modes))
-    right.legend(loc="upper left")
-    for ax in (left, right):
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(names)
-    fig.suptitle(f"hidiff bench: {_title(result)}")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)

@@ -179,7 +179,8 @@ def _run_toy_command(run: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench, write_plot
+    from .bench import run_bench
+    from .bench_report import format_table, write_plot
 
     if args.plot:
         try:

@@ -254,7 +254,7 @@ def test_repetitions_alternate_the_mode_order_and_keep_each_total(monkeypatch):
 
 
 def test_the_published_line_pairs_each_repetition():
-    from hidiff.app.bench import format_table
+    from hidiff.app.bench_report import format_table
 
     def mode(totals):
         return {

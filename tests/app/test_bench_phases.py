@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import reference_python
 
-from hidiff.app.bench import format_table, run_bench
+from hidiff.app.bench import run_bench
+from hidiff.app.bench_report import format_table
 
 
 @pytest.mark.slow
