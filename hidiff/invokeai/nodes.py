@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 from invokeai.app.invocations.denoise_latents import DenoiseLatentsInvocation
 from invokeai.app.invocations.metadata_linked import DenoiseLatentsMetaInvocation, LatentsMetaOutput
 from invokeai.backend.model_manager.taxonomy import BaseModelType
+from invokeai.backend.util.logging import InvokeAILogger
 from invokeai.invocation_api import InputField, InvocationContext, MetadataField, invocation
 from pydantic import PrivateAttr, create_model, model_validator
 
@@ -27,6 +28,7 @@ from ..core.config import HiDiffusionConfig, OptionSpec, option_specs
 from .run import hidiffusion_run, task_of
 
 NODE_TYPE = "hidiff_denoise_latents"
+LOGGER = InvokeAILogger.get_logger("hidiff")
 #: The key of hidiff's settings and record in the image's metadata.
 METADATA_KEY = "hidiff"
 #: InvokeAI model bases with a U-Net HiDiffusion is for (the U-Net's structure is checked again at run time).
@@ -151,6 +153,8 @@ def _denoise_with_hidiffusion(
     ) as report:
         reports.append(report)
         callback = kwargs.get("callback")
+        steps = len(kwargs["timesteps"])
+        LOGGER.info(f"hidiff: HiDiffusion on for this {report.family} {task} denoise ({steps} steps)")
 
         def step_callback(state: Any) -> None:
             if state.step > 0:
@@ -158,7 +162,11 @@ def _denoise_with_hidiffusion(
             if callback is not None:
                 callback(state)
 
-        return denoise(**{**kwargs, "callback": step_callback})
+        try:
+            return denoise(**{**kwargs, "callback": step_callback})
+        except BaseException as stopped:
+            LOGGER.info(f"hidiff: the denoise stopped ({type(stopped).__name__}); HiDiffusion is being removed")
+            raise
 
 
 def _node_class() -> Any:

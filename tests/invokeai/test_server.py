@@ -77,3 +77,53 @@ def test_a_bad_option_is_refused_at_enqueue_naming_it(server, fields, named):
     details = refused.value.body["detail"]
     assert details and all(d["loc"][:6] == ["body", "batch", "graph", "nodes", "denoise", NODE] for d in details)
     assert any(d["loc"][-1] == named or named in d["msg"] for d in details), details
+
+
+def test_a_batch_gives_each_image_its_own_seed_reproducibly(server):
+    seeds = {"node_path": "noise", "field_name": "seed", "items": [11, 12]}
+    batch = server.enqueue(txt2img_graph(server.model, SIZE), data=[[seeds]])
+    assert len(batch) == 2
+    images = {}
+    for item_id in batch:
+        item = server.wait(item_id)
+        assert item["status"] == "completed", item.get("error_message")
+        pixels, metadata = server.image(item)
+        images[metadata["seed"]] = pixels
+    assert set(images) == {11, 12} and not torch.equal(images[11], images[12])
+    for seed, pixels in images.items():  # each image alone is the batch's image of that seed
+        alone = server.run(txt2img_graph(server.model, SIZE, seed=seed))
+        assert torch.equal(server.image(alone)[0], pixels), seed
+
+
+@pytest.mark.parametrize(
+    "how", [{"img2img_start": 0.5}, {"fields": {"denoising_end": 0.5}}], ids=["denoising_start", "denoising_end"]
+)
+def test_rau_net_steps_follow_the_steps_that_run(server, how):
+    # 10 steps cut in half: 5 run, and sd-1024's T1 = int(5 x 0.4) = 2 counts on those 5
+    item = server.run(txt2img_graph(server.model, SIZE, steps=10, **how))
+    record = server.image(item)[1]["hidiff"]
+    assert record["steps"] == 5
+    assert record["task"] == ("img2img" if "img2img_start" in how else "text2img")
+    assert record["conv_steps"] == [0, 1] and record["window_steps"] == [0, 1, 2, 3, 4]
+
+
+def test_a_cancelled_run_leaves_the_cached_model_as_it_was(server):
+    import time
+
+    stock = server.run(txt2img_graph(server.model, SIZE, denoise="denoise_latents"))
+    before = digest(server, stock)
+    started = server.log(10**7).count("hidiff: HiDiffusion on for this")
+    (item_id,) = server.enqueue(txt2img_graph(server.model, SIZE, steps=200))  # far longer than the wait below
+    deadline = time.time() + 120
+    while server.log(10**7).count("hidiff: HiDiffusion on for this") == started:
+        assert time.time() < deadline, "the denoise did not start"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    server.cancel(item_id)
+    assert server.wait(item_id)["status"] == "canceled"
+    while "hidiff: the denoise stopped (CanceledException)" not in server.log(10**7):
+        assert time.time() < deadline, "the denoise was not stopped by the cancel"
+        time.sleep(0.1)
+    after = server.run(txt2img_graph(server.model, SIZE, denoise="denoise_latents"))
+    assert digest(server, after) == before
+    assert torch.equal(server.image(after)[0], server.image(stock)[0])
