@@ -1,0 +1,212 @@
+"""The WebUI side of the extension: where the U-Net is in each WebUI, and one sampling run.
+
+The three WebUIs (AUTOMATIC1111 v1.10, Forge, reForge) share A1111's sampling front end:
+a per-generation sampler object ``p.sampler`` whose sampling function ``p.sampler.func``
+is called once per sampling (txt2img, the hires-fix pass, img2img) with the CFG denoiser,
+the starting latent and the sigmas (k-diffusion samplers) or timesteps (DDIM/PLMS/UniPC)
+it really samples. :func:`prepare_sampling` wraps that function on this generation's
+sampler object only: the wrapper builds a :class:`hidiff.webui.patch.SamplingRun` from
+those arguments, installs it on the U-Net and removes it in a ``finally``. Where the
+U-Net lives differs per WebUI (:func:`find_unet`); nothing else does.
+
+Nothing here imports a WebUI module: ``p`` is duck-typed, so the glue is testable alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from ..core.architecture import UnsupportedModelError
+from .options import Settings
+
+LOG = logging.getLogger("hidiff.webui")
+#: Set to a file path to have each sampling run's per-call records appended there as JSON lines
+#: (the end-to-end tests read it; off by default).
+RECORD_ENV = "HIDIFF_WEBUI_RECORD"
+
+
+def which_webui(sd_model: Any) -> str:
+    """ "forge", "reforge" or "a1111", from where the loaded model keeps its U-Net."""
+    objects = getattr(sd_model, "forge_objects", None)
+    if objects is None:
+        return "a1111"
+    module = type(getattr(objects, "unet", None)).__module__
+    return "forge" if module.startswith("backend") else "reforge"
+
+
+def find_unet(sd_model: Any) -> tuple[Any, bool, str]:
+    """(U-Net module, v-prediction, model name) of the loaded model in any of the three WebUIs."""
+    objects = getattr(sd_model, "forge_objects", None)
+    if objects is not None:  # Forge and reForge: the patcher's model holds the U-Net
+        model = getattr(objects.unet, "model", None)
+        unet = getattr(model, "diffusion_model", None)
+        predictor = getattr(model, "predictor", None)  # Forge's k-prediction
+        v_pred = getattr(predictor, "prediction_type", "") == "v_prediction"
+        v_pred = v_pred or getattr(getattr(model, "model_type", None), "name", "") in (
+            "V_PREDICTION",
+            "V_PREDICTION_EDM",
+        )
+        name = type(getattr(model, "model_config", None) or model).__name__
+    else:  # AUTOMATIC1111: ldm's / sgm's wrapper around the U-Net
+        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+        v_pred = getattr(sd_model, "parameterization", "eps") == "v"
+        name = type(sd_model).__name__
+    if unet is None:
+        raise UnsupportedModelError(
+            f"HiDiffusion: the loaded model ({type(sd_model).__name__}) has no U-Net. HiDiffusion is for SD 1.x, "
+            "SD 2.x and SDXL; the image is generated without it."
+        )
+    return unet, v_pred, name
+
+
+def image_seeds_of(noise: Any) -> list[int]:
+    from ..core.ops import image_seeds
+
+    return image_seeds(noise) if noise is not None and getattr(noise, "ndim", 0) == 4 else []
+
+
+def prepare_sampling(p: Any, settings: Settings, noise: Any, notify: Callable[[str], None]) -> bool:
+    """Wrap this generation's sampling function so HiDiffusion runs inside it (True when it will).
+
+    A model HiDiffusion is not for is announced through ``notify`` and left alone; a config the
+    library refuses makes the sampling raise its message (the WebUI answers with that error).
+    """
+    sampler = getattr(p, "sampler", None)
+    func = getattr(sampler, "func", None)
+    if func is None:
+        notify("HiDiffusion: this WebUI's sampler has no sampling function to wrap; generating without HiDiffusion.")
+        return False
+    original = getattr(func, "__hidiff_original__", func)
+    if settings.config is None:
+        return False
+    from .structure import describe
+
+    try:
+        unet, v_prediction, name = find_unet(p.sd_model)
+        network = describe(unet, v_prediction, name)
+        settings.config.check_ratios(network.architecture.kind)
+        network.architecture.kv_stages(settings.config.kv_levels)
+    except UnsupportedModelError as e:
+        notify(str(e))
+        return False
+    except ValueError as e:
+        _refuse(sampler, original, f"HiDiffusion: {e}")
+        return True
+    config = settings.config
+    seeds = image_seeds_of(noise)
+    sink = os.environ.get(RECORD_ENV)
+
+    @functools.wraps(original)
+    def sampling(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        from .patch import SamplingRun
+
+        timesteps = kwargs.get("timesteps")
+        schedule = kwargs.get("sigmas") if timesteps is None else timesteps
+        if schedule is None:
+            notify("HiDiffusion: this sampler does not say which sigmas it samples; generating without HiDiffusion.")
+            return original(model, x, *args, **kwargs)
+        records: list[Any] = []
+        run = SamplingRun(
+            unet,
+            network,
+            config,
+            [float(v) for v in _floats(schedule)],
+            seeds,
+            timesteps=timesteps is not None,
+            recorder=records.append if sink else None,
+            warn=LOG.warning,
+        )
+        run.install()
+        try:
+            return original(run.denoiser(model), x, *args, **kwargs)
+        finally:
+            run.remove()
+            if sink:
+                _write_records(sink, records, network.architecture.family, tuple(int(s) for s in x.shape[-2:]))
+
+    sampling.__hidiff_original__ = original  # type: ignore[attr-defined]
+    sampler.func = sampling
+    return True
+
+
+def refuse(p: Any, message: str) -> None:
+    """Make this generation's sampling fail with ``message`` (a bad option: the WebUI answers with it)."""
+    sampler = getattr(p, "sampler", None)
+    func = getattr(sampler, "func", None)
+    if func is None:
+        raise ValueError(message)
+    _refuse(sampler, getattr(func, "__hidiff_original__", func), message)
+
+
+def _refuse(sampler: Any, original: Callable[..., Any], message: str) -> None:
+    @functools.wraps(original)
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(message)
+
+    refused.__hidiff_original__ = original  # type: ignore[attr-defined]
+    sampler.func = refused
+
+
+def _floats(values: Any) -> Sequence[float]:
+    tolist = getattr(values, "tolist", None)
+    return [float(v) for v in (tolist() if tolist is not None else values)]
+
+
+def _write_records(path: str, records: list[Any], family: str, latent: tuple[int, ...]) -> None:
+    lines = [
+        {
+            "family": family,
+            "latent": list(latent),
+            "step": r.step,
+            "total": r.total,
+            "preset": r.preset,
+            "conv": r.conv,
+            "conv_out": list(r.conv_out) if r.conv_out else None,
+            "pool": r.pool,
+            "windows": r.window_calls,
+            "kv": r.kv_calls,
+        }
+        for r in records
+    ]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"run": lines}) + "\n")
+
+
+def what_happens(settings: Settings, width: int, height: int, steps: int, sd_model: Any = None) -> str:
+    """The accordion's line: what HiDiffusion will do at this size with the loaded model."""
+    if not settings.enable or settings.config is None:
+        return "HiDiffusion is off."
+    from ..core.planner import Progress, Task, plan_call
+    from .structure import describe
+
+    if sd_model is None:
+        return "HiDiffusion: load a model to see what it does at this size."
+    try:
+        unet, v_prediction, name = find_unet(sd_model)
+        arch = describe(unet, v_prediction, name).architecture
+    except UnsupportedModelError as e:
+        return str(e)
+    latent = (max(1, int(height) // 8), max(1, int(width) // 8))
+    total = max(1, int(steps))
+    plans = [plan_call(arch, latent, settings.config, Progress(i, total), Task()) for i in range(total)]
+    native_px = f"{arch.native[1] * 8}x{arch.native[0] * 8}"
+    if not plans[0].active:
+        return f"At {width}x{height} ({arch.family}, native {native_px}): nothing changes (HiDiffusion acts above native size)."
+    conv = [i + 1 for i, plan in enumerate(plans) if plan.conv]
+    pool = [i + 1 for i, plan in enumerate(plans) if plan.pool]
+    windows = sum(plan.windows for plan in plans)
+    return (
+        f"At {width}x{height} ({arch.family}, native {native_px}), preset {plans[0].preset}: "
+        f"strided conv on steps {_span(conv)}, pooling on steps {_span(pool)}, windows on {windows} of {total} steps."
+    )
+
+
+def _span(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])

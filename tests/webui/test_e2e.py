@@ -1,0 +1,228 @@
+"""End to end in a real Stable Diffusion WebUI (AUTOMATIC1111 v1.10, Forge or reForge), by hand.
+
+No WebUI is on a package registry, so CI has none and these tests skip, saying why. Point
+them at an installation:
+
+    HIDIFF_WEBUI_ROOT=/path/to/stable-diffusion-webui      # the WebUI's tree (launch.py)
+    HIDIFF_WEBUI_PYTHON=/path/to/its/venv/bin/python        # a Python that runs it
+    HIDIFF_WEBUI_CHECKPOINT=/path/to/sd15.safetensors       # an SD 1.5 checkpoint (random weights do)
+    .venv/bin/python -m pytest tests/webui/test_e2e.py -s
+
+The test makes a data folder (``--data-dir``) with this repository as the extension
+``extensions/hidiffusion`` (a link to a folder holding links to ``hidiff/`` and
+``scripts/hidiffusion.py``) and the checkpoint, starts the WebUI's server on 127.0.0.1 on
+CPU, and checks: the script is listed for txt2img and img2img with its arguments; a txt2img
+at 2x native (1024 px, 2 Euler steps) with HiDiffusion gives an image whose infotext holds
+the settings and whose run hidiff recorded (the step-0 call strided the conv, windows ran); the
+same request without HiDiffusion, before and after, gives bitwise the same image; a bad option
+is answered with an error naming it, and the server still serves; the server is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = os.environ.get("HIDIFF_WEBUI_ROOT")
+PYTHON = os.environ.get("HIDIFF_WEBUI_PYTHON")
+CHECKPOINT = os.environ.get("HIDIFF_WEBUI_CHECKPOINT")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZE = int(os.environ.get("HIDIFF_WEBUI_SIZE", "1024"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (ROOT and PYTHON and CHECKPOINT),
+        reason="no WebUI given: set HIDIFF_WEBUI_ROOT, HIDIFF_WEBUI_PYTHON and HIDIFF_WEBUI_CHECKPOINT "
+        "(see this file's docstring); no WebUI is on a package registry, so CI has none",
+    ),
+]
+
+
+def flavour(root: str) -> str:
+    if os.path.isdir(os.path.join(root, "backend", "patcher")):
+        return "forge"
+    if os.path.isdir(os.path.join(root, "ldm_patched")):
+        return "reforge"
+    return "a1111"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(port: int, method: str, path: str, body=None, timeout: float = 1800):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def make_data_dir(base: str) -> str:
+    data = os.path.join(base, "data")
+    ext = os.path.join(base, "extension")
+    os.makedirs(os.path.join(ext, "scripts"))
+    os.symlink(os.path.join(REPO, "hidiff"), os.path.join(ext, "hidiff"))
+    os.symlink(os.path.join(REPO, "scripts", "hidiffusion.py"), os.path.join(ext, "scripts", "hidiffusion.py"))
+    os.makedirs(os.path.join(data, "extensions"))
+    os.symlink(ext, os.path.join(data, "extensions", "hidiffusion"))
+    models = os.path.join(data, "models", "Stable-diffusion")
+    os.makedirs(models)
+    os.symlink(os.path.abspath(CHECKPOINT), os.path.join(models, "model.safetensors"))
+    # No live previews: A1111/reForge would try to download a preview model on the first txt2img.
+    with open(os.path.join(data, "config.json"), "w") as f:
+        json.dump({"live_previews_enable": False, "samples_save": False, "grid_save": False}, f)
+    return data
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("webui"))
+    data = make_data_dir(base)
+    record = os.path.join(base, "records.jsonl")
+    port = free_port()
+    kind = flavour(ROOT)
+    args = [
+        PYTHON,
+        "launch.py",
+        "--skip-prepare-environment",
+        "--skip-install",
+        "--skip-torch-cuda-test",
+        "--skip-python-version-check",
+        "--api",
+        "--server-name",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        data,
+        "--ckpt",
+        os.path.join(data, "models", "Stable-diffusion", "model.safetensors"),
+        "--no-download-sd-model",
+    ]
+    if kind == "forge":
+        args += ["--always-cpu", "--attention-pytorch"]
+    elif kind == "reforge":
+        args += ["--always-cpu", "--attention-pytorch", "--no-half", "--precision", "full"]
+    else:
+        args += ["--use-cpu", "all", "--no-half", "--precision", "full", "--opt-sdp-attention"]
+    env = dict(os.environ, HIDIFF_WEBUI_RECORD=record, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log_path = os.path.join(base, "server.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the WebUI exited ({proc.returncode}); log {log_path}:\n" + open(log_path).read()[-3000:])
+            try:
+                if call(port, "GET", "/sdapi/v1/scripts", timeout=10)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            time.sleep(3)
+        else:
+            pytest.fail(f"the WebUI did not answer within 900 s; log {log_path}")
+        yield {"port": port, "record": record, "log": log_path, "kind": kind, "pid": proc.pid}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+        log.close()
+        print(f"[{kind}] server log: {log_path}")
+
+
+def txt2img(port: int, alwayson=None):
+    body = {
+        "prompt": "a photo of a cat",
+        "negative_prompt": "",
+        "steps": 2,
+        "cfg_scale": 1.0,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": 7,
+        "sampler_name": "Euler",
+        "scheduler": "Automatic",
+        "batch_size": 1,
+        "n_iter": 1,
+        "send_images": True,
+        "save_images": False,
+    }
+    if alwayson is not None:
+        body["alwayson_scripts"] = alwayson
+    return call(port, "POST", "/sdapi/v1/txt2img", body)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_webui_end_to_end(server):
+    sys.path.insert(0, REPO)
+    from hidiff.webui.options import api_args
+
+    port, kind = server["port"], server["kind"]
+    status, listed = call(port, "GET", "/sdapi/v1/scripts")
+    assert status == 200 and "hidiffusion" in listed["txt2img"] and "hidiffusion" in listed["img2img"], listed
+    status, info = call(port, "GET", "/sdapi/v1/script-info")
+    ours = [s for s in info if s["name"] == "hidiffusion" and not s["is_img2img"]]
+    assert ours and [a["label"] for a in ours[0]["args"]][:3] == ["Enable HiDiffusion", "raunet", "window_attn"]
+
+    t0 = time.time()
+    status, plain = txt2img(port)
+    t_plain = time.time() - t0
+    assert status == 200, plain
+    t0 = time.time()
+    status, hidiff_run = txt2img(port, {"HiDiffusion": {"args": api_args(True, window_seed=5)}})
+    t_hidiff = time.time() - t0
+    assert status == 200, hidiff_run
+    status, plain_after = txt2img(port)
+    assert status == 200, plain_after
+    print(f"[{kind}] {SIZE}px 2 steps: plain {t_plain:.0f} s, HiDiffusion {t_hidiff:.0f} s")
+
+    image = base64.b64decode(hidiff_run["images"][0])
+    assert png_size(image) == (SIZE, SIZE)
+    stock = base64.b64decode(plain["images"][0])
+    assert image != stock  # HiDiffusion changed the image...
+    assert base64.b64decode(plain_after["images"][0]) == stock  # ... and left nothing behind
+    infotext = json.loads(hidiff_run["info"])["infotexts"][0]
+    assert "HiDiffusion: True" in infotext and "HiDiffusion window_seed: 5" in infotext, infotext
+    assert "HiDiffusion" not in json.loads(plain_after["info"])["infotexts"][0]
+
+    with open(server["record"]) as f:
+        runs = [json.loads(line)["run"] for line in f]
+    assert len(runs) == 1, runs  # one sampling ran with HiDiffusion, the plain ones not
+    calls = runs[0]
+    assert calls[0]["family"] == "sd1" and calls[0]["latent"] == [SIZE // 8, SIZE // 8]
+    assert [c["step"] for c in calls] == [0, 1] and all(c["total"] == 2 for c in calls)
+    assert calls[0]["conv"] and calls[0]["conv_out"] == [SIZE // 32, SIZE // 32]
+    assert all(c["windows"] > 0 for c in calls)
+
+    status, bad = txt2img(port, {"HiDiffusion": {"args": api_args(True)[:3] + ["sd-9000"]}})
+    assert status >= 400, bad
+    message = json.dumps(bad)
+    assert "HiDiffusion option preset" in message and "sd-2048" in message, message
+    assert call(port, "GET", "/sdapi/v1/scripts")[0] == 200  # still serving
