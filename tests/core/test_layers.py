@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "hidiff"
-HOSTS = ("diffusers", "comfy", "invokeai")
+HOSTS = ("diffusers", "comfy", "invokeai", "webui")
 #: Host -> the other hosts it may import. InvokeAI denoises with diffusers U-Nets inside a
 #: diffusers-style pipeline, so its host is the diffusers host shown one InvokeAI denoise
 #: (hidiff/invokeai/run.py) rather than a second copy of it.
