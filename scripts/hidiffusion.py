@@ -108,7 +108,7 @@ class Script(scripts.Script):
         self._wired = True
         sizes = [self._size["width"], self._size["height"], self._size["steps"]]
         for component in [*self._inputs, *sizes]:
-            component.change(fn=_line, inputs=[*sizes, *self._inputs], outputs=[self._line], show_progress=False)
+            component.change(fn=_line, inputs=[*sizes, *self._inputs], outputs=[self._line], show_progress="hidden")
 
     def process(self, p, *args):
         settings = _settings(p, args)

@@ -218,10 +218,11 @@ class SamplingRun:
         def make(module: torch.nn.Module) -> Callable[..., Any]:
             def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 call = self.call
-                if call is None or not call.plan.resizes:
+                if call is None:
                     return type(module).forward(module, x, *args, **kwargs)
-                # Land on the skip this upsampler meets (nearest, then the layer's conv),
-                # as every host does while RAU-Net changes a stage's size.
+                # Land on the skip this upsampler meets (nearest, then the layer's conv), as
+                # diffusers and ComfyUI do; ldm's own Upsample doubles and A1111 resizes at the
+                # concatenation, which differs on odd sides.
                 size = call.plan.downsample_inputs[stage]
                 out = F.interpolate(x, size=size, mode="nearest")
                 conv = getattr(module, "conv", None)

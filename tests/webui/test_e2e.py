@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,3 +227,128 @@ def test_webui_end_to_end(server):
     message = json.dumps(bad)
     assert "HiDiffusion option preset" in message and "sd-2048" in message, message
     assert call(port, "GET", "/sdapi/v1/scripts")[0] == 200  # still serving
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Page:
+    """The few DevTools-protocol calls the browser check needs (aiohttp's websocket), keeping
+    the console errors and uncaught exceptions the page reports."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id, self.errors = ws, 0, []
+
+    async def call(self, method, **params):
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=120)
+            if msg.get("method") == "Runtime.exceptionThrown":
+                self.errors.append(json.dumps(msg["params"]["exceptionDetails"])[:500])
+            elif msg.get("method") == "Runtime.consoleAPICalled" and msg["params"].get("type") == "error":
+                self.errors.append(" ".join(str(a.get("value", a.get("description"))) for a in msg["params"]["args"]))
+            elif msg.get("method") == "Log.entryAdded" and msg["params"]["entry"].get("level") == "error":
+                self.errors.append(msg["params"]["entry"].get("text", "")[:500])
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    async def evaluate(self, expression):
+        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
+        return result["result"].get("value")
+
+
+async def _look(debug_port: int, url: str):
+    import asyncio
+
+    import aiohttp
+
+    targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=10).read())
+    page_info = next(t for t in targets if t.get("type") == "page")
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(page_info["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = Page(ws)
+            for domain in ("Runtime", "Log", "Page"):
+                await page.call(f"{domain}.enable")
+            await page.call("Page.navigate", url=url)
+            deadline = time.time() + 240
+            while not await page.evaluate(
+                "!!document.querySelector('gradio-app') && !!(document.querySelector('gradio-app').shadowRoot || document).querySelector('#hidiffusion_txt2img')"
+            ):
+                if time.time() > deadline:
+                    raise TimeoutError("the WebUI page did not show the HiDiffusion accordion")
+                await asyncio.sleep(2)
+            root = "(document.querySelector('gradio-app').shadowRoot || document)"
+            await asyncio.sleep(5)
+            await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img .label-wrap').click()")
+            await asyncio.sleep(2)
+            await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img_enable input').click()")
+            await asyncio.sleep(6)
+            state = await page.evaluate(
+                f"""(() => {{
+                    const r = {root};
+                    const acc = r.querySelector('#hidiffusion_txt2img');
+                    acc.scrollIntoView();
+                    window.scrollBy(0, -60);
+                    const ids = [...acc.querySelectorAll('[id^=hidiffusion_txt2img_]')].map(e => e.id);
+                    const titles = [...acc.querySelectorAll('[title]')].map(e => e.title).filter(t => t);
+                    return {{ids, titles, line: (r.querySelector('#hidiffusion_txt2img_line') || {{}}).innerText || '',
+                             text: acc.innerText.slice(0, 3000)}};
+                }})()"""
+            )
+            await asyncio.sleep(1)
+            shot = await page.call("Page.captureScreenshot", format="png")
+            return state, base64.b64decode(shot["data"]), page.errors
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
+def test_accordion_renders_in_the_browser(server, tmp_path):
+    import asyncio
+
+    pytest.importorskip("aiohttp", reason="the browser check talks to Chromium with aiohttp (in .comfy)")
+    debug_port = free_port()
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,1000",
+            f"--remote-debugging-port={debug_port}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("chromium's DevTools endpoint did not come up")
+                time.sleep(0.5)
+        state, png, errors = asyncio.run(_look(debug_port, f"http://127.0.0.1:{server['port']}/"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    (tmp_path / "webui-accordion.png").write_bytes(png)
+    if os.environ.get("HIDIFF_SCREENSHOT"):
+        with open(os.environ["HIDIFF_SCREENSHOT"], "wb") as f:
+            f.write(png)
+    print(f"[{server['kind']}] accordion line: {state['line']!r}; console errors: {errors}")
+    ours = [e for e in errors if "hidiff" in e.lower()]
+    assert not ours, ours
+    assert not errors, errors  # the page logs no error at all with the extension loaded
+    for name in ("enable", "raunet", "window_attn", "preset", "t1_ratio", "window_seed", "line"):
+        assert any(i.startswith(f"hidiffusion_txt2img_{name}") for i in state["ids"]), (name, state["ids"])
+    assert "nothing changes" in state["line"], state  # 512x512 on an SD 1.5 model: native size
