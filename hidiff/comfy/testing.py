@@ -56,6 +56,17 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "num_head_channels": 64,
     },
 }
+# 4 levels with cross-attention in the middle two, linear proj_in, the 2560-wide adm input (pooled text + sizes + score)
+LAYOUTS["sdxl-refiner"] = {
+    **LAYOUTS["sd15"],
+    "transformer_depth": [0, 0, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_linear_in_transformer": True,
+    "adm_in_channels": 2560,
+    "num_classes": "sequential",
+    "num_heads": -1,
+    "num_head_channels": 64,
+}
 
 
 def unet_config(layout: str, **overrides: Any) -> dict[str, Any]:
@@ -93,10 +104,10 @@ def accepted(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_class(family: str) -> Any:
-    """ComfyUI's supported-model class of ``family`` ("sd15", "sd2" or "sdxl")."""
+    """ComfyUI's supported-model class of ``family`` ("sd15", "sd2", "sdxl" or "sdxl-refiner")."""
     import comfy.supported_models as sm
 
-    return {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family]
+    return {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL, "sdxl-refiner": sm.SDXLRefiner}[family]
 
 
 def build_patcher(family: str, config: dict[str, Any], seed: int = 0, model_type: Optional[str] = None) -> Any:
@@ -114,7 +125,9 @@ def build_patcher(family: str, config: dict[str, Any], seed: int = 0, model_type
     if model_type is None:
         model = supported.get_model({}, "", device=cpu)
     else:
-        cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+        cls = {"sdxl": comfy.model_base.SDXL, "sdxl-refiner": comfy.model_base.SDXLRefiner}.get(
+            family, comfy.model_base.BaseModel
+        )
         model = cls(supported, model_type=getattr(comfy.model_base.ModelType, model_type), device=cpu)
     seed_weights(model.diffusion_model, seed)
     model.eval()

@@ -11,8 +11,11 @@ import torch
 from hidiff.comfy.testing import TINY, build_patcher, unet_config
 from hidiff.comfy.testing import seed_weights as seed_weights  # re-exported: tests reseed other modules with it
 
-#: The ComfyUI root these tests run against: $HIDIFF_COMFYUI or <venv>/ComfyUI (install_comfy.sh's layout).
-COMFY_ROOT = os.path.abspath(os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI"))
+#: The ComfyUI root these tests run against: $HIDIFF_COMFY_ROOT (or its older name $HIDIFF_COMFYUI), else
+#: <venv>/ComfyUI (install_comfy.sh's layout). scripts/test_comfy.sh runs them with that ComfyUI's Python.
+COMFY_ROOT = os.path.abspath(
+    os.environ.get("HIDIFF_COMFY_ROOT") or os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI")
+)
 HAVE_COMFY = os.path.isfile(os.path.join(COMFY_ROOT, "comfy", "model_patcher.py"))
 
 
@@ -40,8 +43,8 @@ def sdxl_unet_config(**overrides: Any) -> dict:
 
 def build(family: str = "sd15", seed: int = 0, model_type: Optional[str] = None, **overrides: Any):
     """(ModelPatcher, unet_config) of a tiny random model built with ComfyUI's own classes."""
-    if family == "sdxl":
-        cfg = sdxl_unet_config(**overrides)
+    if family in ("sdxl", "sdxl-refiner"):
+        cfg = unet_config(family, **overrides)
     else:
         # SD 2.x sets 64 channels per head: width 64 gives it one head at the top stage.
         sd2 = {"context_dim": 1024, "use_linear_in_transformer": True, "model_channels": 64}
@@ -57,7 +60,7 @@ def conds(family: str, height: int, width: int, seed: int = 1, tokens: int = 8):
 
     def one():
         extra = {}
-        if family == "sdxl":
+        if family.startswith("sdxl"):
             extra = {
                 "pooled_output": torch.randn(1, 1280, generator=g),
                 "width": width,

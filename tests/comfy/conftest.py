@@ -2,8 +2,10 @@
 
     .comfy/bin/python -m pytest tests/comfy
 
-The ComfyUI root is ``$HIDIFF_COMFYUI`` or ``<venv>/ComfyUI``; without one (any other
-Python) the whole folder is skipped at collection.
+or against any ComfyUI installation with ``scripts/test_comfy.sh`` (``HIDIFF_COMFY_ROOT``, its root,
+and ``HIDIFF_COMFY_PYTHON``, its Python). The ComfyUI root is ``$HIDIFF_COMFY_ROOT`` (older name
+``$HIDIFF_COMFYUI``) or ``<venv>/ComfyUI``; without one (any other Python) the whole folder is
+skipped at collection.
 """
 
 import os

@@ -14,15 +14,7 @@ from comfytest import build
         ("sd2", {}, "V_PREDICTION", ("sd2", (96, 96))),
         ("sdxl", {}, None, ("sdxl", (128, 128))),
         ("sd15", {"in_channels": 9}, None, ("sd", (64, 64))),
-        (
-            "sd15",
-            {
-                "transformer_depth": [0, 0, 1, 1, 1, 1, 0, 0],
-                "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            },
-            None,
-            ("sdxl-refiner", (128, 128)),
-        ),
+        ("sdxl-refiner", {}, None, ("sdxl-refiner", (128, 128))),
     ],
     ids=["sd1", "sd2-eps", "sd2-v", "sdxl", "sd-inpainting", "sdxl-refiner"],
 )

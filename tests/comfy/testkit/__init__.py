@@ -6,9 +6,17 @@ two-level, unsupported) U-Net config with seeded weights, so a workflow can run 
 HiDiffusion -> KSampler -> VAEDecode -> SaveImage without any file.
 """
 
+import os
+import sys
+
 import torch
 
-from hidiff.comfy.testing import build_patcher, seed_weights, unet_config
+try:
+    import hidiff.comfy.testing  # noqa: F401
+except ImportError:  # a ComfyUI Python without hidiff installed: the checkout this kit lives in
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))))
+
+from hidiff.comfy.testing import build_patcher, seed_weights, unet_config  # noqa: E402
 
 SD15 = unet_config("sd15")
 # Two levels: a layout no HiDiffusion family has (the refusal test).
