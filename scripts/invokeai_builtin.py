@@ -68,8 +68,19 @@ def denoise(
     start_latents: Optional[torch.Tensor] = None,
     stop_after: Optional[int] = None,
     options: Optional[dict] = None,
+    *,
+    config: Any = None,
+    conditioning_data: Any = None,
+    noise: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    control_data: Optional[list] = None,
+    reports: Optional[list] = None,
 ) -> torch.Tensor:
-    """Final latents of one InvokeAI denoise: ``mode`` is plain, builtin or hidiff."""
+    """Final latents of one InvokeAI denoise: ``mode`` is plain, builtin or hidiff.
+
+    hidiff runs reference mode with the built-in's settings (``options`` change some), or
+    ``config`` as given; ``reports`` collects its run reports. By default the conditioning
+    is :func:`conditioning`'s, the noise the seed's, text-to-image from zero latents."""
     from invokeai.app.invocations.denoise_latents import DenoiseLatentsInvocation
     from invokeai.backend.stable_diffusion.diffusion.conditioning_data import (
         BasicConditioningInfo,
@@ -80,8 +91,13 @@ def denoise(
     from hidiff.core.config import HiDiffusionConfig
     from hidiff.invokeai.nodes import _denoise_with_hidiffusion
 
-    cond, uncond = conditioning()
-    noise = noise_of(seed, *latent_hw)
+    if conditioning_data is None:
+        cond, uncond = conditioning()
+        conditioning_data = TextConditioningData(
+            BasicConditioningInfo(uncond), BasicConditioningInfo(cond), None, None, guidance_scale=CFG
+        )
+    if noise is None:
+        noise = noise_of(seed, *latent_hw)
     pipeline = DenoiseLatentsInvocation.create_pipeline(unet, scheduler)
     timesteps, init_timestep, step_kwargs = DenoiseLatentsInvocation.init_scheduler(
         scheduler, torch.device("cpu"), steps, denoising[0], denoising[1], seed=seed
@@ -92,17 +108,19 @@ def denoise(
         if stop_after is not None and state.step >= stop_after:
             raise Stop(f"stopped after step {state.step}")
 
+    latents = torch.zeros_like(noise) if start_latents is None else start_latents
     kwargs = dict(
-        latents=torch.zeros_like(noise) if start_latents is None else start_latents,
+        latents=latents,
         scheduler_step_kwargs=step_kwargs,
-        conditioning_data=TextConditioningData(
-            BasicConditioningInfo(uncond), BasicConditioningInfo(cond), None, None, guidance_scale=CFG
-        ),
+        conditioning_data=conditioning_data,
         noise=noise,
         seed=seed,
         timesteps=timesteps,
         init_timestep=init_timestep,
         callback=callback,
+        mask=mask,
+        masked_latents=None if mask is None else torch.where(mask < 0.5, 0.0, latents),  # as prep_inpaint_mask
+        control_data=control_data,
     )
     if mode == "plain":
         return pipeline.latents_from_embeddings(**kwargs)
@@ -112,17 +130,29 @@ def denoise(
             name_or_path="tiny-sd15",  # InvokeAI passes the model's source; unknown names fall back to module keys
             apply_raunet=True,
             apply_window_attn=True,
+            has_controlnet=bool(control_data),
+            is_controlnet_text_to_image=bool(control_data) and start_latents is None,
             t1_ratio=BUILTIN_T1,
             t2_ratio=BUILTIN_T2,
             generator=torch.Generator(device="cpu").manual_seed(seed),
         ):
             return pipeline.latents_from_embeddings(**kwargs)
     if mode == "hidiff":
-        settings = {"window_shift": "reference", "at_native": "apply", "t1_ratio": BUILTIN_T1, "t2_ratio": BUILTIN_T2}
-        config = HiDiffusionConfig(**{**settings, **(options or {})})
+        if config is None:
+            settings = {
+                "window_shift": "reference",
+                "at_native": "apply",
+                "t1_ratio": BUILTIN_T1,
+                "t2_ratio": BUILTIN_T2,
+            }
+            config = HiDiffusionConfig(**{**settings, **(options or {})})
         torch.manual_seed(seed)  # reference mode draws the shifts from the global RNG; the built-in from this seed
         return _denoise_with_hidiffusion(
-            pipeline.latents_from_embeddings, config, start_latents is not None, [], **kwargs
+            pipeline.latents_from_embeddings,
+            config,
+            start_latents is not None,
+            reports if reports is not None else [],
+            **kwargs,
         )
     raise ValueError(f"unknown mode {mode!r}")
 

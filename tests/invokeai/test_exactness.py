@@ -3,12 +3,17 @@ noise and schedule: the InvokeAI host adds nothing of its own to the maths."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from invoketest import NATIVE_LATENT
+from invoketest import NATIVE_LATENT, ROOT
 
 import hidiff
 from hidiff.core.config import HiDiffusionConfig
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import invokeai_builtin as harness  # noqa: E402
 
 STEPS = 5
 CFG = 5.0
@@ -26,39 +31,31 @@ def tiny_parts(seed: int = 0):
 
 
 def invokeai_latents(unet, scheduler, cond, uncond, noise, config, denoising=(0.0, 1.0), start_latents=None):
-    """The node's path: InvokeAI's pipeline and schedule, latents_from_embeddings with HiDiffusion."""
-    from invokeai.app.invocations.denoise_latents import DenoiseLatentsInvocation
+    """The node's path (InvokeAI's pipeline and schedule, latents_from_embeddings with HiDiffusion;
+    plain where ``config`` is None): (final latents, the run's report)."""
     from invokeai.backend.stable_diffusion.diffusion.conditioning_data import (
         BasicConditioningInfo,
         TextConditioningData,
     )
 
-    from hidiff.invokeai.nodes import _denoise_with_hidiffusion
-
-    pipeline = DenoiseLatentsInvocation.create_pipeline(unet, scheduler)
-    timesteps, init_timestep, step_kwargs = DenoiseLatentsInvocation.init_scheduler(
-        scheduler, torch.device("cpu"), STEPS, denoising[0], denoising[1], seed=0
-    )
-    conditioning = TextConditioningData(
-        BasicConditioningInfo(uncond), BasicConditioningInfo(cond), None, None, guidance_scale=CFG
-    )
     reports: list = []
-    kwargs = dict(
-        latents=torch.zeros_like(noise) if start_latents is None else start_latents,
-        scheduler_step_kwargs=step_kwargs,
-        conditioning_data=conditioning,
+    latents = harness.denoise(
+        "plain" if config is None else "hidiff",
+        unet,
+        scheduler,
+        0,
+        tuple(noise.shape[-2:]),
+        STEPS,
+        denoising,
+        start_latents,
+        config=config,
+        conditioning_data=TextConditioningData(
+            BasicConditioningInfo(uncond), BasicConditioningInfo(cond), None, None, guidance_scale=CFG
+        ),
         noise=noise,
-        seed=0,
-        timesteps=timesteps,
-        init_timestep=init_timestep,
-        callback=lambda state: None,
+        reports=reports,
     )
-    if config is None:
-        return pipeline.latents_from_embeddings(**kwargs), None
-    out = _denoise_with_hidiffusion(
-        pipeline.latents_from_embeddings, config, start_latents is not None, reports, **kwargs
-    )
-    return out, reports[0]
+    return latents, (reports[0] if reports else None)
 
 
 @pytest.mark.parametrize("options", [{}, {"window_shift": "none", "t1_ratio": 0.6}], ids=["defaults", "options"])

@@ -1,0 +1,173 @@
+"""The node's denoise path in InvokeAI's own pipeline for the tasks InvokeAI runs: ControlNet
+(both treatments), inpainting, SDXL, and the models HiDiffusion is not for."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from invoketest import NATIVE_LATENT, ROOT
+
+from hidiff.core.config import HiDiffusionConfig
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import invokeai_builtin as harness  # noqa: E402
+
+TWO_X = (2 * NATIVE_LATENT, 2 * NATIVE_LATENT)
+
+
+def hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def run(unet, scheduler, steps=5, **kwargs):
+    reports: list = []
+    out = harness.denoise(
+        "hidiff",
+        unet,
+        scheduler,
+        1,
+        kwargs.pop("hw", TWO_X),
+        steps,
+        config=kwargs.pop("config"),
+        reports=reports,
+        **kwargs,
+    )
+    return out, reports[0]
+
+
+@pytest.mark.parametrize("mode", ["resize", "native"])
+def test_controlnet_as_invokeai_runs_it(mode):
+    from invokeai.backend.stable_diffusion.diffusers_pipeline import ControlNetData
+    from invokeai.backend.util.hotfixes import ControlNetModel  # the class InvokeAI loads ControlNets as
+
+    unet, scheduler = harness.tiny_unet_and_scheduler(NATIVE_LATENT)
+    torch.manual_seed(1)
+    keys = ("down_block_types", "block_out_channels", "cross_attention_dim", "attention_head_dim", "norm_num_groups")
+    controlnet = ControlNetModel(
+        **{k: unet.config[k] for k in keys}, conditioning_embedding_out_channels=(8, 16, 16, 16)
+    ).eval()
+    with torch.no_grad():  # the residual convs start at zero: give them weights
+        for parameter in controlnet.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    image = torch.rand(1, 3, 8 * TWO_X[0], 8 * TWO_X[1], generator=torch.Generator().manual_seed(2))
+    control = [
+        ControlNetData(  # every field given: its defaults are pydantic FieldInfo objects
+            model=controlnet,
+            image_tensor=torch.cat([image] * 2),  # CFG: as InvokeAI prepares it
+            weight=1.0,
+            begin_step_percent=0.0,
+            end_step_percent=1.0,
+            control_mode="balanced",
+            resize_mode="just_resize",
+        )
+    ]
+    before = harness.model_state(controlnet)
+    seen: list = []
+    # the sample the ControlNet really runs on (after hidiff's own pre-hook on the ControlNet)
+    probe = controlnet.conv_in.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    try:
+        config = HiDiffusionConfig(controlnet=mode)
+        out, report = run(unet, scheduler, config=config, control_data=control)
+        plain_control, _ = run(unet, scheduler, config=config)
+    finally:
+        probe.remove()
+    assert torch.isfinite(out).all() and (out - plain_control).abs().max() > 1e-3, "the ControlNet was ignored"
+    assert report.summary()["conv_steps"] == [0, 1]  # t1 0.4 of 5 steps
+    if mode == "resize":
+        assert seen == [TWO_X] * 5  # full size; its residuals resized to the U-Net's features
+    else:
+        # the published treatment: native size for the first 0.6 of the steps, then a minimal call ignored
+        assert seen == [(NATIVE_LATENT, NATIVE_LATENT)] * 3 + [(8, 8)] * 2
+    assert harness.leftovers(before, harness.model_state(controlnet)) == {} and hooks(controlnet) == 0
+
+
+def test_inpainting_is_the_inpaint_task():
+    unet, scheduler = harness.tiny_unet_and_scheduler(NATIVE_LATENT)
+    mask = torch.zeros(1, 1, *TWO_X)
+    mask[..., : TWO_X[0] // 2, :] = 1.0
+    image = harness.noise_of(7, *TWO_X)
+    before = harness.model_state(unet)
+    out, report = run(unet, scheduler, config=HiDiffusionConfig(), mask=mask, start_latents=image)
+    summary = report.summary()
+    assert summary["task"] == "inpaint" and summary["preset"] == "sd-1024" and torch.isfinite(out).all()
+    assert harness.leftovers(before, harness.model_state(unet)) == {}
+
+
+def sdxl_parts():
+    from diffusers import EulerDiscreteScheduler
+    from invokeai.backend.stable_diffusion.diffusion.conditioning_data import (
+        SDXLConditioningInfo,
+        TextConditioningData,
+    )
+
+    from hidiff.diffusers.testing import TINY_POOLED_DIM, tiny_components
+
+    parts = tiny_components("sdxl", sample_size=NATIVE_LATENT)
+    scheduler = EulerDiscreteScheduler.from_config(parts["scheduler"].config, use_karras_sigmas=False)
+    g = torch.Generator().manual_seed(3)
+    size = [8 * TWO_X[0], 8 * TWO_X[1]]
+
+    def info():
+        return SDXLConditioningInfo(
+            embeds=torch.randn(1, 6, parts["unet"].config.cross_attention_dim, generator=g),
+            pooled_embeds=torch.randn(1, TINY_POOLED_DIM, generator=g),
+            add_time_ids=torch.tensor([size + [0, 0] + size], dtype=torch.float32),
+        )
+
+    return parts["unet"], scheduler, TextConditioningData(info(), info(), None, None, guidance_scale=5.0)
+
+
+@pytest.mark.parametrize(
+    "task, preset, conv, pool",
+    [("text2img", "sdxl-2048", [0], [1, 2, 3]), ("inpaint", "sdxl-2048-gentle", [], [0, 1, 2, 3])],
+)
+def test_sdxl_text_to_image_and_inpainting_follow_their_presets(task, preset, conv, pool):
+    unet, scheduler, conditioning_data = sdxl_parts()
+    extra = {}
+    if task == "inpaint":
+        extra = {"mask": torch.ones(1, 1, *TWO_X), "start_latents": harness.noise_of(7, *TWO_X)}
+    before = harness.model_state(unet)
+    out, report = run(
+        unet, scheduler, steps=10, config=HiDiffusionConfig(), conditioning_data=conditioning_data, **extra
+    )
+    summary = report.summary()
+    # 10 steps: A = int(10 x 8/50) = 1, T1 = int(10 x 0.4) = 4
+    assert (summary["family"], summary["task"], summary["preset"]) == ("sdxl", task, preset)
+    assert summary["conv_steps"] == conv and summary["pool_steps"] == pool and torch.isfinite(out).all()
+    assert harness.leftovers(before, harness.model_state(unet)) == {}
+
+
+def test_a_unet_hidiffusion_is_not_for_is_refused_untouched():
+    from hidiff import UnsupportedModelError
+    from hidiff.diffusers.testing import make_unet, tiny_unet_config
+
+    two_levels = tiny_unet_config(
+        "sd15",
+        sample_size=NATIVE_LATENT,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+    )
+    unet = make_unet(two_levels)
+    _, scheduler = harness.tiny_unet_and_scheduler(NATIVE_LATENT)
+    before = harness.model_state(unet)
+    with pytest.raises(UnsupportedModelError):
+        run(unet, scheduler, config=HiDiffusionConfig())
+    assert harness.leftovers(before, harness.model_state(unet)) == {} and hooks(unet) == 0
+
+
+def test_the_node_refuses_a_model_base_hidiffusion_is_not_for():
+    from invokeai.backend.model_manager.taxonomy import BaseModelType
+
+    from hidiff.invokeai.nodes import HiDiffusionDenoiseLatentsInvocation
+
+    node = HiDiffusionDenoiseLatentsInvocation.model_construct(
+        unet=SimpleNamespace(unet=SimpleNamespace(base=BaseModelType.Flux))
+    )
+    with pytest.raises(
+        ValueError, match="HiDiffusion is for SD 1.x, SD 2.x and SDXL U-Nets; this model's base is 'flux'"
+    ):
+        node.invoke(context=None)
