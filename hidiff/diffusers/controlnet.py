@@ -12,13 +12,14 @@ computes no longer fit them. Two treatments (``HiDiffusionConfig.controlnet``):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..core import ops
+from ..core import ops, rules
 from ..core.planner import Plan
+from ..core.rules import CallRecord
 from .hooks import HookGroup, arg, replace_arg
 
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
@@ -55,21 +56,29 @@ class ControlNetHooks(HookGroup):
     def active(self, step: int, total: int) -> bool:
         return step < total * self.patch.config.controlnet_steps_ratio
 
-    def fit(self, plan: Plan, kwargs: dict) -> dict:
-        """The U-Net call's keywords with residuals fitted to the plan's features."""
+    def fit(self, plan: Plan, kwargs: dict, record: Optional[CallRecord] = None) -> dict:
+        """The U-Net call's keywords with residuals fitted to the plan's features (sizes: the core's)."""
         if self.mode == "native" and not self.active(plan.step, plan.total):
             kwargs = {**kwargs, RESIDUALS[0]: None, RESIDUALS[1]: None}
         if all(kwargs.get(name) is None for name in RESIDUALS):
             return kwargs
         kwargs = dict(kwargs)
+        sizes = rules.residual_sizes(plan, self.patch.arch)
         down, mid, adapter = (kwargs.get(name) for name in RESIDUALS)
         if down is not None:
-            kwargs[RESIDUALS[0]] = tuple(ops.resize_to(r, s) for r, s in zip(down, plan.skip_sizes))
+            kwargs[RESIDUALS[0]] = tuple(ops.resize_to(r, s) for r, s in zip(down, sizes.down))
         if mid is not None:
-            kwargs[RESIDUALS[1]] = ops.resize_to(mid, plan.mid_size)
+            kwargs[RESIDUALS[1]] = ops.resize_to(mid, sizes.mid)
         if adapter is not None:
             # the U-Net pop()s from this list: hand it a new one
-            kwargs[RESIDUALS[2]] = [ops.resize_to(r, s) for r, s in zip(adapter, plan.adapter_sizes)]
+            kwargs[RESIDUALS[2]] = [ops.resize_to(r, s) for r, s in zip(adapter, sizes.adapter)]
+        if record is not None:
+            for kind, name in zip(("down", "mid", "adapter"), RESIDUALS):
+                value = kwargs.get(name)
+                if value is not None:
+                    record.residual_sizes[kind] = [
+                        tuple(r.shape[-2:]) for r in ([value] if isinstance(value, torch.Tensor) else value)
+                    ]
         return kwargs
 
     def run_native(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> Any:

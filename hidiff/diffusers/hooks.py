@@ -6,7 +6,8 @@ group and the group's method, not a closure: a ``copy.deepcopy`` of the model co
 the group with it (so the copy's hooks serve the copy and can be removed from it), and
 ``torch.save`` of the module pickles it.
 
-The state of one U-Net call (its plan, the window stacks, what the call record says)
+The state of one U-Net call (its plan, the window stacks, its call record: the core's
+:class:`hidiff.core.rules.CallRecord`)
 is a :class:`CallState` made when the call starts and held in a context variable until
 it ends: each thread (and each asyncio task) sees only its own calls, and nothing of a
 call stays on the long-lived patch.
@@ -22,30 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..core.ops import Windows
 from ..core.planner import Plan
-
-
-@dataclass
-class CallRecord:
-    """What HiDiffusion did in a U-Net call: what ran, not only what was planned."""
-
-    step: int = 0
-    total: int = 0
-    latent: tuple[int, int] = (0, 0)
-    preset: Optional[str] = None
-    conv: bool = False  # the strided conv ran
-    pool: bool = False  # the pooling ran
-    windows: bool = False  # at least one self-attention ran in windows
-    window_calls: int = 0
-    window_maps: list = field(default_factory=list)  # (H, W) of each windowed self-attention call
-    shifts: list = field(default_factory=list)  # each windowed call's shift: one (dy, dx), or one per sample
-    unwindowed: int = 0  # planned windowed calls that ran as full attention (see hidiff.diffusers.windows)
-    skip_sizes: dict = field(default_factory=dict)  # input size of each down stage's downsampler
-    pooled_from: Optional[tuple[int, int]] = None
-    kv_calls: int = 0  # self-attention calls whose keys/values were downsampled (hidiff.diffusers.kv)
-    kv_maps: list = field(default_factory=list)  # each such call: ((H, W) of the query map, (h, w) of the key map)
-    kv_at: list = field(default_factory=list)  # each such call's down stage (the stage or its mirror: kv_levels)
+from ..core.rules import Arranged, CallRecord
 
 
 @dataclass
@@ -54,9 +33,9 @@ class CallState:
 
     plan: Plan
     record: CallRecord
-    seeds: list  # window-shift seed of each batch row
+    seeds: list[int]  # window seed of each batch row (hidiff.core.rules.row_seeds)
     maps: dict = field(default_factory=dict)  # id(Transformer2DModel) -> (H, W) of its token map
-    open_windows: dict[int, list[Windows]] = field(default_factory=dict)  # id(attn1) -> packed windows
+    open_windows: dict[int, list[Arranged]] = field(default_factory=dict)  # id(attn1) -> arranged inputs to merge
     conv_saved: list = field(default_factory=list)  # (conv, stride, padding, dilation) to restore
     conv_locked: int = 0
 

@@ -29,19 +29,18 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..core import ops
+from ..core import ops, rules
 from ..core.architecture import Architecture, UnsupportedModelError
 from ..core.config import HiDiffusionConfig
 from ..core.planner import Plan, Progress, Task, feature_sizes, plan_call
-from ..core.progress import position
+from ..core.rules import CallRecord
+from .attention import SelfAttentionHooks
 from .controlnet import ControlNetHooks
-from .hooks import CallRecord, CallState, Hook, HookGroup, arg, enter_call, leave_call
-from .kv import KVHooks
+from .hooks import CallState, Hook, HookGroup, arg, enter_call, leave_call
 from .model import detect_layout, find_unet, model_name
 from .raunet import RAUNetHooks
 from .steps import StepTracker, as_float
 from .tome import check_tomesd
-from .windows import WindowHooks
 
 #: The attribute of a patched U-Net that holds its patch.
 PATCH_ATTRIBUTE = "_hidiff_patch"
@@ -56,7 +55,15 @@ class RunState:
     mirrored: Optional[list] = None  # an inversion's timesteps (in sampling order): the schedule runs backwards
     last: Optional[CallRecord] = None  # this thread's latest call
     warned: bool = False  # a call off the followed schedule was reported
+    warned_back: bool = False  # calls walking the followed schedule upwards were reported
 
+
+#: What the warnings about foreign schedules tell an inversion loop to do.
+_INVERSION_FIX = (
+    "To invert with HiDiffusion, use hidiff.invert, or let hidiff see the inverse scheduler: set it as "
+    "pipe.inverse_scheduler (as DiffEdit and pix2pix-zero do) or apply_hidiffusion(unet, scheduler=inverse_scheduler) "
+    "for the inversion; its ascending timesteps are then planned as the sampling they mirror."
+)
 
 # Runs per thread (and asyncio task), weakly keyed by patch: two threads calling one
 # pipeline each follow their own run, and a dropped patch leaves nothing here.
@@ -79,10 +86,10 @@ class Patch:
             getattr(pipe, "controlnet", None) is not None and not any(k in pipe_name for k in ("Img2Img", "Inpaint"))
         )
         self.raunet = RAUNetHooks(self) if config.raunet else None
-        self.windows = WindowHooks(self) if config.window_attn else None
+        acts_on_attention = config.window_attn or config.kv_downsample > 1
+        self.attention = SelfAttentionHooks(self) if acts_on_attention else None
         self.controlnet = ControlNetHooks(self)
-        self.kv = KVHooks(self) if config.kv_downsample > 1 else None
-        self.groups: list[HookGroup] = [g for g in (self.raunet, self.windows, self.kv, self.controlnet) if g]
+        self.groups: list[HookGroup] = [g for g in (self.raunet, self.attention, self.controlnet) if g]
         self._handles: list = []
 
     # ------------------------------------------------------------------ wiring
@@ -202,26 +209,33 @@ class Patch:
         """The step of a call; a new run takes each image's window-shift seed from its latents.
         A step's ControlNet is called before its U-Net, so whichever comes first starts the run."""
         run = self.run_state()
+        t = as_float(timestep)
         if run.mirrored is not None:
             # Inversion walks the schedule backwards: a call at the timestep of sampling
             # step i is planned as step i, so RAU-Net acts where sampling will.
-            pos = position(as_float(timestep), run.mirrored)
-            if pos is None:
-                raise RuntimeError(f"hidiff: timestep {as_float(timestep)} is not in the inversion's schedule")
-            progress = Progress(pos, len(run.mirrored))
+            mirrored = rules.schedule_progress(t, run.mirrored)
+            if mirrored is None:
+                raise RuntimeError(f"hidiff: timestep {t} is not in the inversion's schedule")
+            progress = mirrored
         else:
-            progress = run.tracker.locate(timestep, self.scheduler)
+            progress = run.tracker.locate(timestep, self.scheduler, others=self._other_schedulers())
             if run.tracker.off_schedule and not run.warned:
                 run.warned = True
-                warnings.warn(self._off_schedule(as_float(timestep)), stacklevel=2)
+                warnings.warn(self._off_schedule(t), stacklevel=2)
+            if run.tracker.walking_back and not run.warned_back:
+                run.warned_back = True
+                warnings.warn(self._walking_back(t), stacklevel=2)
         if (progress.new_run and run.mirrored is None) or not run.seeds:
-            if self.config.window_seed is not None:
-                run.seeds = [self.config.window_seed]
-            elif self.config.window_shift == "seeded":
-                run.seeds = ops.image_seeds(sample)
-            else:
-                run.seeds = [0]
+            seeded = self.config.window_shift == "seeded" and self.config.window_seed is None
+            run.seeds = ops.image_seeds(sample) if seeded else [0]
         return progress
+
+    def _other_schedulers(self) -> list:
+        """A pipeline's inverse scheduler (DiffEdit, pix2pix-zero): its calls are planned as the
+        sampling they mirror (hidiff.core.rules.schedule_progress)."""
+        pipe = self.pipe
+        inverse = getattr(pipe, "inverse_scheduler", None) if pipe is not None else None
+        return [inverse] if inverse is not None else []
 
     def _off_schedule(self, t: float) -> str:
         pipe = self.pipe
@@ -229,25 +243,24 @@ class Patch:
         fix = f" (remove it from {type(pipe).__name__} first)" if pipe is not None else ""
         return (
             f"hidiff: {model_name(self.unet)} was called at timestep {t:g}, which is not in the timesteps of "
-            f"{owner}, the schedule it follows: its step is estimated from the timestep value, so RAU-Net's step "
-            "ranges and the preset may not fit this run. If another pipeline shares this U-Net with its own "
-            f"scheduler, apply HiDiffusion through that pipeline{fix} or give each pipeline its own U-Net."
+            f"{owner}, the schedule it follows: its step is estimated as the step of that schedule nearest in "
+            "noise level (hidiff's rule for calls off the sampled schedule, docs/how-it-works.md), so RAU-Net's "
+            "step ranges and the preset may not fit this run. If another pipeline shares this U-Net with its own "
+            f"scheduler, apply HiDiffusion through that pipeline{fix} or give each pipeline its own U-Net. "
+            f"{_INVERSION_FIX}"
+        )
+
+    def _walking_back(self, t: float) -> str:
+        return (
+            f"hidiff: {model_name(self.unet)} was called at timestep {t:g}, above the previous call's, in the "
+            "schedule it follows: the calls walk it upwards, as an inversion does with its own inverse scheduler. "
+            "From this call on each call is planned as the sampling step at its timestep (the run's first call was "
+            f"planned as the first step of a sampling run). {_INVERSION_FIX}"
         )
 
     def plan_for(self, sample: torch.Tensor, timestep: Any) -> Plan:
         progress = self.locate(sample, timestep)
         return self.plan((int(sample.shape[-2]), int(sample.shape[-1])), progress.index, progress.total)
-
-    def shifts(self, call: CallState, layer: int, hw: tuple[int, int], batch: int) -> Any:
-        """The window shift of a windowed call: one for the batch, or one per batch row."""
-        mode = self.config.window_shift
-        if mode == "reference":
-            # the published draw: the global torch RNG, once per windowed call
-            return ops.shift_from_uniform(float(torch.rand(1)), *hw)
-        if mode == "none":
-            return (0, 0)
-        seeds = call.seeds
-        return [ops.shift_for(seeds[i % len(seeds)], call.plan.step, layer, *hw) for i in range(batch)]
 
     # ------------------------------------------------------------------ the U-Net call
     def on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -255,14 +268,14 @@ class Patch:
         plan = self.plan_for(sample, arg(args, kwargs, 1, "timestep"))
         if plan.active:
             check_tomesd(self.unet, self.config)  # tomesd applied after hidiff
-        record = CallRecord(step=plan.step, total=plan.total, latent=plan.latent, preset=plan.preset)
+        record = CallRecord.of(plan, int(sample.shape[0]))
         self._close(leave_call(self))  # a call that ended without its post-hook (killed thread)
         run = self.run_state()
-        enter_call(self, CallState(plan, record, seeds=run.seeds))
+        enter_call(self, CallState(plan, record, seeds=rules.row_seeds(self.config, record.batch, run.seeds)))
         run.last = self.last_record = record
         if not plan.active:
             return None
-        return args, self.controlnet.fit(plan, kwargs)
+        return args, self.controlnet.fit(plan, kwargs, record)
 
     def on_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._close(leave_call(self))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..core import ops
@@ -94,11 +95,12 @@ class RAUNetHooks(HookGroup):
                 conv.stride = ops.RAU_CONV_GEOMETRY["stride"]
                 conv.padding = ops.RAU_CONV_GEOMETRY["padding"]
                 conv.dilation = ops.RAU_CONV_GEOMETRY["dilation"]
-        call.record.conv = True
 
     def conv_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         call = self.call()
         if call is not None:
+            if call.conv_saved and isinstance(output, torch.Tensor):  # not an error unwinding
+                call.record.strided((int(output.shape[-2]), int(output.shape[-1])))
             self.release(call)
 
     def release(self, call: Any) -> None:
@@ -115,12 +117,14 @@ class RAUNetHooks(HookGroup):
         if call is None or not call.plan.pool:
             return None
         x = first_tensor(output)
-        call.record.pooled_from = (int(x.shape[-2]), int(x.shape[-1]))
-        call.record.pool = True
-        return replace_first(output, ops.rau_pool(x))
+        pooled = ops.rau_pool(x)
+        call.record.pooled_map((int(x.shape[-2]), int(x.shape[-1])), (int(pooled.shape[-2]), int(pooled.shape[-1])))
+        return replace_first(output, pooled)
 
     def unpool(self, module: nn.Module, args: tuple, output: Any) -> Any:
         call = self.call()
         if call is None or not call.plan.pool or call.record.pooled_from is None:
             return None
-        return replace_first(output, ops.rau_unpool(first_tensor(output), call.record.pooled_from))
+        x = first_tensor(output)
+        call.record.unpooled = ((int(x.shape[-2]), int(x.shape[-1])), call.record.pooled_from)
+        return replace_first(output, ops.rau_unpool(x, call.record.pooled_from))

@@ -1,4 +1,4 @@
-"""Key/value downsampling (kv_downsample) on diffusers U-Nets: hidiff.diffusers.kv."""
+"""Key/value downsampling (kv_downsample) on diffusers U-Nets: hidiff.diffusers.attention (rules: hidiff.core.rules)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_acts_only_where_hidiffusion_acts(sd_pipe):
 
 def test_default_is_off(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe)
-    assert hidiff.get_patch(sd_pipe).kv is None
+    assert hidiff.get_patch(sd_pipe).config.kv_downsample == 1
     _, records = run_recorded(sd_pipe, SIDE, SIDE, 1)
     assert records[0].kv_calls == 0 and records[0].window_calls == 5
 
