@@ -393,7 +393,7 @@ def reset(pipe: Any, scheduler: Any) -> None:
         hidiff.remove_hidiffusion(pipe)
     hidiff.disable_cfgpp(pipe)
     pipe.scheduler = scheduler
-    if getattr(pipe.vae, "use_tiling", False):
+    if getattr(getattr(pipe, "vae", None), "use_tiling", False):  # the toy model has no VAE
         pipe.vae.disable_tiling()
 
 

@@ -207,10 +207,13 @@ def time_components(pipe: Any, batch: int, latent: tuple[int, int], device: torc
             ).input_ids
             encoder(ids.to(device))
 
-    vae = pipe.vae.to(device, dtype)
+    vae = getattr(pipe, "vae", None)  # None: a pixel-space model (the toy) decodes nothing
+    vae = vae.to(device, dtype) if vae is not None else None
     g = torch.Generator().manual_seed(0)
 
     def decode(n: int, size: tuple[int, int]) -> None:
+        if vae is None:
+            return
         z = torch.randn(n, vae.config.latent_channels, *size, generator=g).to(device, dtype)
         vae.decode(z / vae.config.scaling_factor)
 
@@ -270,7 +273,10 @@ def run_bench(
     modes = _check(family, height, width, steps, repeats, warmup, modes, reference_python)
     modes = _with_kv_mode(modes, kv_downsample, kv_levels)
     dev, dt = torch.device(device), getattr(torch, dtype)
-    latent = (height // 8, width // 8)
+    from .loading import pixels_per_cell
+
+    cell = pixels_per_cell(model) if model is not None else 8
+    latent = (height // cell, width // cell)
     bench = _bench_unet(family, model, config_folder, tiny, batch, latent, dev, dt)
     runs = Runs(bench, modes, batch, latent, steps, per_phase, reference_python, device, dtype)
     with sigterm_as_exit(), runs:

@@ -29,7 +29,7 @@ from .args import (
 
 
 def load_unet_skeleton(model: str):
-    """A U-Net with no weights (meta device) and the pixels per latent cell, for a family name or a
+    """A U-Net with no weights (meta device) and the pixels per latent cell, for a family name, ``toy`` or a
     local model folder: 8 for the Stable Diffusion families (their VAE), otherwise read from the folder's
     VAE config, and 1 for a pipeline without a VAE (a pixel-space model such as the shipped toy model)."""
     import torch
@@ -40,7 +40,9 @@ def load_unet_skeleton(model: str):
     if model in FULL_UNET_CONFIGS:
         config, factor = dict(FULL_UNET_CONFIGS[model]), 8
     else:
-        path = Path(model)
+        from .loading import toy_folder
+
+        path = Path(toy_folder(model) or model)  # "toy": the shipped toy model's folder
         if not path.is_dir():
             raise UsageError(
                 f"--model {model!r} is neither a family name ({', '.join(FAMILY_NAMES)}) nor a local diffusers folder"

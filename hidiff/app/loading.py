@@ -1,6 +1,7 @@
 """Loading what the commands run: a diffusers pipeline from a hub id, a local folder or one
-single-file checkpoint (``hidiff generate``, ``hidiff bench --model``), a ControlNet, the
-pipeline class a task needs, a named scheduler, and the device and dtype.
+single-file checkpoint (``hidiff generate``, ``hidiff bench --model``), or the shipped toy model
+(``toy``, or a folder it was saved to), a ControlNet, the pipeline class a task needs, a named
+scheduler, and the device and dtype.
 
 Bad local paths and inputs are :class:`~hidiff.app.args.UsageError` (exit 2); what a
 model that exists could not do is :class:`ModelLoadError` (exit 1).
@@ -9,6 +10,7 @@ model that exists could not do is :class:`ModelLoadError` (exit 1).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -26,6 +28,44 @@ _TASK_NAMES = dict(zip(TASKS, ("", "Img2Img", "Inpaint")))
 
 class ModelLoadError(RuntimeError):
     """The model or ControlNet could not be loaded (exit code 1)."""
+
+
+#: The --model name of the toy model hidiff ships (hidiff.app.toy).
+TOY = "toy"
+
+
+def toy_folder(model: str) -> Optional[str]:
+    """The folder of the toy model that ``model`` names: the shipped weights for ``toy``, the folder
+    itself for a folder the toy pipeline was saved to; None for any other model."""
+    if model == TOY:
+        from .toy.pipeline import WEIGHTS
+
+        return str(WEIGHTS)
+    index = os.path.join(model, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                if json.load(f).get("_class_name") == "ToyPipeline":
+                    return model
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def pixels_per_cell(model: str) -> int:
+    """Image pixels per U-Net cell of a --model: 1 for the toy (pixel space), 8 for the Stable
+    Diffusion families (their VAE)."""
+    return 1 if toy_folder(model) is not None else 8
+
+
+def load_toy(folder: str, dtype: torch.dtype) -> Any:
+    """The toy pipeline from ``folder`` (diffusers cannot: its class is hidiff's, not diffusers')."""
+    from .toy.pipeline import load_toy_pipeline
+
+    try:
+        return load_toy_pipeline(folder).to(dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the toy model from {folder}: {_short(error)}") from None
 
 
 def pipeline_class_name(kind: str, task: str, controlnet: bool) -> str:
@@ -148,6 +188,9 @@ def load_base_pipeline(model: str, config_folder: Optional[str], dtype: torch.dt
     configs of a single-file checkpoint (a local diffusers folder of its family)."""
     import diffusers
 
+    toy = toy_folder(model)
+    if toy is not None:
+        return load_toy(toy, dtype)
     source = model_source(model)
     if source == "file":
         kind = single_file_kind(checkpoint_keys(model))
@@ -256,10 +299,15 @@ def load_pipeline(
 
     from ..diffusers.model import detect_layout, find_unet
 
+    toy = toy_folder(model) is not None
+    if toy:
+        check_toy_task(model, controlnet_name, task)
     with torch_dtype_accepted():
         base = load_base_pipeline(model, config_folder, dtype)
         controlnet = load_controlnet(controlnet_name, dtype, base.unet) if controlnet_name else None
     layout = detect_layout(find_unet(base)[0])
+    if toy:
+        return base, layout  # the toy pipeline runs text-to-image and image-to-image itself
     if layout.inpainting and task != "inpaint":
         raise UsageError(f"{model} is an inpainting model (9-channel U-Net): pass --image and --mask")
     if controlnet is not None and controlnet.config.cross_attention_dim != base.unet.config.cross_attention_dim:
@@ -272,6 +320,14 @@ def load_pipeline(
     if cls is None:
         raise ModelLoadError(f"this diffusers ({diffusers.__version__}) has no {name}; upgrade diffusers for this task")
     return _rebuild(base, cls, controlnet), layout
+
+
+def check_toy_task(model: str, controlnet_name: Optional[str], task: str) -> None:
+    """The toy model runs text-to-image and image-to-image, nothing else."""
+    if controlnet_name:
+        raise UsageError(f"--model {model} is the toy model, which takes no ControlNet; leave out --controlnet")
+    if task == "inpaint":
+        raise UsageError(f"--model {model} is the toy model, which cannot inpaint; leave out --mask")
 
 
 def _rebuild(pipe: Any, cls: Any, controlnet: Any) -> Any:

@@ -111,6 +111,8 @@ class ToyPipeline(DiffusionPipeline):
     """Text-to-image (and, given ``image``, image-to-image) sampling of the toy model in pixel space."""
 
     model_cpu_offload_seq = "text_encoder->unet"
+    #: Pixel space: one pixel per U-Net cell (what the commands' size defaults and memory plans read).
+    vae_scale_factor = 1
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: ToyTextEncoder, scheduler: Any) -> None:
         super().__init__()
@@ -163,6 +165,7 @@ class ToyPipeline(DiffusionPipeline):
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
         negative_prompt: Union[None, str, Sequence[str]] = None,
+        num_images_per_prompt: int = 1,
     ) -> Any:
         """Sample images of ``prompt`` at ``height`` x ``width`` (default: native).
 
@@ -174,8 +177,11 @@ class ToyPipeline(DiffusionPipeline):
         (default "", the unconditional input the model was trained on).
         ``latents``: the starting noise (B x 3 x H x W, scaled by the scheduler's
         ``init_noise_sigma`` as in diffusers), instead of drawing it from ``generator``.
+        ``num_images_per_prompt`` and a list of generators (one per image, each image's noise
+        drawn from its own) work as in diffusers' pipelines.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in texts for _ in range(num_images_per_prompt)]
         if image is not None and not isinstance(image, torch.Tensor):
             image = _pil_to_tensor(image)
         if image is not None:
@@ -198,7 +204,7 @@ class ToyPipeline(DiffusionPipeline):
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         device, dtype = self.unet.device, self.unet.dtype
         guided = guidance_scale > 1
-        cond, negative = self.encode_prompt(prompts, device, 1, guided, negative_prompt)
+        cond, negative = self.encode_prompt(texts, device, num_images_per_prompt, guided, negative_prompt)
         if negative is not None:
             cond = torch.cat([negative, cond])
 
@@ -208,7 +214,7 @@ class ToyPipeline(DiffusionPipeline):
         if latents is not None:
             noise = latents.to(device, dtype).expand(shape)
         else:
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+            noise = _noise(shape, generator).to(device, dtype)
         if image is None:
             x = noise * self.scheduler.init_noise_sigma
         else:
@@ -234,6 +240,15 @@ class ToyPipeline(DiffusionPipeline):
             images = [tensor_to_pil(img) for img in images]
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _noise(shape: tuple[int, ...], generator: Any) -> torch.Tensor:
+    """Starting noise in float32 on the CPU: one draw, or one row per generator of a list."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} images; pass one per image")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
 
 
 def load_toy_pipeline(path: Optional[str] = None) -> Any:
