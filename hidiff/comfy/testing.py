@@ -2,7 +2,7 @@
 
 One home for the U-Net configs of the layouts hidiff supports (at any width), the seeded
 weight fill and the ModelPatcher builder, used by the ComfyUI tests, the test node pack
-the real-server tests load, and ``hidiff.comfy.bench``. ComfyUI is imported inside the
+the real-server tests load, and ``hidiff.app.comfy_bench``. ComfyUI is imported inside the
 functions only, so importing this module needs nothing but torch.
 """
 

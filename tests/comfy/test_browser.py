@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from hidiff.comfy import workflows
+from hidiff.app import comfy_workflows as workflows
 
 pytestmark = pytest.mark.patch_api
 

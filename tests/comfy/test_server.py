@@ -175,7 +175,7 @@ def test_workflow_at_2x_native_saves_the_image_and_errors_carry_our_message(serv
 def test_example_api_workflows_validate_except_for_the_model_files(server):
     """The shipped API workflows name real nodes and widgets: the server refuses them only for
     the model / image files this test server does not have."""
-    from hidiff.comfy import workflows
+    from hidiff.app import comfy_workflows as workflows
 
     files_inputs = {"ckpt_name", "control_net_name", "image"}
     for name in workflows.EXAMPLES:

@@ -2,14 +2,14 @@
 
 import json
 
-from hidiff.comfy import workflows
+from hidiff.app import comfy_workflows as workflows
 
 
 def test_example_workflows_are_up_to_date():
     for name, data in workflows.files().items():
         path = workflows.FOLDER / name
-        assert path.exists(), f"{path} missing: run python -m hidiff.comfy.workflows"
-        assert json.loads(path.read_text()) == data, f"{path} is stale: run python -m hidiff.comfy.workflows"
+        assert path.exists(), f"{path} missing: run python -m hidiff.app.comfy_workflows"
+        assert json.loads(path.read_text()) == data, f"{path} is stale: run python -m hidiff.app.comfy_workflows"
 
 
 def test_ui_and_api_formats_describe_the_same_graph():

@@ -1,6 +1,6 @@
 """Time the HiDiffusion node against plain ComfyUI on a full-width random SD 1.5 U-Net.
 
-    .comfy/bin/python -m hidiff.comfy.bench [--size 1024] [--steps 3] [--threads 2] [--json out.json]
+    .comfy/bin/python -m hidiff.app.comfy_bench [--size 1024] [--steps 3] [--threads 2] [--json out.json]
 
 Builds SD 1.5's U-Net (model_channels 320, ComfyUI's own ``supported_models.SD15``) with random
 weights, then runs ComfyUI's KSampler (euler, normal, cfg 1: one U-Net call per step) for
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from .testing import build_patcher, unet_config
+from ..comfy.testing import build_patcher, unet_config
 
 #: SD 1.5's U-Net as ComfyUI configures it: the shared layout at full width.
 SD15_UNET = unet_config("sd15", model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
@@ -25,7 +25,12 @@ SD15_UNET = unet_config("sd15", model_channels=320, channel_mult=[1, 2, 4, 4], c
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", default=os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI"))
+    ap.add_argument(
+        "--comfyui",
+        default=os.environ.get("HIDIFF_COMFY_ROOT")
+        or os.environ.get("HIDIFF_COMFYUI")
+        or os.path.join(sys.prefix, "ComfyUI"),
+    )
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

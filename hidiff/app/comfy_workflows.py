@@ -1,7 +1,7 @@
 """Example workflows with the HiDiffusion node, in ComfyUI's UI format (drag onto the canvas)
 and API format (POST /prompt), generated from one description so the two always agree.
 
-    python -m hidiff.comfy.workflows [FOLDER]   # writes hidiff/comfy/example_workflows/*.json
+    python -m hidiff.app.comfy_workflows [FOLDER]   # writes hidiff/comfy/example_workflows/*.json
 
 Model file names are the usual ones (v1-5-pruned-emaonly, sd_xl_base_1.0, the lllyasviel /
 diffusers canny ControlNets); pick yours in the loader nodes after loading a workflow.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-FOLDER = Path(__file__).resolve().parent / "example_workflows"
+FOLDER = Path(__file__).resolve().parents[1] / "comfy" / "example_workflows"
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Node:
 
 def hidiffusion_widgets() -> dict[str, Any]:
     """The node's widgets at their defaults (the library's defaults)."""
-    from .nodes import widget_defaults
+    from ..comfy.nodes import widget_defaults
 
     return widget_defaults()
 
