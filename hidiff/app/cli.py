@@ -35,7 +35,7 @@ def load_unet_skeleton(model: str):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ..diffusers.testing import FULL_UNET_CONFIGS
+    from ..diffusers.unet_configs import FULL_UNET_CONFIGS
 
     if model in FULL_UNET_CONFIGS:
         config, factor = dict(FULL_UNET_CONFIGS[model]), 8
@@ -72,60 +72,58 @@ def _pixels_per_latent(pipeline_folder: Path) -> int:
 def describe(model: str, height: int, width: int, steps: int, config, memory=None) -> dict[str, Any]:
     """What ``apply_hidiffusion`` would do for one call, without running anything."""
     from ..core.presets import PRESETS
-    from ..diffusers.model import detect_layout
+    from ..diffusers.model import detect_architecture
     from ..diffusers.patch import Patch
 
     unet, factor = load_unet_skeleton(model)
-    layout = detect_layout(unet)
+    arch = detect_architecture(unet)
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     latent = (height // factor, width // factor)
-    patch = Patch(unet, None, layout, config, None)
+    patch = Patch(unet, None, arch, config, None)
     plans = [patch.plan(latent, i, steps) for i in range(steps)]
     preset = PRESETS[plans[0].preset] if plans[0].active else None
     info: dict[str, Any] = {
         "model": model,
-        "family": layout.family,
-        "layout": layout.kind,
-        "inpainting": layout.inpainting,
+        "family": arch.family,
+        "layout": arch.kind,
+        "inpainting": arch.inpainting,
         "pixels_per_latent": factor,
-        "native": [factor * layout.native[0], factor * layout.native[1]],
+        "native": [factor * arch.native[0], factor * arch.native[1]],
         "size": [height, width],
         "steps": steps,
         "preset": preset.name if preset else None,
-        "why": _why(layout, (height, width), latent, steps, config, preset),
+        "why": _why(arch, (height, width), latent, steps, config, preset),
         "modules": patch.describe() if preset else {},
         "conv_steps": [i for i, p in enumerate(plans) if p.conv],
         "pool_steps": [i for i, p in enumerate(plans) if p.pool],
         "window_steps": [i for i, p in enumerate(plans) if p.windows],
         "kv_steps": [i for i, p in enumerate(plans) if p.kv > 1],
-        "kv_stages": _kv_paths(layout, config) if preset and config.kv_downsample > 1 else [],
+        "kv_stages": _kv_paths(arch, config) if preset and config.kv_downsample > 1 else [],
         "config": config.to_dict(),
     }
     if memory is not None:
         from .memory_plan import info_rows
 
-        info["memory"] = info_rows(unet, layout, factor, height, width, steps, config, *memory)
+        info["memory"] = info_rows(unet, arch, factor, height, width, steps, config, *memory)
     return info
 
 
-def _kv_paths(layout, config) -> list[str]:
+def _kv_paths(arch, config) -> list[str]:
     """The stages whose self-attention key/value downsampling acts on (down stage, then its mirror)."""
     return [
-        f"{kind}_blocks.{k if kind == 'down' else layout.up_index(k)}"
-        for k in layout.kv_stages(config.kv_levels)
+        f"{kind}_blocks.{k if kind == 'down' else arch.up_index(k)}"
+        for k in arch.kv_stages(config.kv_levels)
         for kind in ("down", "up")
     ]
 
 
-def _why(layout, size, latent, steps, config, preset) -> str:
+def _why(arch, size, latent, steps, config, preset) -> str:
     if preset is None:
         return f"{size[1]}x{size[0]} is at or below native; at_native='skip' leaves it untouched"
     if config.preset:
         return "forced by --preset"
-    return (
-        f"{preset.note} (latent {latent[0]}x{latent[1]}, native {layout.native[0]}x{layout.native[1]}, {steps} steps)"
-    )
+    return f"{preset.note} (latent {latent[0]}x{latent[1]}, native {arch.native[0]}x{arch.native[1]}, {steps} steps)"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -245,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .edit import add_arguments as add_edit_arguments
     from .eval import add_arguments as add_eval_arguments
     from .eval import add_demo_arguments
-    from .generate import add_arguments as add_generate_arguments
+    from .generate_flags import add_arguments as add_generate_arguments
 
     parser = ArgumentParser(prog="hidiff", description="HiDiffusion for diffusers Stable Diffusion pipelines")
     sub = parser.add_subparsers(dest="command", required=True)

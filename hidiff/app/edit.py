@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional
 
 from ..core.cfgpp import SAMPLERS
 from ..diffusers.edit import DEFAULT_EDIT_GUIDANCE
@@ -27,12 +27,14 @@ from .args import (
     cfgpp_lambda,
     check_value,
     finite,
-    flag,
     img2img_strength,
     positive,
     seed,
 )
-from .generate import _kind, _sha256, check_outputs, load_image, output_base, read_request, save_png
+from .inputs import load_image, sha256
+from .metadata import read_request, save_png
+from .output import check_outputs, output_base
+from .request import typed_flag
 
 METADATA_KEY = "hidiff-edit"
 TOY = "toy"
@@ -72,7 +74,7 @@ _FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(EditRequest))
 
 
 def _typed(name: str) -> Any:
-    return flag(CHECKS[name], _kind(get_type_hints(EditRequest)[name]))
+    return typed_flag(EditRequest, CHECKS, name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +208,7 @@ def metadata(request: EditRequest, pipe: Any) -> dict[str, Any]:
     return {
         "format": 1,
         "request": dataclasses.asdict(request),
-        "inputs_sha256": {n: _sha256(getattr(request, n)) for n in ("image", "mask") if getattr(request, n)},
+        "inputs_sha256": {n: sha256(getattr(request, n)) for n in ("image", "mask") if getattr(request, n)},
         "run": {
             "pipeline": type(pipe).__name__,
             "dtype": str(pipe.unet.dtype).replace("torch.", ""),

@@ -131,7 +131,7 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 or n == 0 else f"{n / 1e6:.1f} MB"
 
 
-# ------------------------------------------------------------------ the plan of hidiff generate
+# ------------------------------------------------------------------ the memory plan of hidiff generate
 BUDGET_ENV = "HIDIFF_MEMORY_BUDGET"
 FREE_SHARE = 0.8  # of the memory free after loading, what a run may plan to take (the rest: allocator slack)
 
@@ -181,7 +181,7 @@ def budget_of(flag_value: Optional[str], device: Any, free: Optional[int], weigh
     return weights + int(FREE_SHARE * free), "free memory"
 
 
-def make_plan(
+def make_memory_plan(
     pipe: Any,
     layout: Any,
     device: Any,
@@ -197,7 +197,7 @@ def make_plan(
 ) -> MemoryPlan:
     """Decide tiled VAE decoding, attention slicing and model offload for a run, each only when the
     estimate says the device is short; raise UsageError (before anything runs) when nothing makes it fit
-    under an explicit budget or on an accelerator. Changes nothing on ``pipe``: see :func:`apply_plan`."""
+    under an explicit budget or on an accelerator. Changes nothing on ``pipe``: see :func:`apply_memory_plan`."""
     attention = default_attention(pipe, device)
 
     def peak_of(tiling: bool, att: str, offload: bool, **over: Any) -> Any:
@@ -208,55 +208,57 @@ def make_plan(
     tiling = vae_tiling == "on"
     first = peak_of(tiling, attention, False)
     budget, source = budget_of(budget_flag, device, free, first.weights)
-    plan = MemoryPlan(budget, source, first.peak, first.peak, vae_tiling=tiling)
+    memory_plan = MemoryPlan(budget, source, first.peak, first.peak, vae_tiling=tiling)
     if tiling:
-        plan.actions.append("VAE tiling on (as asked)")
+        memory_plan.actions.append("VAE tiling on (as asked)")
     if budget is None:
-        return plan
+        return memory_plan
     current = first
     why_free = source == "free memory"
     if vae_tiling == "auto" and current.weights + current.vae > budget and getattr(pipe, "vae", None) is not None:
-        plan.vae_tiling = True
+        memory_plan.vae_tiling = True
         why = (
             f"decoding in one piece needs about {gb(current.vae)}, {gb(free)} free"
             if why_free
             else f"decoding in one piece needs about {gb(current.vae)} on top of {gb(current.weights)} of weights, "
             f"budget {gb(budget)} ({source})"
         )
-        plan.actions.append(f"VAE tiling on: {width}x{height} x{batch} ({why})")
+        memory_plan.actions.append(f"VAE tiling on: {width}x{height} x{batch} ({why})")
         current = peak_of(True, attention, False)
     if current.peak > budget and attention == "math":
-        plan.attention_slicing = True
+        memory_plan.attention_slicing = True
         attention = "sliced"
-        after = peak_of(plan.vae_tiling, attention, False)
-        plan.actions.append(
+        after = peak_of(memory_plan.vae_tiling, attention, False)
+        memory_plan.actions.append(
             f"attention slicing on: the U-Net's attention scores need about {gb(current.unet - after.unet)} more "
             f"than one head at a time"
         )
         current = after
     if current.peak > budget:
         if device.type == "cuda" and _has_accelerate():
-            plan.offload = True
-            after = peak_of(plan.vae_tiling, attention, True)
-            plan.actions.append(
+            memory_plan.offload = True
+            after = peak_of(memory_plan.vae_tiling, attention, True)
+            memory_plan.actions.append(
                 f"model offload on: weights {gb(current.weights)} -> {gb(after.weights)} on the GPU at a time"
             )
             current = after
         elif device.type == "cpu":
-            plan.actions.append("model offload: nothing to gain on CPU (the weights are in host memory already)")
-    plan.peak = current.peak
+            memory_plan.actions.append("model offload: nothing to gain on CPU (the weights are in host memory already)")
+    memory_plan.peak = current.peak
     if current.peak > budget:
-        fits = what_fits(peak_of, budget, width, height, batch, str(pipe.unet.dtype), plan, attention)
+        fits = what_fits(peak_of, budget, width, height, batch, str(pipe.unet.dtype), memory_plan, attention)
         message = (
             f"{width}x{height} x{batch} needs about {gb(current.peak)} at its peak (weights {gb(current.weights)}, "
             f"U-Net {gb(current.unet)}, VAE decode {gb(current.vae)}"
-            f"{', with ' + ', '.join(plan.turned_on()) if plan.turned_on() else ''}), "
+            f"{', with ' + ', '.join(memory_plan.turned_on()) if memory_plan.turned_on() else ''}), "
             f"more than the {gb(budget)} budget ({source}); {fits}"
         )
         if source != "free memory" or device.type != "cpu":
             raise UsageError(message)
-        plan.actions.append(f"warning: {message}; it may swap or be stopped (pass --memory-budget to refuse such runs)")
-    return plan
+        memory_plan.actions.append(
+            f"warning: {message}; it may swap or be stopped (pass --memory-budget to refuse such runs)"
+        )
+    return memory_plan
 
 
 def what_fits(
@@ -266,7 +268,7 @@ def what_fits(
     height: int,
     batch: int,
     dtype: str,
-    plan: MemoryPlan,
+    memory_plan: MemoryPlan,
     att: str,
 ) -> str:
     """What would make a run fit: a smaller size at the same aspect, float16, one image at a time."""
@@ -275,27 +277,27 @@ def what_fits(
     while scale > 0.1:
         scale *= 0.9
         w, h = max(64, int(width * scale) // 64 * 64), max(64, int(height * scale) // 64 * 64)
-        if peak_of(plan.vae_tiling, att, plan.offload, width=w, height=h).peak <= budget:
+        if peak_of(memory_plan.vae_tiling, att, memory_plan.offload, width=w, height=h).peak <= budget:
             options.append(f"{w}x{h}")
             break
-    if batch > 1 and peak_of(plan.vae_tiling, att, plan.offload, batch=1).peak <= budget:
+    if batch > 1 and peak_of(memory_plan.vae_tiling, att, memory_plan.offload, batch=1).peak <= budget:
         options.append("--batch 1")
-    if "float32" in dtype and peak_of(plan.vae_tiling, att, plan.offload, dtype="float16").peak <= budget:
+    if "float32" in dtype and peak_of(memory_plan.vae_tiling, att, memory_plan.offload, dtype="float16").peak <= budget:
         options.append("--dtype float16")
-    if not plan.vae_tiling:
+    if not memory_plan.vae_tiling:
         options.append("--vae-tiling on")
     return "would fit: " + ", or ".join(options) if options else "no smaller size, batch or dtype fits that budget"
 
 
-def apply_plan(pipe: Any, plan: MemoryPlan, device: Any) -> None:
-    """Turn on what the plan says, and print it."""
-    if plan.vae_tiling and not getattr(pipe.vae, "use_tiling", False):
+def apply_memory_plan(pipe: Any, memory_plan: MemoryPlan, device: Any) -> None:
+    """Turn on what the memory_plan says, and print it."""
+    if memory_plan.vae_tiling and not getattr(pipe.vae, "use_tiling", False):
         pipe.vae.enable_tiling()
-    if plan.attention_slicing:
+    if memory_plan.attention_slicing:
         pipe.enable_attention_slicing(1)
-    if plan.offload:
+    if memory_plan.offload:
         pipe.enable_model_cpu_offload(device=device)
-    for action in plan.actions:
+    for action in memory_plan.actions:
         print(action)
 
 
@@ -405,7 +407,7 @@ def measure_unet_call(
     from ..core.config import HiDiffusionConfig
     from ..core.planner import Progress, plan_call
     from ..diffusers.memory import unet_shape
-    from ..diffusers.model import detect_layout
+    from ..diffusers.model import detect_architecture
     from ..diffusers.testing import make_unet
     from .timing import PeakMemory
 
@@ -435,7 +437,7 @@ def measure_unet_call(
                 before = sampled.peak
                 unet(x, t, text, **extra)
             out["rss_delta"] = sampled.peak - before
-    arch = detect_layout(unet)
+    arch = detect_architecture(unet)
     plan = plan_call(arch, (side, side), config or HiDiffusionConfig(raunet=False, window_attn=False), Progress(0, 10))
     elements, _ = memory.unet_activation_elements(
         arch, unet_shape(unet), plan, batch, attention, windows=config is not None and plan.windows

@@ -64,8 +64,20 @@ def test_the_app_import_graph_has_no_cycle():
 def test_commands_sit_above_what_they_share():
     graph = app_imports()
     assert graph["args"] == set()  # the shared flags, checks and choices import no command
-    assert graph["loading"] <= {"args"}
+    assert graph["loading"] <= {"args", "toy.pipeline"}  # the shipped toy is a model it loads by name
     assert graph["reference"] == set()
     for command in ("generate", "bench", "eval"):
         assert "cli" not in graph[command]
     assert "generate" not in graph["bench"] and "bench" not in graph["eval"]
+
+
+def test_batch_and_edit_use_generate_s_public_modules_not_the_command():
+    """generate is split by job; the other commands import the jobs (request, validation, inputs,
+    pipeline, run, output, metadata), never the generate command module itself."""
+    graph = app_imports()
+    for command in ("batch", "edit"):
+        assert "generate" not in graph[command], command
+    assert graph["batch"] >= {"request", "pipeline", "run", "metadata", "inputs"}
+    assert graph["validation"] <= {"args", "request", "memory_plan"}  # no I/O module
+    for job in ("request", "validation", "inputs", "pipeline", "run", "output", "metadata"):
+        assert not graph[job] & {"generate", "batch", "edit", "cli"}, job

@@ -27,8 +27,8 @@ def no_loading(monkeypatch):
     import hidiff.app.bench
     import hidiff.app.cli
     import hidiff.app.eval
-    import hidiff.app.generate
     import hidiff.app.loading
+    import hidiff.app.pipeline
 
     def refuse(*args, **kwargs):
         raise Loaded("a model was loaded before the input was checked")
@@ -36,7 +36,7 @@ def no_loading(monkeypatch):
     for module, name in (
         (hidiff.app.loading, "load_base_pipeline"),
         (hidiff.app.loading, "load_pipeline"),
-        (hidiff.app.generate, "load_pipeline"),
+        (hidiff.app.pipeline, "load_pipeline"),
         (hidiff.app.eval, "load_toy_pipeline"),
         (hidiff.app.bench, "make_unet"),
         (hidiff.app.bench, "load_model"),
@@ -193,7 +193,7 @@ def _fill(arg, files):
 
 
 def test_out_names_a_png_inside_a_folder_or_with_png_added(tmp_path):
-    from hidiff.app.generate import output_base
+    from hidiff.app.output import output_base
 
     assert output_base(str(tmp_path), 7) == tmp_path / "hidiff-7.png"
     assert output_base(str(tmp_path / "new") + "/", 7) == tmp_path / "new" / "hidiff-7.png"

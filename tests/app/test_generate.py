@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import hidiff.app.generate as generate
 import hidiff.app.loading as loading
+import hidiff.app.pipeline as pipeline
 from hidiff import HiDiffusionConfig
 from hidiff.app.args import UsageError
 from hidiff.app.cli import main
@@ -191,6 +191,7 @@ def test_inputs_choose_the_pipeline_and_rerun(models, tmp_path, task, inputs, pi
     assert np.array_equal(pixels(tmp_path / "r.png"), pixels(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "inputs,pipeline",
     [
@@ -309,7 +310,7 @@ def test_sdxl_checkpoints_are_told_apart_by_their_keys(tmp_path):
 
 
 def test_vae_tiling_turns_on_when_a_one_piece_decode_would_not_fit(models, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 10**6)  # 1 MB free
+    monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: 10**6)  # 1 MB free
     assert gen("--model", models["sd"], "--prompt", "x", *SIZE, "--seed", 1, "--out", tmp_path / "v.png") == 0
     assert re.search(
         r"VAE tiling on: 128x96 x1 \(decoding in one piece needs about [\d.]+ [MG]B, 1.0 MB free\)",

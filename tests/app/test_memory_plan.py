@@ -160,7 +160,9 @@ def test_plan_turns_on_slicing_then_offload_only_as_far_as_needed(monkeypatch):
     args = dict(width=512, height=512, batch=1, config=HiDiffusionConfig(), steps=4, guidance=True, free=None)
 
     def plan(budget, device="cpu", tiling="auto"):
-        return mp.make_plan(pipe, layout, torch.device(device), vae_tiling=tiling, budget_flag=str(budget), **args)
+        return mp.make_memory_plan(
+            pipe, layout, torch.device(device), vae_tiling=tiling, budget_flag=str(budget), **args
+        )
 
     first = plan(10**12)
     assert first.turned_on() == [] and first.peak == first.first
@@ -187,7 +189,7 @@ def test_cpu_without_a_budget_warns_instead_of_refusing(monkeypatch):
     pipe = tiny_pipeline("sd15", sample_size=8)
     layout = hidiff.detect_layout(pipe.unet)
     monkeypatch.delenv(mp.BUDGET_ENV, raising=False)
-    plan = mp.make_plan(
+    plan = mp.make_memory_plan(
         pipe, layout, torch.device("cpu"), 512, 512, 1, None, 4, True, vae_tiling="auto", budget_flag=None, free=1000
     )
     assert plan.budget_source == "free memory" and plan.vae_tiling
