@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 
 import hidiff.app.batch as batch
-import hidiff.app.generate as generate
+import hidiff.app.metadata as metadata
+import hidiff.app.pipeline as pipeline
+import hidiff.app.run as running
 from hidiff.app.cli import main
+from hidiff.app.request import Request
 from hidiff.diffusers.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +127,7 @@ def test_one_process_writes_every_line_with_generate_metadata_and_a_manifest(
 
     # a rerun finds everything done: no model loaded, nothing written, the same files
     capsys.readouterr()
-    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["batch", prompts, "--out", str(out), "--model", model, *SIZE]) == 0
     assert manifest(out) == entries and pngs(out) == names
     assert "0 made, 10 already done, 0 failed, of 10" in capsys.readouterr().err
@@ -268,7 +271,7 @@ def test_jsonl_lines_set_seed_size_steps_hidiffusion_and_batch(model, tmp_path):
 
 # ------------------------------------------------------------------ usage errors
 def test_usage_errors_exit_2_in_one_line_before_any_model_loads(model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     text = tmp_path / "p.txt"
     text.write_text("one\n")
     jsonl = tmp_path / "p.jsonl"
@@ -300,7 +303,7 @@ def test_usage_errors_exit_2_in_one_line_before_any_model_loads(model, tmp_path,
 
 # ------------------------------------------------------------------ the pieces
 def test_file_names_follow_the_line_and_settings_only(model):
-    base = generate.Request(model=model, width=128, height=96, steps=2)
+    base = Request(model=model, width=128, height=96, steps=2)
     lines = [batch.Line(3, {"prompt": "Hello, World!"}, {}), batch.Line(4, {"prompt": "x", "batch": 2}, {})]
     jobs = batch.build_jobs(base, lines)
     assert [j.name.rsplit("-", 1)[0] for j in jobs] == ["00003-hello-world", "00004-0-x", "00004-1-x"]
@@ -324,9 +327,9 @@ def test_manifest_lines_survive_a_line_cut_short_and_unfinished_pngs_are_not_don
 
     image = Image.new("RGB", (16, 16), "red")
     good = tmp_path / "good.png"
-    generate.save_png(image, good, {"hidiff": "{}"})
+    metadata.save_png(image, good, {"hidiff": "{}"})
     bad_meta = tmp_path / "bad-meta.png"
-    generate.save_png(image, bad_meta, {"hidiff": "{cut"})
+    metadata.save_png(image, bad_meta, {"hidiff": "{cut"})
     assert batch.is_done(good)
     cut = tmp_path / "cut.png"
     cut.write_bytes(good.read_bytes()[:-20])
@@ -354,8 +357,8 @@ def test_lines_of_other_tasks_and_cfgpp_share_the_loaded_model_and_leave_nothing
     file = tmp_path / "p.jsonl"
     file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     loads = []
-    real_load = generate.load
-    monkeypatch.setattr(generate, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load = pipeline.load
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     out = tmp_path / "out"
     assert main(["batch", str(file), "--out", str(out), "--model", model, *SIZE]) == 0
     assert len(loads) == 1  # the img2img line got the same components in its pipeline class
@@ -419,14 +422,14 @@ def test_controlnet_lines_take_their_own_control_images(model, tmp_path):
 def test_out_of_memory_on_one_line_is_recorded_and_ctrl_c_stops_cleanly(model, tmp_path, capsys, monkeypatch):
     file = tmp_path / "p.txt"
     file.write_text("small\nhuge\nsmall again\n")
-    real_run = generate.run_pipeline
+    real_run = running.run_pipeline
 
     def run(request, *args, **kwargs):
         if request.prompt == "huge":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
         return real_run(request, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "run_pipeline", run)
+    monkeypatch.setattr(running, "run_pipeline", run)
     out = tmp_path / "out"
     argv = ["batch", str(file), "--out", str(out), "--model", model, *SIZE]
     assert main(argv) == 1
@@ -437,7 +440,7 @@ def test_out_of_memory_on_one_line_is_recorded_and_ctrl_c_stops_cleanly(model, t
     def interrupted(request, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate, "run_pipeline", interrupted)
+    monkeypatch.setattr(running, "run_pipeline", interrupted)
     capsys.readouterr()
     assert main(argv) == batch.EXIT_INTERRUPTED
     assert "rerun the same command to resume" in capsys.readouterr().err
