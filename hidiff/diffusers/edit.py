@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 
 from ..core.cfgpp import SAMPLERS
-from .cfgpp import cfgpp_settings, disable_cfgpp, enable_cfgpp, inversion, stock_scheduler
+from .cfgpp import cfgpp_settings, disable_cfgpp, enable_cfgpp, stock_scheduler
+from .inversion import inversion
 from .model import find_unet
 from .patch import apply_hidiffusion, get_patch, remove_hidiffusion
 
@@ -162,6 +163,33 @@ def edit(
 
     Returns an :class:`EditOutput`. Bad input raises before the pipeline is touched.
     """
+    unet = _edited_unet(pipe)
+    _check_prompt("source_prompt", source_prompt)
+    _check_prompt("target_prompt", target_prompt)
+    strength, guidance, cfg_scale = _check_options(
+        strength, num_inference_steps, guidance, cfg_scale, sampler, output_type, hidiffusion
+    )
+    pixels = _image_tensor(image, _size_multiple(pipe, unet))
+    height, width = pixels.shape[-2:]
+    mask_t = _mask_tensor(mask, height, width) if mask is not None else None
+    steps = edited_steps(num_inference_steps, strength)
+    sampling = _sampling_scheduler(pipe.scheduler, sampler, guidance, cfg_scale, num_inference_steps, steps)
+    apply = _applies_hidiffusion(pipe, unet, hidiffusion, max(height, width))
+    if apply:
+        apply_hidiffusion(pipe)
+    try:
+        inv = inversion(pipe, pixels, source_prompt, negative_prompt, guidance, cfg_scale, num_inference_steps, steps)
+        x = _sample(
+            pipe, unet, inv, (sampler, sampling), target_prompt, negative_prompt, guidance, cfg_scale, mask_t, generator
+        )
+    finally:
+        if apply:
+            remove_hidiffusion(pipe)
+    return EditOutput(_decode(pipe, x, output_type), steps)
+
+
+def _edited_unet(pipe: Any) -> Any:
+    """The U-Net of a pipeline hidiff.edit can run on (TypeError / ValueError saying why not)."""
     unet, found_pipe = find_unet(pipe)
     if found_pipe is None:
         raise TypeError(f"hidiff.edit needs the pipeline (unet, scheduler, text encoder), not {type(pipe).__name__}")
@@ -174,8 +202,19 @@ def edit(
             "CFG++ is on for this pipeline (hidiff.enable_cfgpp); hidiff.edit sets its own sampler: call "
             "hidiff.disable_cfgpp(pipe) first and pass sampler= and guidance= to hidiff.edit"
         )
-    _check_prompt("source_prompt", source_prompt)
-    _check_prompt("target_prompt", target_prompt)
+    return unet
+
+
+def _check_options(
+    strength: Any,
+    num_inference_steps: Any,
+    guidance: Any,
+    cfg_scale: Any,
+    sampler: Any,
+    output_type: Any,
+    hidiffusion: Any,
+) -> tuple[float, Optional[float], Optional[float]]:
+    """(strength, guidance, cfg_scale) checked, the default lam filled in; ValueError / TypeError otherwise."""
     strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
@@ -191,30 +230,19 @@ def edit(
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
     if hidiffusion not in (None, True, False):
         raise TypeError(f"hidiffusion must be None (automatic), True or False, got {hidiffusion!r}")
-    pixels = _image_tensor(image, _size_multiple(pipe, unet))
-    height, width = pixels.shape[-2:]
-    mask_t = _mask_tensor(mask, height, width) if mask is not None else None
-    steps = edited_steps(num_inference_steps, strength)
-    sampling = _sampling_scheduler(pipe.scheduler, sampler, guidance, cfg_scale, num_inference_steps, steps)
+    return strength, guidance, cfg_scale
 
+
+def _applies_hidiffusion(pipe: Any, unet: Any, hidiffusion: Optional[bool], side: int) -> bool:
+    """Whether the edit applies HiDiffusion for its run: asked for, or (None) above the native size;
+    never over a patch already there, which stays as it is."""
     patched = get_patch(unet) is not None
-    native = int(unet.config.sample_size) * (_size_multiple(pipe, unet) if getattr(pipe, "vae", None) else 1)
-    apply = not patched and (hidiffusion if hidiffusion is not None else max(height, width) > native)
     if hidiffusion is False and patched:
         raise ValueError(
             "hidiffusion=False but HiDiffusion is applied to this pipeline: remove_hidiffusion(pipe) first"
         )
-    if apply:
-        apply_hidiffusion(pipe)
-    try:
-        inv = inversion(pipe, pixels, source_prompt, negative_prompt, guidance, cfg_scale, num_inference_steps, steps)
-        x = _sample(
-            pipe, unet, inv, (sampler, sampling), target_prompt, negative_prompt, guidance, cfg_scale, mask_t, generator
-        )
-    finally:
-        if apply:
-            remove_hidiffusion(pipe)
-    return EditOutput(_decode(pipe, x, output_type), steps)
+    native = int(unet.config.sample_size) * (_size_multiple(pipe, unet) if getattr(pipe, "vae", None) else 1)
+    return not patched and (hidiffusion if hidiffusion is not None else side > native)
 
 
 def _sampling_scheduler(
@@ -263,12 +291,12 @@ def _sample(
     generator: Any,
 ) -> torch.Tensor:
     """The last ``len(inv.levels)`` steps of the schedule from the inverted latents, with the target prompt."""
-    from .cfgpp import _conditioning
+    from .inversion import conditioning
 
     sampler, stock = sampling
     device = getattr(pipe, "_execution_device", None) or unet.device
     latents = inv.latents
-    kwargs = _conditioning(pipe, prompt, negative_prompt, latents.shape[0], latents.shape[-2:], device)
+    kwargs = conditioning(pipe, prompt, negative_prompt, latents.shape[0], latents.shape[-2:], device)
     if mask is not None:
         mask = torch.nn.functional.interpolate(mask, size=tuple(latents.shape[-2:]), mode="area").to(device)
     original = pipe.scheduler

@@ -7,7 +7,7 @@ import torch
 from helpers import SharedPipelines, assert_untouched, snapshot
 
 import hidiff
-from hidiff.diffusers import cfgpp
+from hidiff.diffusers import cfgpp, inversion
 from hidiff.diffusers.testing import tiny_components
 
 STEPS = 5
@@ -134,6 +134,7 @@ def hand_loop(sampler, pipe, latents, kwargs, lam, seed=1):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sd21-768", "sdxl"])
 @pytest.mark.parametrize("sampler", cfgpp.SAMPLERS)
 def test_sampler_equals_a_hand_written_loop_of_its_rule(sampler, family):
@@ -385,7 +386,7 @@ def test_inversion_is_the_exact_inverse_of_cfgpp_ddim(family):
             conv_in.weight.zero_()
             conv_in.bias.zero_()
         image = _image(64)
-        target = cfgpp._encode_image(pipe, image, "cpu")
+        target = inversion.encode_image(pipe, image, "cpu")
         hidiff.enable_cfgpp(pipe, "ddim", guidance=LAM)
         noise = hidiff.invert(pipe, image, PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS)
         assert (noise - target).abs().max() > 0.5  # it did move to noise
@@ -401,7 +402,7 @@ def test_inversion_reconstructs_better_than_cfg_at_matched_guidance():
     """Random tiny SD: CFG++ invert-then-sample error is below ordinary CFG's at w = 1 + 11.5 * lam."""
     pipe = _pipe("sd15")
     image = _image(64)
-    target = cfgpp._encode_image(pipe, image, "cpu")
+    target = inversion.encode_image(pipe, image, "cpu")
     scale = cfgpp.cfg_scale_for(LAM)
     noise = hidiff.invert(pipe, image, PROMPT, cfg_scale=scale, num_inference_steps=STEPS)
     cfg_error = (_sample(pipe, 64, noise, guidance_scale=scale)[0] - target).pow(2).mean().sqrt()
