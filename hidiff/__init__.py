@@ -12,9 +12,10 @@ hidiff.progressive(pipe, prompt, 4096, 4096)  # small first, then enlarged and r
 from .core.architecture import Architecture, UnsupportedModelError
 from .core.config import HiDiffusionConfig
 from .core.presets import PRESETS, Preset
-from .diffusers.cfgpp import disable_cfgpp, enable_cfgpp, invert
+from .diffusers.cfgpp import disable_cfgpp, enable_cfgpp
 from .diffusers.edit import edit
-from .diffusers.model import detect_layout
+from .diffusers.inversion import invert
+from .diffusers.model import detect_architecture, detect_layout
 from .diffusers.patch import (
     CallRecord,
     apply_hidiffusion,
@@ -45,6 +46,7 @@ __all__ = [
     "Preset",
     "Layout",
     "Architecture",
+    "detect_architecture",
     "detect_layout",
     "UnsupportedModelError",
     "last_call",

@@ -123,6 +123,11 @@ def _embedding(config: Any) -> str:
     return "class" if getattr(config, "num_class_embeds", None) else ""
 
 
-def detect_layout(unet: Any) -> Architecture:
+def detect_architecture(unet: Any) -> Architecture:
     """The architecture of a diffusers U-Net; raises :class:`UnsupportedModelError` naming what was found."""
     return recognise(describe_unet(unet))
+
+
+#: The earlier name of :func:`detect_architecture`, kept for code written against it (it returned a
+#: ``Layout``, the name :class:`~hidiff.core.architecture.Architecture` had before the core/host split).
+detect_layout = detect_architecture
