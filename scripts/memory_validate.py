@@ -37,7 +37,7 @@ def run_case(family: str, width: int, side: int, batch: int, mode: str, attentio
 
     from hidiff.app.memory_plan import measure_unet_call
     from hidiff.core.config import HiDiffusionConfig
-    from hidiff.diffusers.testing import FULL_UNET_CONFIGS
+    from hidiff.diffusers.unet_configs import FULL_UNET_CONFIGS
 
     torch.set_num_threads(1)
     config = dict(FULL_UNET_CONFIGS[family])

@@ -46,7 +46,7 @@ def hidiff_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from hidiff.app.bench import _inputs
     from hidiff.app.bench_published import PUBLISHED_NAMES
-    from hidiff.diffusers.testing import FULL_UNET_CONFIGS
+    from hidiff.diffusers.unet_configs import FULL_UNET_CONFIGS
 
     if args.family not in FULL_UNET_CONFIGS:
         parser.error(f"--family must be one of {', '.join(FULL_UNET_CONFIGS)}")

@@ -18,7 +18,8 @@ import statistics
 import torch
 
 from hidiff.app.bench import _inputs, _local_run, _phase_run, kv_mode
-from hidiff.diffusers.testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from hidiff.diffusers.testing import make_unet, tiny_unet_config
+from hidiff.diffusers.unet_configs import FULL_UNET_CONFIGS
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import torch
 import hidiff
 from hidiff.app.bench import _inputs
 from hidiff.app.timing import timed_loop
-from hidiff.diffusers.testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from hidiff.diffusers.testing import make_unet, tiny_unet_config
+from hidiff.diffusers.unet_configs import FULL_UNET_CONFIGS
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..core.cfgpp import SAMPLERS as CFGPP_SAMPLERS
 from ..core.cfgpp import check_guidance
 from ..core.config import HiDiffusionConfig, OptionSpec, option_spec, option_specs
-from ..diffusers.testing import FULL_UNET_CONFIGS
+from ..diffusers.unet_configs import FULL_UNET_CONFIGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -101,12 +101,6 @@ image_side = side_multiple_of(8)
 def finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
-    return value
-
-
-def probability(value: float) -> float:
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise ValueError(f"must lie in [0, 1], got {value}")
     return value
 
 

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 
 from ..diffusers import patch as adapter
-from ..diffusers.testing import FULL_UNET_CONFIGS, make_unet, tiny_unet_config
+from ..diffusers.testing import make_unet, tiny_unet_config
+from ..diffusers.unet_configs import FULL_UNET_CONFIGS
 from .args import (
     ALL,
     BASELINE,
@@ -178,12 +179,12 @@ _LAYOUT_FAMILIES = {"sd1": "sd15", "sd2": "sd21", "sd": "sd15", "sdxl": "sdxl", 
 
 def load_model(model: str, config_folder: Optional[str], dtype: torch.dtype) -> tuple[Any, str]:
     """A real pipeline (hub id, folder or single file, as ``hidiff generate`` loads it) and its family name."""
-    from ..diffusers.model import detect_layout, find_unet
+    from ..diffusers.model import detect_architecture, find_unet
     from .loading import load_base_pipeline, torch_dtype_accepted
 
     with torch_dtype_accepted():
         pipe = load_base_pipeline(model, config_folder, dtype)
-    layout = detect_layout(find_unet(pipe)[0])
+    layout = detect_architecture(find_unet(pipe)[0])
     return pipe, _LAYOUT_FAMILIES[layout.family]
 
 
@@ -281,16 +282,30 @@ def run_bench(
     runs = Runs(bench, modes, batch, latent, steps, per_phase, reference_python, device, dtype)
     with sigterm_as_exit(), runs:
         samples = runs.interleaved(steps, warmup, repeats)
+    setting = {"tiny": tiny, "height": height, "width": width, "steps": steps, "batch": batch, "repeats": repeats}
+    result = _result(bench, setting, warmup, dev, dtype, per_phase, samples, runs)
+    if bench.components is not None:
+        result["model"] = model
+    return result
+
+
+def _result(
+    bench: BenchUNet,
+    setting: dict,
+    warmup: int,
+    device: torch.device,
+    dtype: str,
+    per_phase: bool,
+    samples: dict[str, list],
+    runs: Runs,
+) -> dict:
+    """What ``hidiff bench --json`` prints: the setting, each mode's summary, and what the real model's
+    other parts and the published package reported."""
     result = {
         "family": bench.family,
-        "tiny": tiny,
-        "height": height,
-        "width": width,
-        "steps": steps,
-        "batch": batch,
-        "repeats": repeats,
+        **setting,
         "warmup": warmup,
-        "device": str(dev),
+        "device": str(device),
         "dtype": dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -298,7 +313,6 @@ def run_bench(
         "modes": _compare(samples, runs.flops),
     }
     if bench.components is not None:
-        result["model"] = model
         result["unet_parameters"] = sum(p.numel() for p in bench.unet.parameters())
         result["components"] = bench.components
     if runs.published is not None:

@@ -21,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up in this module)
 from torch import nn
 
-from ...diffusers.testing import SD15_UNET
+from ...diffusers.unet_configs import SD15_UNET
 from .shapes import VOCABULARY
 
 #: Native size in pixels: the U-Net's ``sample_size`` (pixel space, so no factor 8).
