@@ -174,6 +174,7 @@ def test_default_modes_are_the_comparison_and_all_adds_the_ablations():
     assert _check(*args, ("msw", "hidiff"), None) == ("baseline", "msw", "hidiff")  # baseline always first
 
 
+@pytest.mark.slow
 def test_bench_a_real_model_times_its_unet_and_its_text_encoders_and_vae_apart(capsys, tmp_path):
     """--model: the loop runs the saved model's own U-Net (its parameter count and FLOPs),
     HiDiffusion acts on it, and the text encoders and VAE are timed once on their own."""

@@ -97,6 +97,7 @@ def test_bad_usage_exits_2_with_one_line(capsys, toy_folder, picture, tmp_path, 
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow
 def test_a_colour_edit_on_the_shipped_toy_changes_the_colour_and_keeps_the_object():
     """Trained weights: 6 red squares edited to blue (lam 0.3, strength 0.6, 20 steps) turn blue and
     keep their place and size (object-mask IoU)."""

@@ -143,6 +143,7 @@ def test_cli_demo_writes_the_side_by_side_and_prints_counts(saved, tmp_path, cap
     assert "not in the toy vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_model_draws_one_object_natively_and_duplicates_at_4x_unless_hidiff():
     """The weights in the package: the premise of hidiff eval and hidiff demo, on a few seeds."""
     from hidiff.app.toy import PROMPTS, load_toy_pipeline

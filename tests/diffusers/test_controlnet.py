@@ -74,6 +74,7 @@ def _control_image(side, n=1):
     return images[0] if n == 1 else images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_controlnets", [1, 2])
 def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
     pipe = _pipe("sd15", n_controlnets)
@@ -99,6 +100,7 @@ def test_sd_controlnet_residuals_follow_rau_net(n_controlnets):
     assert torch.equal(back, stock)
 
 
+@pytest.mark.slow
 def test_sdxl_text2img_controlnet_runs_native_then_stops():
     pipe = _pipe("sdxl")
     side = 768  # latent 96, native 64
@@ -124,6 +126,7 @@ def test_sdxl_text2img_controlnet_runs_native_then_stops():
     assert torch.equal(back, stock)
 
 
+@pytest.mark.slow
 def test_controlnet_mode_can_be_forced():
     pipe = _pipe("sdxl")
     hidiff.apply_hidiffusion(pipe, controlnet="resize")
@@ -141,6 +144,7 @@ _CONTROLNET_TASK_PIPELINES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
 def test_controlnet_img2img_and_inpaint(family, task):
@@ -179,6 +183,7 @@ def test_controlnet_img2img_and_inpaint(family, task):
     assert torch.equal(back, stock)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_t2i_adapter_residuals_follow_rau_net(family):
     components = tiny_components(family, **small_native(family))

@@ -148,6 +148,7 @@ def test_the_mask_keeps_the_rest_of_a_pixel_space_picture_exactly():
     assert float((out - image)[..., ~keep].abs().mean()) > 1e-2
 
 
+@pytest.mark.slow
 def test_every_sampler_runs_and_is_reproducible():
     pipe = _pipe()
     image = _image(64)

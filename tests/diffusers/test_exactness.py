@@ -126,6 +126,7 @@ def reference(tmp_path_factory):
     return tmp, {c["id"]: c for c in spec["cases"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_equals_published_hidiffusion(reference, case):
     tmp, cases = reference

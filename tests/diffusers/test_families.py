@@ -319,6 +319,7 @@ PRESET_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PRESET_CASES))
 def test_above_native_follows_preset(case):
     family, native, side, steps, preset = PRESET_CASES[case]
@@ -366,6 +367,7 @@ def test_apply_to_bare_unet_without_scheduler_still_acts():
     assert not torch.equal(latents, stock)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family,native,side",
     [("sd15", SD_NATIVE, SD_NATIVE * 8), ("sd15", SD_NATIVE, 48), ("sdxl", XL_NATIVE, XL_NATIVE * 8)],
@@ -398,6 +400,7 @@ def test_at_or_below_native_nothing_changes_unless_asked(family, native, side):
     assert torch.equal(again, stock)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler_name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
 def test_playground_style_edm_scheduler_gets_gentle_preset(scheduler_name):
     import diffusers
@@ -437,6 +440,7 @@ def test_sdxl_five_steps_is_not_turbo():
     assert {r.preset for r in records} == {"sdxl-2048"}
 
 
+@pytest.mark.slow
 def test_sdxl_inpaint_pipeline_gets_gentle_preset():
     steps, side = 6, 192
     pipe = tiny_pipeline("sdxl", "inpaint", sample_size=XL_NATIVE)

@@ -26,6 +26,7 @@ def _lora(pipe, seed=0):
     return pipe
 
 
+@pytest.mark.slow
 def test_lora_on_the_strided_conv_follows_rau_net():
     """An unfused PEFT LoRA under RAU-Net equals the same LoRA fused into the weights."""
     pipe = _lora(tiny_pipeline("sd15"))
@@ -52,6 +53,7 @@ def test_lora_on_the_strided_conv_follows_rau_net():
     torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_is_not_ignored_under_rau_net():
     base = tiny_pipeline("sd15")
     hidiff.apply_hidiffusion(base)
@@ -62,6 +64,7 @@ def test_lora_is_not_ignored_under_rau_net():
     assert (plain - lora_out).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_freeu_works_and_hidiff_removes_cleanly():
     pipe = tiny_pipeline("sd15")
     pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
@@ -76,6 +79,7 @@ def test_freeu_works_and_hidiff_removes_cleanly():
     pipe.disable_freeu()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_pag_pipeline_keeps_its_step_and_windows(family):
     cls = "StableDiffusionXLPAGPipeline" if family == "sdxl" else "StableDiffusionPAGPipeline"
@@ -98,6 +102,7 @@ def test_pag_pipeline_keeps_its_step_and_windows(family):
     assert torch.equal(back, stock) and not torch.equal(out, stock)
 
 
+@pytest.mark.slow
 def test_several_unet_calls_per_step_share_the_step():
     """Split classifier-free guidance (as modular pipelines do): two U-Net calls per step."""
     pipe = tiny_pipeline("sd15")
@@ -118,6 +123,7 @@ def test_several_unet_calls_per_step_share_the_step():
     assert seen == [v for i in range(STEPS) for v in (i, (i, i < t1))]
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_and_stops_compiling():
     """A compiled U-Net (dynamo, eager backend: no C compiler needed) follows the schedule
     and, once both RAU-Net phases have been seen, compiles nothing new."""
@@ -150,6 +156,7 @@ def test_torch_compile_runs_and_stops_compiling():
     assert (back - compiled).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["offload-first", "apply-first"])
 def test_model_cpu_offload_before_or_after_apply(order):
     pipe = tiny_pipeline("sd15")
@@ -195,6 +202,7 @@ def _ip_adapter_state_dict(unet, clip_dim=16, seed=0):
     return {"image_proj": image_proj, "ip_adapter": ip}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["ip-adapter-first", "apply-first"])
 def test_ip_adapter_loaded_before_or_after_apply(order):
     pipe = tiny_pipeline("sd15")

@@ -37,6 +37,7 @@ def _records(pipe, **call):
     return out.images, records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", ["text2img", "img2img", "inpaint"])
 def test_task_acts_and_keeps_shape(family, task):
@@ -85,6 +86,7 @@ def _unet_call(unet, height, width, text_dim, added=None):
         return unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,sizes", [("sd15", SD_SIZES), ("sdxl", SDXL_SIZES)])
 def test_every_size_with_both_rau_paths_and_windows(family, sizes):
     """Both RAU-Net paths at once (the deepest shrink) and windows on odd maps, at every listed size."""
@@ -127,6 +129,7 @@ def test_odd_window_map_is_handled_without_resize(sd_pipe):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_saved_model_loads_and_patches(tmp_path):
     """The real loading code: a pipeline saved to a folder and loaded with from_pretrained."""
     from diffusers import StableDiffusionPipeline

@@ -41,6 +41,7 @@ def state_dict_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_patched_then_removed_equals_never_patched(sd_pipe):
     before_state = hook_state(sd_pipe.unet)
     before_weights = {k: v.clone() for k, v in sd_pipe.unet.state_dict().items()}
@@ -59,6 +60,7 @@ def test_patched_then_removed_equals_never_patched(sd_pipe):
     assert torch.equal(latents_of(sd_pipe, SIZE, SIZE), stock)
 
 
+@pytest.mark.slow
 def test_sdxl_patched_then_removed_equals_never_patched(sdxl_pipe):
     before_state = hook_state(sdxl_pipe.unet)
     side = 9 * sdxl_pipe.unet.config.sample_size  # 1.125x native
@@ -71,6 +73,7 @@ def test_sdxl_patched_then_removed_equals_never_patched(sdxl_pipe):
     assert torch.equal(latents_of(sdxl_pipe, side, side, steps=6, guidance_scale=1.0), stock)
 
 
+@pytest.mark.slow
 def test_apply_twice_equals_apply_once(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe)
     once_state = hook_state(sd_pipe.unet)
@@ -80,6 +83,7 @@ def test_apply_twice_equals_apply_once(sd_pipe):
     assert torch.equal(latents_of(sd_pipe, SIZE, SIZE), once)
 
 
+@pytest.mark.slow
 def test_apply_again_replaces_options(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe, window_attn=False)
     latents_of(sd_pipe, SIZE, SIZE)
@@ -116,6 +120,7 @@ def _raise_at(step):
     return callback
 
 
+@pytest.mark.slow
 def test_exception_mid_generation_leaves_next_run_correct(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe)
     clean = latents_of(sd_pipe, SIZE, SIZE, steps=6)
@@ -128,6 +133,7 @@ def test_exception_mid_generation_leaves_next_run_correct(sd_pipe):
     assert torch.equal(latents_of(sd_pipe, SIZE, SIZE, steps=6), clean)
 
 
+@pytest.mark.slow
 def test_exception_inside_unet_restores_the_strided_conv(sd_pipe):
     """An error raised while the conv runs with stride 4 must not leave it strided."""
     hidiff.apply_hidiffusion(sd_pipe)
@@ -149,6 +155,7 @@ def test_exception_inside_unet_restores_the_strided_conv(sd_pipe):
     assert torch.equal(latents_of(sd_pipe, SIZE, SIZE), stock)
 
 
+@pytest.mark.slow
 def test_context_manager_removes_on_exit_and_on_error(sd_pipe):
     before = hook_state(sd_pipe.unet)
     stock = latents_of(sd_pipe, SIZE, SIZE)
@@ -174,6 +181,7 @@ def test_context_manager_puts_back_an_earlier_patch(sd_pipe):
     assert hook_state(sd_pipe.unet) == outer
 
 
+@pytest.mark.slow
 def test_seeded_shifts_reproducible_and_leave_global_rng_alone(sd_pipe):
     hidiff.apply_hidiffusion(sd_pipe)
     torch.manual_seed(0)

@@ -453,6 +453,7 @@ def patched_sd(sd_pipe):
 
 
 # DDIM's full run is checked in the exception test below (the run after the failed one).
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["heun", "pndm"])
 def test_pipeline_steps_follow_sd1024_preset(patched_sd, kind):
     pipe = patched_sd
@@ -467,6 +468,7 @@ def test_pipeline_steps_follow_sd1024_preset(patched_sd, kind):
     check_rows(pipe, rec.rows, n, n_calls)
 
 
+@pytest.mark.slow
 def test_pipeline_exception_in_callback_leaves_next_run_clean(patched_sd):
     pipe = patched_sd
     assert isinstance(pipe.scheduler, DDIMScheduler)
