@@ -171,3 +171,36 @@ def test_the_node_refuses_a_model_base_hidiffusion_is_not_for():
         ValueError, match="HiDiffusion is for SD 1.x, SD 2.x and SDXL U-Nets; this model's base is 'flux'"
     ):
         node.invoke(context=None)
+
+
+def test_a_lora_on_the_strided_conv_acts_under_rau_net():
+    """InvokeAI patches LoRA weights onto the cached U-Net around the denoise; RAU-Net's strided
+    conv (the stage's own downsampler, run with another stride) uses the patched weight."""
+    from invokeai.backend.patches.layer_patcher import LayerPatcher
+    from invokeai.backend.patches.layers.full_layer import FullLayer
+    from invokeai.backend.patches.model_patch_raw import ModelPatchRaw
+
+    unet, scheduler = harness.tiny_unet_and_scheduler(NATIVE_LATENT)
+    conv = unet.down_blocks[0].downsamplers[0].conv
+    diff = 0.05 * torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(8))
+    lora = ModelPatchRaw({"lora_unet_down_blocks.0.downsamplers.0.conv": FullLayer(diff.clone(), None)})
+    before = harness.model_state(unet)
+    config = HiDiffusionConfig()
+    # direct patching: InvokeAI's choice for a model wholly on its device (sidecar wrappers need the
+    # custom layers its model loader installs, for partly loaded or quantized models)
+    with LayerPatcher.apply_smart_model_patches(
+        model=unet, patches=[(lora, 1.0)], prefix="lora_unet_", dtype=torch.float32, force_direct_patching=True
+    ):
+        patched, report = run(unet, scheduler, config=config)
+    assert report.summary()["conv_steps"] == [0, 1]
+    assert harness.leftovers(before, harness.model_state(unet)) == {}
+    without, _ = run(unet, scheduler, config=config)
+    with torch.no_grad():
+        conv.weight.add_(diff)  # the same LoRA, merged by hand
+    try:
+        merged, _ = run(unet, scheduler, config=config)
+    finally:
+        with torch.no_grad():
+            conv.weight.sub_(diff)
+    assert (patched - without).abs().max() > 1e-3, "the LoRA was ignored"
+    assert torch.allclose(patched, merged, atol=1e-5, rtol=0), (patched - merged).abs().max()
