@@ -33,16 +33,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..core import ops
+from ..core import ops, rules
 from ..core.architecture import UnsupportedModelError
 from ..core.config import HiDiffusionConfig
 from ..core.planner import Plan, Progress, Task, plan_call
 from ..core.progress import progress_from_sigmas
+from ..core.rules import CallRecord
 from .structure import ComfyNetwork, describe
 
 #: Keys under which a patch's run and call state travel in ``transformer_options``.
@@ -57,24 +59,11 @@ class ComfyVersionError(RuntimeError):
 
 
 @dataclass
-class CallRecord:
-    """What HiDiffusion did in one U-Net call (handed to a ``recorder``; for tests and debugging)."""
-
-    plan: Plan
-    batch: int
-    block_sizes: dict = field(default_factory=dict)  # input block id -> (H, W) of its output (after pooling)
-    conv_out: Optional[tuple[int, int]] = None  # size after the strided conv
-    pooled: Optional[tuple[tuple[int, int], tuple[int, int]]] = None  # (from, to)
-    unpooled: Optional[tuple[tuple[int, int], tuple[int, int]]] = None
-    windows: list = field(default_factory=list)  # (layer ordinal, (H, W), shifts per row)
-    control_sizes: dict = field(default_factory=dict)  # kind -> [sizes after resizing]
-    kv: list = field(default_factory=list)  # (layer ordinal, (H, W) shrunk, factor) of key/value downsampling
-
-
-@dataclass
 class CallState:
+    """One U-Net call in progress (the record is the core's :class:`hidiff.core.rules.CallRecord`)."""
+
     plan: Plan
-    seeds: list  # window seed of each row of the batch
+    seeds: list[int]  # window seed of each row of the batch (hidiff.core.rules.row_seeds)
     record: Optional[CallRecord]
 
 
@@ -89,7 +78,7 @@ class HiDiffusionPatch:
         # kv_levels 2: the next stage's self-attentions, numbered on after the windowed ones
         count = len(network.blocks.windowed)
         self.deep_of = {key: count + n for n, key in enumerate(getattr(network.blocks, "kv_deep", ()))}
-        self.previous_attn1: dict = {}
+        self.layer_kwargs: dict = {}  # per-layer attention keywords (layer_attention_kwargs), set by apply_hidiffusion
         # ComfyUI deep-copies model_options (where the block patches live) on every clone but
         # not the wrappers: per-run and per-call state is found by this key, not by identity.
         self.key = uuid.uuid4().hex
@@ -105,6 +94,7 @@ class HiDiffusionPatch:
         extra_args, where = _argument(args, kwargs, 2, "extra_args")
         noise, _ = _argument(args, kwargs, 4, "noise")
         if isinstance(extra_args, dict):
+            check_composition(extra_args.get("model_options") or {}, self.config)
             model_options = dict(extra_args.get("model_options", {}))
             transformer_options = dict(model_options.get("transformer_options", {}))
             transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
@@ -129,12 +119,12 @@ class HiDiffusionPatch:
         plan = self.plan(x, transformer_options, control)
         if not plan.active:
             return executor(x, *args, **kwargs)
-        record = CallRecord(plan=plan, batch=int(x.shape[0])) if self.recorder is not None else None
+        record = CallRecord.of(plan, int(x.shape[0])) if self.recorder is not None else None
         state = CallState(plan=plan, seeds=self._row_seeds(x, transformer_options), record=record)
         if isinstance(control, dict):
             _put(args, kwargs, control_at, self._fit_control(control, plan, record))
         calls = {**transformer_options.get(_CALL_KEY, {}), self.key: state}
-        _put(args, kwargs, options_at, {**transformer_options, _CALL_KEY: calls})
+        _put(args, kwargs, options_at, self.route_attention({**transformer_options, _CALL_KEY: calls}, plan))
         out = executor(x, *args, **kwargs)
         if record is not None:
             self.recorder(record)
@@ -143,16 +133,12 @@ class HiDiffusionPatch:
     def _row_seeds(self, x: torch.Tensor, transformer_options: dict) -> list:
         """The window seed of each row: rows are chunks of the latent batch (one per cond)."""
         rows = int(x.shape[0])
-        if self.config.window_seed is not None:
-            return [int(self.config.window_seed)] * rows
-        run = transformer_options.get(_RUN_KEY, {}).get(self.key)
-        if run:
-            return [run[r % len(run)] for r in range(rows)]
-        # No run wrapper saw the noise (a U-Net call outside a sampler): seed from the input.
-        chunks = max(1, len(transformer_options.get("cond_or_uncond", ()) or ()) or 1)
-        images = rows // chunks if rows % chunks == 0 else rows
-        seeds = ops.image_seeds(x[:images])
-        return [seeds[r % images] for r in range(rows)]
+        images = transformer_options.get(_RUN_KEY, {}).get(self.key)
+        if not images and self.config.window_seed is None:
+            # No run wrapper saw the noise (a U-Net call outside a sampler): seed from the input.
+            chunks = max(1, len(transformer_options.get("cond_or_uncond", ()) or ()) or 1)
+            images = ops.image_seeds(x[: rows // chunks if rows % chunks == 0 else rows])
+        return rules.row_seeds(self.config, rows, images or [])
 
     def _state(self, transformer_options: dict) -> Optional[CallState]:
         return (transformer_options.get(_CALL_KEY) or {}).get(self.key)
@@ -163,28 +149,21 @@ class HiDiffusionPatch:
         ComfyUI pops them from the end: ``output`` entry i is added to the skip of input block
         i, ``input`` entry j to the output of input block len-1-j, ``middle`` to the mid block.
         """
-        skips, blocks = plan.skip_sizes, self.network.blocks
+        sizes = rules.residual_sizes(plan, self.network.architecture)
+        down, outputs = sizes.down, sizes.block_outputs
         fitted = dict(control)
         if control.get("output") is not None:
-            fitted["output"] = [_fit(r, skips[i]) if i < len(skips) else r for i, r in enumerate(control["output"])]
+            fitted["output"] = [_fit(r, down[i]) if i < len(down) else r for i, r in enumerate(control["output"])]
         if control.get("middle") is not None:
-            fitted["middle"] = [_fit(r, plan.mid_size) for r in control["middle"]]
+            fitted["middle"] = [_fit(r, sizes.mid) for r in control["middle"]]
         if control.get("input") is not None:
             entries = list(control["input"])
-            out = []
-            for j, r in enumerate(entries):
-                block = len(entries) - 1 - j
-                size = (
-                    skips[block - 1]
-                    if block == blocks.pool_block and plan.pool
-                    else (skips[block] if block < len(skips) else None)
-                )
-                out.append(_fit(r, size) if size is not None else r)
-            fitted["input"] = out
+            blocks = [len(entries) - 1 - j for j in range(len(entries))]
+            fitted["input"] = [_fit(r, outputs[b]) if b < len(outputs) else r for r, b in zip(entries, blocks)]
         if record is not None:
-            for kind in ("input", "middle", "output"):
-                if fitted.get(kind) is not None:
-                    record.control_sizes[kind] = [None if r is None else tuple(r.shape[-2:]) for r in fitted[kind]]
+            for kind, name in (("down", "output"), ("mid", "middle"), ("adapter", "input")):
+                if fitted.get(name) is not None:
+                    record.residual_sizes[kind] = [None if r is None else tuple(r.shape[-2:]) for r in fitted[name]]
         return fitted
 
     # ------------------------------------------------------------ RAU-Net
@@ -192,15 +171,16 @@ class HiDiffusionPatch:
         self, layer: Any, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict, *rest: Any
     ) -> torch.Tensor:
         state = self._state(transformer_options)
-        if (
-            state is None
-            or not state.plan.conv
-            or tuple(transformer_options.get("block", ())) != ("input", self.network.blocks.conv_block)
-        ):
+        block = tuple(transformer_options.get("block", ()))
+        if state is not None and state.record is not None and len(block) == 2 and block[0] == "input":
+            stages = rules.input_block_stages(self.network.architecture)
+            if block[1] < len(stages) and stages[block[1]][1] == "downsample":
+                state.record.skip_sizes[stages[block[1]][0]] = (int(x.shape[-2]), int(x.shape[-1]))
+        if state is None or not state.plan.conv or block != ("input", self.network.blocks.conv_block):
             return layer(x)
         out = strided_conv(layer.op, x)
         if state.record is not None:
-            state.record.conv_out = (int(out.shape[-2]), int(out.shape[-1]))
+            state.record.strided((int(out.shape[-2]), int(out.shape[-1])))
         return out
 
     def input_block(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
@@ -211,80 +191,97 @@ class HiDiffusionPatch:
         if state.plan.pool and block == self.network.blocks.pool_block:
             pooled = ops.rau_pool(h)
             if state.record is not None:
-                state.record.pooled = (tuple(h.shape[-2:]), tuple(pooled.shape[-2:]))
+                state.record.pooled_map(
+                    (int(h.shape[-2]), int(h.shape[-1])), (int(pooled.shape[-2]), int(pooled.shape[-1]))
+                )
             h = pooled
-        if state.record is not None:
-            state.record.block_sizes[block] = (int(h.shape[-2]), int(h.shape[-1]))
         return h
 
     def output_block(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict) -> tuple:
         state = self._state(transformer_options)
         if state is None or not state.plan.pool:
             return h, hsp
-        if transformer_options.get("block", ("", -1))[1] != self.network.blocks.unpool_block:
+        block = transformer_options.get("block", ("", -1))[1]
+        if block != self.network.blocks.unpool_block:
             return h, hsp
-        size = (int(hsp.shape[-2]), int(hsp.shape[-1]))
+        if hsp is None:  # an earlier patch joined the skip itself: the skip's size is the plan's
+            skips = state.plan.skip_sizes
+            size = tuple(skips[len(skips) - 1 - block])
+        else:
+            size = (int(hsp.shape[-2]), int(hsp.shape[-1]))
         grown = ops.rau_unpool(h, size)
         if state.record is not None:
-            state.record.unpooled = (tuple(h.shape[-2:]), size)
+            state.record.unpooled = ((int(h.shape[-2]), int(h.shape[-1])), (int(size[0]), int(size[1])))
         return grown, hsp
 
     # ------------------------------------------------------------ MSW-MSA
-    def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def attention_layers(self, plan: Plan) -> tuple:
+        """The self-attention layers (ComfyUI's (block, id, index) keys) this call's plan changes."""
+        factor = int(getattr(plan, "kv", 1) or 1)
+        layers: tuple = ()
+        if plan.windows or factor > 1:
+            layers += tuple(self.network.blocks.windowed)
+        below = self.network.architecture.window_stage + 1
+        if factor > 1 and below in getattr(plan, "kv_stages", ()):
+            layers += tuple(getattr(self.network.blocks, "kv_deep", ()))
+        return layers
+
+    def route_attention(self, transformer_options: dict, plan: Plan) -> dict:
+        """``transformer_options`` for one U-Net call with this patch's ``attn1`` replacement on
+        exactly the layers the plan changes; every other layer (and every layer of a call the plan
+        leaves alone) keeps ComfyUI's own attention path. A replacement another patch put on such a
+        layer (found now, so patches applied after this node count too) runs inside ours."""
+        transformer_options = self._output_patch_first(transformer_options, plan)
+        layers = self.attention_layers(plan)
+        if not layers:
+            return transformer_options
+        patches_replace = dict(transformer_options.get("patches_replace") or {})
+        replaces = dict(patches_replace.get("attn1") or {})
+        token_patches = tuple(patch_name(p) for p in (transformer_options.get("patches") or {}).get("attn1_patch", ()))
+        for key in layers:
+            previous = replaces.get(key) or replaces.get(key[:2])
+            replaces[key] = _LayerAttention(self, previous, self.layer_kwargs.get(key, {}), token_patches)
+        patches_replace["attn1"] = replaces
+        return {**transformer_options, "patches_replace": patches_replace}
+
+    def _output_patch_first(self, transformer_options: dict, plan: Plan) -> dict:
+        """While RAU-Net pools, this patch's output-block patch runs before every other one in the
+        call, so those (FreeU, SUPIR's, ...) see the map grown back to its skip connection's size,
+        as on a U-Net without RAU-Net, whichever node came first; and one that returns
+        ``hsp=None`` (it concatenated the skip itself) runs after the unpool."""
+        patches = transformer_options.get("patches") or {}
+        outputs = list(patches.get("output_block_patch") or ())
+        if not plan.pool or len(outputs) < 2:
+            return transformer_options
+        ours = [p for p in outputs if p == self.output_block]
+        others = [p for p in outputs if p != self.output_block]
+        return {**transformer_options, "patches": {**patches, "output_block_patch": ours + others}}
+
+    def attn1(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, route: Optional[Any] = None
+    ) -> torch.Tensor:
+        """HiDiffusion's self-attention on one layer; ``route`` (a :class:`_LayerAttention`) carries
+        what that layer's own attention call would get besides q, k, v and ``extra_options``."""
         block = extra_options.get("block") or ("", -1)
         key = (block[0], block[1], extra_options.get("block_index", 0))
-        previous = self.previous_attn1.get(key) or self.previous_attn1.get((block[0], block[1]))
         state = self._state(extra_options)
-        layer = self.layer_of.get(key)
+        _check_token_layout(q, k, extra_options, route)
         heads = extra_options["n_heads"]
-        hw = _map_size(q.shape[1], extra_options)
-        deep = self.deep_of.get(key) if layer is None else None
-        if deep is not None and state is not None and hw is not None and min(hw) >= 2:
-            # kv_levels 2: the level below the windows shrinks its keys/values over its whole map
-            factor = int(getattr(state.plan, "kv", 1) or 1)
-            below = self.network.architecture.window_stage + 1
-            if factor > 1 and below in getattr(state.plan, "kv_stages", ()):
-                k, v = (ops.kv_downsample(t, hw[0], hw[1], factor).tokens for t in (k, v))
-                if state.record is not None:
-                    state.record.kv.append((deep, hw, factor))
-            return _attention(q, k, v, heads, None, extra_options, previous)
-        if state is None or layer is None or hw is None or min(hw) < 2:
-            return _attention(q, k, v, heads, None, extra_options, previous)
-        factor = int(getattr(state.plan, "kv", 1) or 1)
-        if not state.plan.windows:
-            if factor <= 1:
-                return _attention(q, k, v, heads, None, extra_options, previous)
-            # ToDo-style: keys and values from the map shrunk by `factor` per side (k and v are
-            # per-token linear maps of the tokens, so shrinking them equals shrinking the tokens).
-            k, v = (ops.kv_downsample(t, hw[0], hw[1], factor).tokens for t in (k, v))
-            if state.record is not None:
-                state.record.kv.append((layer, hw, factor))
-            return _attention(q, k, v, heads, None, extra_options, previous)
-        shifts = [self._shift(seed, state.plan.step, layer, hw) for seed in state.seeds]
-        wq, wk, wv = (ops.window_partition(t, hw[0], hw[1], shifts) for t in (q, k, v))
-        keys, values, bias = wk.tokens, wv.tokens, wq.key_bias
-        if factor > 1:
-            # Each (padded) window shrinks on its own; padding never enters a key.
-            side = ops.window_sides(hw[0], hw[1])
-            valid = bias[:, 0, :] == 0 if bias is not None else None
-            small_k = ops.kv_downsample(keys, side[0], side[1], factor, valid=valid)
-            small_v = ops.kv_downsample(values, side[0], side[1], factor, valid=valid)
-            keys, values = small_k.tokens, small_v.tokens
-            bias = ops.key_bias(small_k.valid, q.dtype) if small_k.valid is not None else None
-            if state.record is not None:
-                state.record.kv.append((layer, side, factor))
-        out = _attention(wq.tokens, keys, values, heads, bias, extra_options, previous)
-        if state.record is not None:
-            state.record.windows.append((layer, hw, shifts))
-        return ops.window_merge(out, wq)
 
-    def _shift(self, seed: int, step: int, layer: int, hw: tuple[int, int]) -> tuple[int, int]:
-        mode = self.config.window_shift
-        if mode == "none":
-            return (0, 0)
-        if mode == "reference":
-            return ops.shift_from_uniform(float(torch.rand(1)), hw[0], hw[1])
-        return ops.shift_for(seed, step, layer, hw[0], hw[1])
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+            return _attention(q, k, v, heads, bias, extra_options, route)
+
+        hw = _map_size(q.shape[1], extra_options)
+        # Windowed layers are numbered first, the next stage's (kv_levels 2) on after them.
+        arch = self.network.architecture
+        layer, stage = self.layer_of.get(key), arch.window_stage
+        if layer is None:
+            layer, stage = self.deep_of.get(key), arch.window_stage + 1
+        if state is None or layer is None or hw is None or min(hw) < 2:
+            return attention(q, k, v, None)
+        rule = rules.layer_rule(state.plan, arch, stage)
+        shift = rules.window_shifts(self.config, state.seeds, state.plan.step, layer, hw) if rule.windowed else None
+        return rules.self_attention(q, k, v, hw, rule, attention, shift, record=state.record, layer=layer)
 
 
 # ---------------------------------------------------------------- helpers
@@ -314,13 +311,24 @@ def _progress(transformer_options: dict) -> Progress:
         raise ComfyVersionError("HiDiffusion: no current sigma in transformer_options['sigmas'].")
     sigma = float(torch.as_tensor(sigmas).reshape(-1).max())
     levels = [float(s) for s in torch.as_tensor(schedule).reshape(-1).tolist()]
+    if rules.ascending(levels):
+        # Rising sigmas (an inversion / unsampling): planned as the sampling they mirror.
+        levels.reverse()
     progress = progress_from_sigmas(sigma, levels)
     if progress is None:
-        # A call outside the sampled schedule (e.g. a model call made by another node): treat
-        # it as the last step, where HiDiffusion changes nothing but windows.
-        steps = max(1, len(levels) - 1)
-        return Progress(steps - 1, steps)
+        # A call outside the sampled schedule (e.g. a model call made by another node): the
+        # one off-schedule rule of every host (docs/how-it-works.md), and a warning.
+        warnings.warn(OFF_SCHEDULE_WARNING, stacklevel=2)
+        return rules.off_schedule_progress(sigma, levels, max(1, len(levels) - 1))
     return progress
+
+
+#: The warning for a U-Net call whose sigma is not in the run's sampled sigmas.
+OFF_SCHEDULE_WARNING = (
+    "HiDiffusion: the model was called at a sigma outside the sigmas being sampled (a model call from outside "
+    "the sampling loop?): it is planned at the sampled step nearest in noise level (hidiff's rule for calls off "
+    "the sampled schedule), so RAU-Net's step ranges may not fit this call."
+)
 
 
 def _noise_seeds(noise: Any) -> Optional[list]:
@@ -375,6 +383,143 @@ def strided_conv(conv: Any, x: torch.Tensor) -> torch.Tensor:
         uncast(conv, weight, bias, offload)
 
 
+class _LayerAttention:
+    """HiDiffusion's ``attn1`` replacement on one layer for one call: around ``previous`` (another
+    patch's replacement on that layer, or None for ComfyUI's attention function), passing on
+    ``kwargs`` (what the layer's own attention call passes beyond q, k, v, heads, attn_precision
+    and transformer_options: see :data:`LAYER_ATTENTION_ATTRIBUTES`)."""
+
+    __slots__ = ("patch", "previous", "kwargs", "token_patches")
+
+    def __init__(self, patch: HiDiffusionPatch, previous: Any, kwargs: dict, token_patches: tuple = ()):
+        self.patch, self.previous, self.kwargs = patch, previous, kwargs
+        self.token_patches = token_patches  # names of the call's attn1_patch functions (for messages)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.patch.attn1(q, k, v, extra_options, self)
+
+
+#: Attributes of a self-attention module that its own forward passes to ComfyUI's attention
+#: function as keywords of the same name (a per-layer attention preference in newer ComfyUI);
+#: read from each layer HiDiffusion replaces and passed on where present.
+LAYER_ATTENTION_ATTRIBUTES = ("preferred_attention",)
+
+
+def layer_attention_kwargs(model_patcher: Any, layers: Any) -> dict:
+    """{layer key: keywords its own attention call passes} for the layers that have any."""
+    found = {}
+    for key in layers:
+        module = _attn1_module(getattr(getattr(model_patcher, "model", None), "diffusion_model", None), key)
+        kwargs = {n: getattr(module, n) for n in LAYER_ATTENTION_ATTRIBUTES if getattr(module, n, None) is not None}
+        if kwargs:
+            found[key] = kwargs
+    return found
+
+
+def _attn1_module(diffusion_model: Any, key: tuple) -> Any:
+    """The ``attn1`` module at ComfyUI's (block kind, block id, transformer index) key, or None."""
+    kind, block, index = key
+    try:
+        if kind == "middle":
+            container = diffusion_model.middle_block
+        else:
+            container = {"input": diffusion_model.input_blocks, "output": diffusion_model.output_blocks}[kind][block]
+        for part in container:
+            if hasattr(part, "transformer_blocks"):
+                return part.transformer_blocks[index].attn1
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return None
+
+
+class CompositionError(ValueError):
+    """HiDiffusion and another model patch on the same model cannot work together."""
+
+
+#: ComfyUI's own patches by module, for messages; patches of other modules are named by their function.
+KNOWN_PATCHES = {
+    "comfy_extras.nodes_hypertile": "HyperTile",
+    "comfy_extras.nodes_tomesd": "ToMe (TomePatchModel)",
+    "comfy_extras.nodes_model_downscale": "Deep Shrink (PatchModelAddDownscale)",
+    "comfy_extras.nodes_freelunch": "FreeU",
+    "comfy_extras.nodes_sag": "Self-Attention Guidance",
+    "comfy_extras.nodes_pag": "Perturbed-Attention Guidance",
+    "comfy_extras.nodes_hypernetwork": "a hypernetwork",
+}
+#: Modules whose attn1_patch changes the self-attention's token layout (tiles or merges tokens).
+TOKEN_LAYOUT_MODULES = ("comfy_extras.nodes_hypertile", "comfy_extras.nodes_tomesd")
+
+
+def patch_name(fn: Any) -> str:
+    """A model patch function as a user knows it (its node for ComfyUI's own, else module.function)."""
+    target = getattr(fn, "__func__", fn)
+    module = getattr(target, "__module__", "") or ""
+    if module in KNOWN_PATCHES:
+        return KNOWN_PATCHES[module]
+    name = getattr(target, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+def _names(fns: list) -> str:
+    return " and ".join(dict.fromkeys(patch_name(f) for f in fns))
+
+
+def check_composition(model_options: dict, config: HiDiffusionConfig) -> None:
+    """Refuse, before anything runs, another patch on the model that HiDiffusion cannot work with
+    (naming both and what to do); patches that compose pass. Called when the node is applied (for
+    patches already on its input) and at the start of every sampling run (patches added after it).
+
+    * Patches that resize the U-Net's features between blocks (``input_block_patch_after_skip``:
+      Deep Shrink) shrink the same early-step features RAU-Net shrinks, to the same end, and the
+      feature sizes RAU-Net plans (ControlNet residuals, the unpool) would no longer hold.
+    * Patches that change the token layout of the self-attention (``attn1_patch`` that tiles or
+      merges tokens: HyperTile, ToMe) hand the windowed / key-value-shrunk attention tokens that are
+      not the feature map. Known ones are refused here; any other is refused at its first windowed
+      call by the token check in the attention (:func:`_check_token_layout`).
+    """
+    patches = (model_options.get("transformer_options") or {}).get("patches") or {}
+    resizers = list(patches.get("input_block_patch_after_skip") or ())
+    if config.raunet and resizers:
+        names = _names(resizers)
+        raise CompositionError(
+            f"HiDiffusion's RAU-Net and {names} both resize the U-Net's features in the early steps (to keep the "
+            f"layout at the model's native scale); together they shrink the same features twice. Remove {names}, "
+            f"or turn raunet off on the HiDiffusion node to keep {names} with the windowed attention."
+        )
+    kv = int(getattr(config, "kv_downsample", 1) or 1)
+    if config.window_attn or kv > 1:
+        tilers = [p for p in patches.get("attn1_patch") or () if _module_of(p) in TOKEN_LAYOUT_MODULES]
+        if tilers:
+            names = _names(tilers)
+            what = "windowed attention (MSW-MSA)" if config.window_attn else "key/value downsampling"
+            raise CompositionError(
+                f"HiDiffusion's {what} and {names} both rearrange the self-attention's tokens (into windows, "
+                f"tiles or merged tokens), so one would run on the other's layout. Remove {names}, or set "
+                f"window_attn off and kv_downsample 1 on the HiDiffusion node to keep {names} with RAU-Net."
+            )
+
+
+def _module_of(fn: Any) -> str:
+    return getattr(getattr(fn, "__func__", fn), "__module__", "") or ""
+
+
+def _check_token_layout(q: torch.Tensor, k: torch.Tensor, extra_options: dict, route: Any) -> None:
+    """The tokens HiDiffusion's attention gets must be the layer's feature map, one per position
+    (an ``attn1_patch`` that tiles, merges or adds tokens breaks that): refuse clearly otherwise."""
+    shape = extra_options.get("activations_shape")
+    if shape is None or len(shape) != 4:
+        return  # a ComfyUI that does not say the map's shape: only the known patches are refused
+    tokens = int(shape[2]) * int(shape[3])
+    if int(q.shape[1]) == tokens and int(k.shape[1]) == tokens:
+        return
+    names = " and ".join(dict.fromkeys(getattr(route, "token_patches", ()) or ("another patch",)))
+    raise CompositionError(
+        f"HiDiffusion: {names} changed the tokens of a self-attention HiDiffusion windows ({int(q.shape[1])} "
+        f"queries and {int(k.shape[1])} keys for a {int(shape[2])}x{int(shape[3])} map), so the windows would "
+        f"cut the wrong tokens. Remove {names}, or set window_attn off and kv_downsample 1 on the HiDiffusion node."
+    )
+
+
 def _map_size(tokens: int, extra_options: dict) -> Optional[tuple[int, int]]:
     """H x W of the token map a self-attention runs on."""
     shape = extra_options.get("activations_shape")
@@ -392,7 +537,12 @@ def _map_size(tokens: int, extra_options: dict) -> Optional[tuple[int, int]]:
     return None
 
 
-def _attention(q, k, v, heads, key_bias, extra_options, previous):
+def _attention(q, k, v, heads, key_bias, extra_options, route):
+    """The attention of (windowed / key-value-shrunk) tokens, as the layer itself would run it: the
+    earlier replacement on the layer if any, else ComfyUI's attention function with what the layer's
+    own call passes (``attn_precision``, ``transformer_options`` so overrides and wrappers apply,
+    per-layer keywords)."""
+    previous = getattr(route, "previous", None)
     if previous is not None:
         if key_bias is not None:
             raise ValueError(
@@ -404,8 +554,12 @@ def _attention(q, k, v, heads, key_bias, extra_options, previous):
     from comfy.ldm.modules import attention
 
     kwargs = {"attn_precision": extra_options.get("attn_precision")}
-    if "transformer_options" in _parameters(attention.optimized_attention):
+    accepted = _parameters(attention.optimized_attention)
+    if "transformer_options" in accepted:
         kwargs["transformer_options"] = extra_options
+    for name, value in (getattr(route, "kwargs", None) or {}).items():
+        if name in accepted or "**" in accepted:
+            kwargs[name] = value
     if key_bias is None:
         return attention.optimized_attention(q, k, v, heads, **kwargs)
     return attention.optimized_attention_masked(q, k, v, heads, key_bias, **kwargs)
@@ -419,7 +573,7 @@ def _parameters(fn: Any) -> set:
     except (TypeError, ValueError):
         return set()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return set(params) | {"transformer_options"}
+        return set(params) | {"transformer_options", "**"}
     return set(params)
 
 
@@ -484,24 +638,20 @@ def apply_hidiffusion(
                 "(change the options on the first one instead)."
             )
 
+    check_composition(model_patcher.model_options, cfg)
     patch = HiDiffusionPatch(network, cfg, recorder)
+    patch.layer_kwargs = layer_attention_kwargs(
+        model_patcher, (*network.blocks.windowed, *getattr(network.blocks, "kv_deep", ()))
+    )
     clone = model_patcher.clone()
-    replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    patch.previous_attn1 = {key: fn for key, fn in replaces.items()}
     clone.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, WRAPPER_KEY, patch.sampler_sample)
     clone.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, patch.diffusion_model)
     if cfg.raunet:
         clone.set_model_forward_timestep_embed_patch((Downsample, patch.downsample))
         clone.set_model_input_block_patch(patch.input_block)
         clone.set_model_output_block_patch(patch.output_block)
-    elif recorder is not None:
-        clone.set_model_input_block_patch(patch.input_block)
-    if cfg.window_attn or getattr(cfg, "kv_downsample", 1) > 1:
-        for kind, block, index in network.blocks.windowed:
-            clone.set_model_attn1_replace(patch.attn1, kind, block, index)
-    if getattr(cfg, "kv_downsample", 1) > 1 and getattr(cfg, "kv_levels", 1) > 1:
-        for kind, block, index in network.blocks.kv_deep:
-            clone.set_model_attn1_replace(patch.attn1, kind, block, index)
+    # The attn1 replacements are put on per U-Net call, on the layers that call's plan changes
+    # (HiDiffusionPatch.route_attention), so nothing is registered for them here.
     clone.hidiffusion = patch  # for inspection (tests, other nodes); the clone owns it
     return clone
 
@@ -511,6 +661,7 @@ __all__ = [
     "check_comfy_api",
     "CallRecord",
     "ComfyVersionError",
+    "CompositionError",
     "HiDiffusionPatch",
     "UnsupportedModelError",
 ]

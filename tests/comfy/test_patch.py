@@ -34,20 +34,15 @@ def test_unknown_layout_is_refused_with_a_clear_message():
         apply_hidiffusion(patcher)
 
 
-REFINER = dict(
-    transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]
-)
-
-
 def test_sdxl_refiner_layout_runs():
     """4 levels with cross-attention in the middle two (the SDXL refiner's layout, at tiny width)."""
-    patcher, _ = build("sd15", **REFINER)
+    patcher, _ = build("sdxl-refiner")
     rec = Recorder()
-    out = sample(hidiffusion(patcher, rec, preset="sdxl-4096"), "sd15", (64, 64), steps=4)
+    out = sample(hidiffusion(patcher, rec, preset="sdxl-4096"), "sdxl-refiner", (64, 64), steps=4)
     assert torch.isfinite(out).all()
     r0 = rec[0]
     assert r0.plan.conv and r0.plan.pool and r0.pooled == ((32, 32), (16, 16)) and r0.conv_out == (4, 4)
-    assert [hw for _, hw, _ in r0.windows] == [(32, 32), (16, 16), (16, 16), (16, 16), (32, 32)]
+    assert r0.window_maps == [(32, 32), (16, 16), (16, 16), (16, 16), (32, 32)]
 
 
 def test_non_unet_model_is_refused_with_a_clear_message():
@@ -94,7 +89,7 @@ def test_2x_shrinks_features_runs_windows_and_leaves_the_original_untouched(fami
     r0 = rec[0]
     if family == "sd15":
         # sd-1024: stage 0's downsampler strides 4 (64 -> 16) for the first int(5 * 0.4) = 2 steps
-        assert r0.plan.preset == "sd-1024" and r0.conv_out == (16, 16) and r0.block_sizes[4] == (16, 16)
+        assert r0.plan.preset == "sd-1024" and r0.conv_out == (16, 16) and r0.skip_sizes[1] == (16, 16)
         assert [r.plan.conv for r in rec] == [True, True, False, False, False]
     else:
         # sdxl-2048: the pooled stage 1 (32 -> 16) until T1 = 2, grown back before output block 5
@@ -102,9 +97,9 @@ def test_2x_shrinks_features_runs_windows_and_leaves_the_original_untouched(fami
             r0.plan.preset == "sdxl-2048" and r0.pooled == ((32, 32), (16, 16)) and r0.unpooled == ((16, 16), (32, 32))
         )
         assert [r.plan.pool for r in rec] == [True, True, False, False, False]
-    assert all(len(r.windows) == 5 for r in rec)
+    assert all(r.window_calls == 5 for r in rec)
     for r in rec:
-        maps = [hw for _, hw, _ in r.windows]
+        maps = r.window_maps
         if family == "sd15":
             assert maps == [(64, 64)] * 5  # the windowed stage is never shrunk in SD
         elif r.plan.pool:  # SDXL pools inside the windowed stage: its second layer and the mirror run pooled
@@ -148,7 +143,7 @@ def test_any_size_with_conv_and_pool_at_once(family, preset, hw):
         top = half
     assert r0.unpooled[1] == r0.pooled[0]
     # Windows ran on the top map: whole at first, pooled for the pooled block's mirror in SDXL.
-    assert len(r0.windows) == 5 and r0.windows[0][1] == top
+    assert r0.window_calls == 5 and r0.window_maps[0] == top
 
 
 def test_cfg_batches_and_split_calls_share_shifts_per_image():
@@ -156,13 +151,14 @@ def test_cfg_batches_and_split_calls_share_shifts_per_image():
     patcher, _ = build("sd15")
     rec = Recorder()
     sample(hidiffusion(patcher, rec), "sd15", (64, 64), steps=2, cfg=3.0, batch=2)
-    shifts = [s for r in rec for _, _, s in r.windows]
-    for per_row in shifts:
+    # A call's shift is one (dy, dx) when every row has it, else one per row.
+    per_rows = [s for r in rec for s in r.shifts if isinstance(s[0], tuple)]
+    for per_row in per_rows:
         n = len(per_row)
         assert n in (2, 4)
         if n == 4:  # cond and uncond in one call: rows (img0, img1, img0, img1)
             assert per_row[0] == per_row[2] and per_row[1] == per_row[3]
-    assert any(len(set(s)) > 1 for s in shifts)  # the two images are shifted differently somewhere
+    assert per_rows  # the two images are shifted differently somewhere
 
 
 def test_window_seed_fixes_the_shifts_and_the_noise_decides_them_otherwise():
@@ -171,11 +167,11 @@ def test_window_seed_fixes_the_shifts_and_the_noise_decides_them_otherwise():
     def shifts(seed, **options):
         rec = Recorder()
         sample(hidiffusion(patcher, rec, raunet=False, **options), "sd15", (64, 64), steps=3, seed=seed)
-        return [s for r in rec for _, _, s in r.windows]
+        return [s for r in rec for s in r.shifts]
 
     assert shifts(1, window_seed=5) == shifts(2, window_seed=5)
     assert shifts(1) == shifts(1) and shifts(1) != shifts(2)
-    assert all(s == [(0, 0)] for s in shifts(1, window_shift="none"))
+    assert all(s == (0, 0) for s in shifts(1, window_shift="none"))
 
 
 def test_ksampler_advanced_and_denoise_follow_the_sampled_sigmas():
@@ -259,8 +255,8 @@ def test_controlnet_through_comfy_nodes_at_2x_and_4x(family, scale, caplog):
     shrunk = [r for r in rec if r.plan.conv or r.plan.pool]
     assert shrunk
     for r in shrunk:
-        assert r.control_sizes["output"] == list(r.plan.skip_sizes)
-        assert r.control_sizes["middle"] == [r.plan.mid_size]
+        assert r.residual_sizes["down"] == list(r.plan.skip_sizes)
+        assert r.residual_sizes["mid"] == [r.plan.mid_size]
     # 4 steps: SDXL takes its few-step preset at any size; SD its 2x or 4x one
     expected = "sdxl-turbo" if family == "sdxl" else {2: "sd-1024", 4: "sd-2048"}[scale]
     assert {r.plan.preset for r in rec} == {expected}
@@ -319,7 +315,7 @@ def test_t2i_adapter_residuals_are_resized_at_2x(caplog):
     assert torch.isfinite(out).all()
     r0 = rec[0]
     assert r0.plan.conv
-    sizes = r0.control_sizes["input"]
+    sizes = r0.residual_sizes["adapter"]
     n = len(sizes)
     for j, size in enumerate(sizes):
         if size is not None:
@@ -382,7 +378,7 @@ def test_sd2_v_prediction_model_samples_with_the_node():
     rec = Recorder()
     out = sample(hidiffusion(patcher, rec), "sd2", (64, 64), steps=3)
     assert torch.isfinite(out).all()
-    assert rec[0].plan.preset == "sd-1024" and rec[0].conv_out == (16, 16) and len(rec[0].windows) == 5
+    assert rec[0].plan.preset == "sd-1024" and rec[0].conv_out == (16, 16) and rec[0].window_calls == 5
 
 
 def test_every_sampler_and_scheduler_comfyui_ships():
