@@ -136,6 +136,16 @@ def test_node_renders_in_the_browser(comfy_server, tmp_path):
 
     assert widgets == widget_defaults()
     assert not state["errors"]
-    text = state["text"].lower()
+    # Newer frontends (1.49, ComfyUI 0.33) also list the workflow's model files this test server
+    # lacks ("v1-5-pruned-emaonly.safetensors is missing"): expected here, and not about the node.
+    files = [
+        str(w).lower() for n in workflow["nodes"] for w in n.get("widgets_values") or [] if ".safetensors" in str(w)
+    ]
+    lines = [
+        line
+        for line in state["text"].lower().splitlines()
+        if "required model file" not in line and not any(f in line for f in files)
+    ]
+    text = "\n".join(lines)
     assert "missing" not in text and "error" not in text, state["text"][:1000]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
