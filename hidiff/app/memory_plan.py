@@ -214,16 +214,11 @@ def make_memory_plan(
     if budget is None:
         return memory_plan
     current = first
-    why_free = source == "free memory"
     if vae_tiling == "auto" and current.weights + current.vae > budget and getattr(pipe, "vae", None) is not None:
         memory_plan.vae_tiling = True
-        why = (
-            f"decoding in one piece needs about {gb(current.vae)}, {gb(free)} free"
-            if why_free
-            else f"decoding in one piece needs about {gb(current.vae)} on top of {gb(current.weights)} of weights, "
-            f"budget {gb(budget)} ({source})"
+        memory_plan.actions.append(
+            f"VAE tiling on: {width}x{height} x{batch} ({_why_tiling(current, memory_plan, free)})"
         )
-        memory_plan.actions.append(f"VAE tiling on: {width}x{height} x{batch} ({why})")
         current = peak_of(True, attention, False)
     if current.peak > budget and attention == "math":
         memory_plan.attention_slicing = True
@@ -235,30 +230,52 @@ def make_memory_plan(
         )
         current = after
     if current.peak > budget:
-        if device.type == "cuda" and _has_accelerate():
-            memory_plan.offload = True
-            after = peak_of(memory_plan.vae_tiling, attention, True)
-            memory_plan.actions.append(
-                f"model offload on: weights {gb(current.weights)} -> {gb(after.weights)} on the GPU at a time"
-            )
-            current = after
-        elif device.type == "cpu":
-            memory_plan.actions.append("model offload: nothing to gain on CPU (the weights are in host memory already)")
+        current = _offload(memory_plan, current, lambda: peak_of(memory_plan.vae_tiling, attention, True), device)
     memory_plan.peak = current.peak
     if current.peak > budget:
         fits = what_fits(peak_of, budget, width, height, batch, str(pipe.unet.dtype), memory_plan, attention)
-        message = (
-            f"{width}x{height} x{batch} needs about {gb(current.peak)} at its peak (weights {gb(current.weights)}, "
-            f"U-Net {gb(current.unet)}, VAE decode {gb(current.vae)}"
-            f"{', with ' + ', '.join(memory_plan.turned_on()) if memory_plan.turned_on() else ''}), "
-            f"more than the {gb(budget)} budget ({source}); {fits}"
-        )
-        if source != "free memory" or device.type != "cpu":
-            raise UsageError(message)
-        memory_plan.actions.append(
-            f"warning: {message}; it may swap or be stopped (pass --memory-budget to refuse such runs)"
-        )
+        _refuse_or_warn(memory_plan, current, f"{width}x{height} x{batch}", fits, device)
     return memory_plan
+
+
+def _why_tiling(current: Any, memory_plan: MemoryPlan, free: Optional[int]) -> str:
+    if memory_plan.budget_source == "free memory":
+        return f"decoding in one piece needs about {gb(current.vae)}, {gb(free)} free"
+    return (
+        f"decoding in one piece needs about {gb(current.vae)} on top of {gb(current.weights)} of weights, "
+        f"budget {gb(memory_plan.budget)} ({memory_plan.budget_source})"
+    )
+
+
+def _offload(memory_plan: MemoryPlan, current: Any, offloaded: Any, device: Any) -> Any:
+    """Model offload where it helps (a CUDA device with accelerate): the estimate after it, else ``current``."""
+    if device.type == "cuda" and _has_accelerate():
+        memory_plan.offload = True
+        after = offloaded()
+        memory_plan.actions.append(
+            f"model offload on: weights {gb(current.weights)} -> {gb(after.weights)} on the GPU at a time"
+        )
+        return after
+    if device.type == "cpu":
+        memory_plan.actions.append("model offload: nothing to gain on CPU (the weights are in host memory already)")
+    return current
+
+
+def _refuse_or_warn(memory_plan: MemoryPlan, current: Any, run: str, fits: str, device: Any) -> None:
+    """A run that still does not fit: refused (UsageError) under an explicit budget or on an accelerator;
+    on the CPU with only the free memory as its budget, a warning in the plan's actions."""
+    turned_on = memory_plan.turned_on()
+    message = (
+        f"{run} needs about {gb(current.peak)} at its peak (weights {gb(current.weights)}, "
+        f"U-Net {gb(current.unet)}, VAE decode {gb(current.vae)}"
+        f"{', with ' + ', '.join(turned_on) if turned_on else ''}), "
+        f"more than the {gb(memory_plan.budget)} budget ({memory_plan.budget_source}); {fits}"
+    )
+    if memory_plan.budget_source != "free memory" or device.type != "cpu":
+        raise UsageError(message)
+    memory_plan.actions.append(
+        f"warning: {message}; it may swap or be stopped (pass --memory-budget to refuse such runs)"
+    )
 
 
 def what_fits(
