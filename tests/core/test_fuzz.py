@@ -29,17 +29,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzzer needs hypothesis (pip install -e .[test])")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from hidiff.core import ops, rules  # noqa: E402
-from hidiff.core.architecture import REGISTRY, Architecture, NetworkDescription, Stage, recognise  # noqa: E402
-from hidiff.core.config import HiDiffusionConfig, option_specs  # noqa: E402
-from hidiff.core.planner import Plan, Progress, Task, plan_call  # noqa: E402
-from hidiff.core.presets import PRESETS  # noqa: E402
-from hidiff.core.progress import close  # noqa: E402
+from hidiff.core import ops, rules
+from hidiff.core.architecture import REGISTRY, Architecture, NetworkDescription, Stage, recognise
+from hidiff.core.config import HiDiffusionConfig, option_specs
+from hidiff.core.planner import Plan, Progress, Task, plan_call
+from hidiff.core.presets import PRESETS
+from hidiff.core.progress import close
 
 EXAMPLES = int(os.environ.get("HIDIFF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
