@@ -24,6 +24,13 @@ def run_node(cls, *args):
     return getattr(cls(), cls.FUNCTION)(*args)[0]
 
 
+def in_order(other, patcher, order, rec=None, **options):
+    """``other`` then HiDiffusion ("other-first"), or HiDiffusion then ``other`` ("hidiff-first")."""
+    if order == "other-first":
+        return hidiffusion(other(patcher), rec, **options)
+    return other(hidiffusion(patcher, rec, **options))
+
+
 def freeu(model):
     from comfy_extras.nodes_freelunch import FreeU
 
@@ -87,7 +94,7 @@ def test_guidance_and_feature_patches_compose(other, order):
     alone_rec, rec = Recorder(), Recorder()
     alone = sample(hidiffusion(patcher, alone_rec), "sd15", (64, 64), steps=3, cfg=cfg)
     patch = COMPOSING[other]
-    model = hidiffusion(patch(patcher), rec) if order == "other-first" else patch(hidiffusion(patcher, rec))
+    model = in_order(patch, patcher, order, rec)
     out = sample(model, "sd15", (64, 64), steps=3, cfg=cfg)
     assert torch.isfinite(out).all() and out.shape == alone.shape
     assert rec[0].plan.conv and rec[0].window_calls == 5  # HiDiffusion acted ...
@@ -115,12 +122,7 @@ def test_output_block_patches_see_the_map_at_its_skip_size_in_either_order(order
         return m
 
     rec = Recorder()
-    hd = {"preset": "sd-2048"}  # conv and pool together in the first steps
-    model = (
-        hidiffusion(add_other(patcher), rec, **hd)
-        if order == "other-first"
-        else add_other(hidiffusion(patcher, rec, **hd))
-    )
+    model = in_order(add_other, patcher, order, rec, preset="sd-2048")  # conv and pool together early
     sample(model, "sd15", (64, 64), steps=4)
     assert any(r.unpooled for r in rec)  # RAU-Net pooled and grew back in this run
     assert seen and all(h == s for h, s in seen)
@@ -154,21 +156,12 @@ def test_deep_shrink_with_raunet_is_refused_before_sampling_and_composes_without
 
     patcher, _ = build("sd15")
     calls = []
-    other = deep_shrink(patcher) if order == "other-first" else None
     with pytest.raises(CompositionError, match=r"RAU-Net and Deep Shrink \(PatchModelAddDownscale\).*turn raunet off"):
-        model = (
-            hidiffusion(other, calls.append) if other is not None else deep_shrink(hidiffusion(patcher, calls.append))
-        )
-        sample(model, "sd15", (64, 64), steps=3)
+        sample(in_order(deep_shrink, patcher, order, calls.append), "sd15", (64, 64), steps=3)
     assert calls == []  # no U-Net call was made
     rec = Recorder()
     plain = sample(hidiffusion(patcher, raunet=False), "sd15", (64, 64), steps=3)
-    both = (
-        hidiffusion(deep_shrink(patcher), rec, raunet=False)
-        if order == "other-first"
-        else deep_shrink(hidiffusion(patcher, rec, raunet=False))
-    )
-    out = sample(both, "sd15", (64, 64), steps=3)
+    out = sample(in_order(deep_shrink, patcher, order, rec, raunet=False), "sd15", (64, 64), steps=3)
     assert rec[0].windows and float((out - plain).abs().max()) > 1e-4
 
 
@@ -184,21 +177,11 @@ def test_token_layout_patches_are_refused_with_windows_and_compose_with_raunet_a
     calls = []
     for options in ({}, {"window_attn": False, "kv_downsample": 2}):
         with pytest.raises(CompositionError, match=rf"HiDiffusion's .* and {name} both rearrange.*window_attn off"):
-            model = (
-                hidiffusion(other(patcher), calls.append, **options)
-                if order == "other-first"
-                else other(hidiffusion(patcher, calls.append, **options))
-            )
-            sample(model, "sd15", (64, 64), steps=3)
+            sample(in_order(other, patcher, order, calls.append, **options), "sd15", (64, 64), steps=3)
     assert calls == []
     rec = Recorder()
     alone = sample(hidiffusion(patcher, window_attn=False), "sd15", (64, 64), steps=3)
-    both = (
-        hidiffusion(other(patcher), rec, window_attn=False)
-        if order == "other-first"
-        else other(hidiffusion(patcher, rec, window_attn=False))
-    )
-    out = sample(both, "sd15", (64, 64), steps=3)
+    out = sample(in_order(other, patcher, order, rec, window_attn=False), "sd15", (64, 64), steps=3)
     assert rec[0].conv_out == (16, 16) and float((out - alone).abs().max()) > 1e-5
 
 
