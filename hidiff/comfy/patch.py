@@ -326,7 +326,7 @@ def _progress(transformer_options: dict) -> Progress:
 #: The warning for a U-Net call whose sigma is not in the run's sampled sigmas.
 OFF_SCHEDULE_WARNING = (
     "HiDiffusion: the model was called at a sigma outside the sigmas being sampled (a model call from outside "
-    "the sampling loop?): it is planned at the sampled step nearest in noise level (hidiff's rule for calls off "
+    "the sampling loop?): it is planned at the sampled step whose interval holds its noise level (hidiff's rule for calls off "
     "the sampled schedule), so RAU-Net's step ranges may not fit this call."
 )
 

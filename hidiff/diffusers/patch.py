@@ -243,8 +243,8 @@ class Patch:
         fix = f" (remove it from {type(pipe).__name__} first)" if pipe is not None else ""
         return (
             f"hidiff: {model_name(self.unet)} was called at timestep {t:g}, which is not in the timesteps of "
-            f"{owner}, the schedule it follows: its step is estimated as the step of that schedule nearest in "
-            "noise level (hidiff's rule for calls off the sampled schedule, docs/how-it-works.md), so RAU-Net's "
+            f"{owner}, the schedule it follows: its step is estimated from its noise level, as the step of that "
+            "schedule whose interval holds it (hidiff's rule for calls off the sampled schedule, docs/how-it-works.md), so RAU-Net's "
             "step ranges and the preset may not fit this run. If another pipeline shares this U-Net with its own "
             f"scheduler, apply HiDiffusion through that pipeline{fix} or give each pipeline its own U-Net. "
             f"{_INVERSION_FIX}"
