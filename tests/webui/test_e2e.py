@@ -197,7 +197,8 @@ def test_webui_end_to_end(server):
     t_plain = time.time() - t0
     assert status == 200, plain
     t0 = time.time()
-    status, hidiff_run = txt2img(port, {"HiDiffusion": {"args": api_args(True, window_seed=5)}})
+    # t1_ratio 0.5: of 2 steps, the strided conv runs on the first (the default 0.4 gives it none)
+    status, hidiff_run = txt2img(port, {"HiDiffusion": {"args": api_args(True, window_seed=5, t1_ratio=0.5)}})
     t_hidiff = time.time() - t0
     assert status == 200, hidiff_run
     status, plain_after = txt2img(port)
@@ -211,6 +212,7 @@ def test_webui_end_to_end(server):
     assert base64.b64decode(plain_after["images"][0]) == stock  # ... and left nothing behind
     infotext = json.loads(hidiff_run["info"])["infotexts"][0]
     assert "HiDiffusion: True" in infotext and "HiDiffusion window_seed: 5" in infotext, infotext
+    assert "HiDiffusion t1_ratio: 0.5" in infotext, infotext
     assert "HiDiffusion" not in json.loads(plain_after["info"])["infotexts"][0]
 
     with open(server["record"]) as f:
@@ -219,7 +221,8 @@ def test_webui_end_to_end(server):
     calls = runs[0]
     assert calls[0]["family"] == "sd1" and calls[0]["latent"] == [SIZE // 8, SIZE // 8]
     assert [c["step"] for c in calls] == [0, 1] and all(c["total"] == 2 for c in calls)
-    assert calls[0]["conv"] and calls[0]["conv_out"] == [SIZE // 32, SIZE // 32]
+    assert calls[0]["preset"] == "sd-1024" and calls[0]["conv"] and calls[0]["conv_out"] == [SIZE // 32, SIZE // 32]
+    assert not calls[1]["conv"]
     assert all(c["windows"] > 0 for c in calls)
 
     status, bad = txt2img(port, {"HiDiffusion": {"args": api_args(True)[:3] + ["sd-9000"]}})
