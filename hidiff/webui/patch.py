@@ -154,21 +154,57 @@ class SamplingRun:
         self._last = found.index
         return found
 
-    def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         x = args[0] if args else kwargs.get("x")
         self.maps.clear()
         if not isinstance(x, torch.Tensor):
             self.call = None
-            return
+            return None
         latent = (int(x.shape[-2]), int(x.shape[-1]))
         plan = plan_call(self.arch, latent, self.config, self.progress(), Task(inpainting=self.arch.inpainting))
         if not plan.active:
             self.call = None
-            return
+            return None
         rows = int(x.shape[0])
         self.call = CallState(
             plan, rules.row_seeds(self.config, rows, self.image_seeds), rules.CallRecord.of(plan, rows)
         )
+        control = kwargs.get("control")
+        if isinstance(control, dict):  # Forge / reForge: ControlNet residuals made at the stock sizes
+            return args, {**kwargs, "control": self._fit_control(control, self.call)}
+        return None
+
+    def _fit_control(self, control: dict, call: CallState) -> dict:
+        """ControlNet residuals resized to this call's features (Forge's and reForge's U-Nets pop
+        them from the end: ``output`` entry i meets input block i's skip, ``input`` entry j the
+        output of input block len-1-j, after RAU-Net pooled it, ``middle`` the mid block)."""
+        skips = call.plan.skip_sizes
+        fitted = dict(control)
+
+        def fit(entries: list, size_of: Callable[[int], Optional[Size]]) -> list:
+            out = []
+            for i, residual in enumerate(entries):
+                size = size_of(i)
+                if isinstance(residual, torch.Tensor) and residual.ndim == 4 and size is not None:
+                    residual = ops.resize_to(residual, size)
+                out.append(residual)
+            return out
+
+        if control.get("output") is not None:
+            fitted["output"] = fit(list(control["output"]), lambda i: skips[i] if i < len(skips) else None)
+        if control.get("middle") is not None:
+            fitted["middle"] = fit(list(control["middle"]), lambda i: call.plan.mid_size)
+        if control.get("input") is not None:
+            count = len(control["input"])
+            fitted["input"] = fit(
+                list(control["input"]), lambda j: skips[count - 1 - j] if count - 1 - j < len(skips) else None
+            )
+        for kind in ("input", "middle", "output"):
+            if fitted.get(kind) is not None:
+                call.record.residual_sizes[kind] = [
+                    _hw(r) if isinstance(r, torch.Tensor) and r.ndim == 4 else None for r in fitted[kind]
+                ]
+        return fitted
 
     def _end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         call, self.call = self.call, None

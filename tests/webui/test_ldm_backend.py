@@ -134,3 +134,60 @@ def test_interrupt_leaves_the_model_stock():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet_module.modules())
     again = webui_run(patcher, "sd15", noise, sigmas, positive, latent, raunet=False, window_attn=False)
     assert torch.equal(again, stock)
+
+
+def test_controlnet_residuals_are_resized_to_the_features(caplog):
+    """Forge and reForge hand ControlNet residuals (made at the stock sizes) to the U-Net as
+    ``control``; under RAU-Net they are resized to the call's features and all of them apply."""
+    import logging
+
+    from test_cross_host import scheduler, twin_models
+
+    from hidiff.core.config import HiDiffusionConfig
+    from hidiff.core.ops import image_seeds
+    from hidiff.webui.patch import SamplingRun
+    from hidiff.webui.structure import describe
+
+    _, patcher = twin_models("sd15")
+    model = patcher.model
+    unet = model.diffusion_model
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(4))
+    positive, _ = conds("sd15", 512, 512)
+    sizes = []
+    hooks = [b[-1].register_forward_hook(lambda m, a, out: sizes.append(out.shape)) for b in unet.input_blocks]
+    with torch.no_grad():
+        model.apply_model(x, torch.tensor([14.6]), c_crossattn=positive[0][0])
+    for h in hooks:
+        h.remove()
+    g = torch.Generator().manual_seed(9)
+    stock_residuals = [0.5 * torch.randn(s, generator=g) for s in sizes]
+    middle = 0.5 * torch.randn(sizes[-1], generator=g)
+    network = describe(unet)
+    network = dataclasses.replace(
+        network, architecture=dataclasses.replace(network.architecture, native=(NATIVE, NATIVE))
+    )
+    sigmas = [float(s) for s in scheduler(3).sigmas]
+
+    def call(scale):
+        records = []
+        run = SamplingRun(
+            unet, network, HiDiffusionConfig(window_seed=1), sigmas, image_seeds(x), recorder=records.append
+        )
+        run.install()
+        try:
+            run.level = sigmas[0]
+            control = {"output": [scale * r for r in stock_residuals], "middle": [scale * middle]}
+            with torch.no_grad():
+                out = model.apply_model(x, torch.tensor([sigmas[0]]), c_crossattn=positive[0][0], control=control)
+        finally:
+            run.remove()
+        return out, records[0]
+
+    with caplog.at_level(logging.WARNING):
+        with_control, record = call(1.0)
+        without, _ = call(0.0)
+    assert record.conv  # RAU-Net shrank a stage in this call
+    assert record.residual_sizes["output"] == list(record.plan.skip_sizes)
+    assert record.residual_sizes["middle"] == [record.plan.mid_size]
+    assert not [r for r in caplog.records if "control could not be applied" in r.getMessage()]
+    assert float((with_control - without).abs().max()) > 1e-3
