@@ -200,18 +200,6 @@ def _is_weakrefable(obj: Any) -> bool:
     return True
 
 
-#: Names that moved to :mod:`hidiff.diffusers.inversion`, still importable from here.
-_MOVED_TO_INVERSION = ("invert", "inversion", "Inversion")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_INVERSION:
-        from . import inversion
-
-        return getattr(inversion, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "enable_cfgpp",
     "disable_cfgpp",
