@@ -23,6 +23,15 @@ else:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_sdp_attention():
+    """In-process runs use the attention the tests' server is started with (INVOKEAI_ATTENTION_TYPE):
+    on the CPU InvokeAI's "auto" switches the U-Net to sliced attention."""
+    from invokeai.app.services.config.config_default import get_config
+
+    get_config().attention_type = "torch-sdp"
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     import torch
