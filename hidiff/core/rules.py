@@ -324,9 +324,9 @@ def off_schedule_progress(value: float, levels: Sequence[float], steps: int) -> 
     steps = max(1, steps)
     if not desc or value >= desc[0]:
         return Progress(0, steps)
-    for i in range(len(desc) - 1):
-        if desc[i] >= value >= desc[i + 1]:
-            return Progress(min(i, steps - 1), steps)
+    for i in range(1, len(desc)):
+        if value >= desc[i]:  # desc[i - 1] > value >= desc[i]: step i - 1, or step i on its level
+            return Progress(min(i if value == desc[i] else i - 1, steps - 1), steps)
     return Progress(steps - 1, steps)
 
 
