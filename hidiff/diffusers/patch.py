@@ -4,8 +4,8 @@ No class, forward method, attribute or attention processor of the model is repla
 everything is a forward (pre-)hook, so LoRA layers, IP-Adapter processors, FreeU, CPU
 offload hooks and later diffusers releases keep working, and removing the hooks
 restores the model exactly. A :class:`Patch` per U-Net holds the options and the hook
-groups (:mod:`.raunet`, :mod:`.windows`, :mod:`.controlnet`); a pre-hook on the U-Net
-finds the step of each call (:mod:`.steps`), asks the core planner what to do, and
+groups (:mod:`.raunet`, :mod:`.attention`, :mod:`.controlnet`), which act by the core's
+per-call rules (:mod:`hidiff.core.rules`); a pre-hook on the U-Net finds the step of each call (:mod:`.steps`), asks the core planner what to do, and
 opens a per-call state (:mod:`.hooks`) that the groups' hooks read; a post-hook closes
 it, also when the call raises.
 
