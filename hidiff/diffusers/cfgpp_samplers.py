@@ -127,12 +127,12 @@ def _sigma_form_coefficients(scheduler: Any) -> tuple[Any, Any]:
 
 
 def _make_classes() -> dict[str, type]:
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
+    """Each sampler's class, built on first use (importing diffusers only then)."""
+    return {cls.sampler: cls for cls in (_ddim(), _euler(), _euler_ancestral(), _dpmpp_2m())}
+
+
+def _ddim() -> type:
+    from diffusers import DDIMScheduler
 
     class CFGppDDIMScheduler(_CFGppScheduler, DDIMScheduler):
         """DDIM with CFG++ (eta 0): x0 = (x_t - sqrt(1 - a_t) eps_l) / sqrt(a_t);
@@ -158,6 +158,12 @@ def _make_classes() -> dict[str, type]:
             a_prev = torch.as_tensor(a_prev, dtype=torch.float32)
             return rules.ddim_coefficients(a_t, a_prev, self.config.prediction_type == "v_prediction")
 
+    return CFGppDDIMScheduler
+
+
+def _euler() -> type:
+    from diffusers import EulerDiscreteScheduler
+
     class CFGppEulerDiscreteScheduler(_CFGppScheduler, EulerDiscreteScheduler):
         """Euler with CFG++: x_next = D_l + sigma_next * (x - D_u) / sigma (D: denoised)."""
 
@@ -172,6 +178,12 @@ def _make_classes() -> dict[str, type]:
         def _coefficients(self, timestep: Any) -> tuple[Any, Any]:
             return _sigma_form_coefficients(self)
 
+    return CFGppEulerDiscreteScheduler
+
+
+def _euler_ancestral() -> type:
+    from diffusers import EulerAncestralDiscreteScheduler
+
     class CFGppEulerAncestralDiscreteScheduler(_CFGppScheduler, EulerAncestralDiscreteScheduler):
         """Euler ancestral with CFG++: x_next = D_l + sigma_down * (x - D_u) / sigma + sigma_up * z."""
 
@@ -181,6 +193,12 @@ def _make_classes() -> dict[str, type]:
 
         def _coefficients(self, timestep: Any) -> tuple[Any, Any]:
             return _sigma_form_coefficients(self)
+
+    return CFGppEulerAncestralDiscreteScheduler
+
+
+def _dpmpp_2m() -> type:
+    from diffusers import DPMSolverMultistepScheduler
 
     class CFGppDPMSolverMultistepScheduler(_CFGppScheduler, DPMSolverMultistepScheduler):
         """DPM-Solver++(2M) with CFG++. With D the solver's clean estimate (the current x0, or its
@@ -216,15 +234,7 @@ def _make_classes() -> dict[str, type]:
             out.prev_sample = rules.dpmpp_2m_combine(out.prev_sample, with_guided, ratio).to(dtype)
             return out
 
-    return {
-        cls.sampler: cls
-        for cls in (
-            CFGppDDIMScheduler,
-            CFGppEulerDiscreteScheduler,
-            CFGppEulerAncestralDiscreteScheduler,
-            CFGppDPMSolverMultistepScheduler,
-        )
-    }
+    return CFGppDPMSolverMultistepScheduler
 
 
 def _copy_state(scheduler: Any) -> dict:
