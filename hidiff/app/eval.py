@@ -176,7 +176,7 @@ def progressive_pictures(
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if start is None:
         start = progressive.default_start((size, size), (pipe.native_size, pipe.native_size))
-    plan = progressive.schedule((size, size), multiple, start=start, strength=strength, levels=levels)
+    passes = progressive.schedule((size, size), multiple, start=start, strength=strength, levels=levels)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
 
     def first(side: tuple[int, int]) -> torch.Tensor:
@@ -189,7 +189,7 @@ def progressive_pictures(
             gen = torch.Generator().manual_seed(seed)
             return pipe(prompts, image=big, strength=s, generator=gen, **kwargs).images
 
-    return progressive.run_progressive(plan, lambda side: first(side).images, refine)
+    return progressive.run_progressive(passes, lambda side: first(side).images, refine)
 
 
 def published_pictures(
@@ -276,24 +276,12 @@ def run_eval(
     rows, images = [], {}
     for scale in scales:
         for method in methods:
+            size = scale * native
             if method == PUBLISHED:
-                pictures, seconds = published["images"][scale * native], published["seconds"][scale * native]
+                pictures, seconds = published["images"][size], published["seconds"][size]
             else:
-                # one untimed step first: the first call at a new shape pays one-time kernel setup
-                generate(pipe, method, batch, scale * native, 1, seed, guidance)
-                start = time.perf_counter()
-                pictures = generate(pipe, method, batch, scale * native, steps, seed, guidance)
-                seconds = time.perf_counter() - start
-            counts = [count_objects(p) for p in pictures]
-            row = {
-                "method": method,
-                "size": scale * native,
-                "scale": scale,
-                "images": len(batch),
-                **summarize(counts, batch),
-                "seconds": seconds,
-                "seconds_per_image": seconds / len(batch),
-            }
+                pictures, seconds = _timed_pictures(pipe, method, batch, size, steps, seed, guidance)
+            row = _row(method, size, scale, batch, pictures, seconds)
             rows.append(row)
             images[(method, scale)] = pictures
             if log is not None:
@@ -311,6 +299,31 @@ def run_eval(
     if published is not None:
         result["published_versions"] = published["versions"]
     return result
+
+
+def _timed_pictures(
+    pipe: Any, method: str, batch: list, size: int, steps: int, seed: int, guidance: float
+) -> tuple[list, float]:
+    """The pictures of one method at one size, and the seconds they took."""
+    # one untimed step first: the first call at a new shape pays one-time kernel setup
+    generate(pipe, method, batch, size, 1, seed, guidance)
+    start = time.perf_counter()
+    pictures = generate(pipe, method, batch, size, steps, seed, guidance)
+    return pictures, time.perf_counter() - start
+
+
+def _row(method: str, size: int, scale: int, batch: list, pictures: list, seconds: float) -> dict:
+    """One row of the eval table: the method's counted objects at one size, and its time."""
+    counts = [count_objects(p) for p in pictures]
+    return {
+        "method": method,
+        "size": size,
+        "scale": scale,
+        "images": len(batch),
+        **summarize(counts, batch),
+        "seconds": seconds,
+        "seconds_per_image": seconds / len(batch),
+    }
 
 
 HEADER = f"{'method':<11} {'size':>7} {'dup %':>6} {'right %':>8} {'empty %':>8} {'objects':>8} {'s/image':>8}"

@@ -346,13 +346,7 @@ def info_rows(
     from ..diffusers.memory import unet_shape
 
     shape = unet_shape(unet)
-    sdxl = layout.kind == "sdxl"
-    vae = None if factor == 1 else memory.SDXL_VAE if sdxl else memory.SD_VAE
-    text = (
-        0
-        if factor == 1
-        else memory.TEXT_ENCODER_PARAMS.get(layout.family, memory.TEXT_ENCODER_PARAMS["sdxl" if sdxl else "sd1"])
-    )
+    vae, text = _family_parts(layout, factor)
     modes = [
         ("without HiDiffusion", None),
         ("HiDiffusion (as given)", config),
@@ -377,19 +371,30 @@ def info_rows(
                 text_params=text,
                 pixels_per_latent=factor,
             )
-            rows.append(
-                {
-                    "mode": label,
-                    "vae_tiling": tiled,
-                    "weights_bytes": e.weights,
-                    "unet_bytes": e.unet,
-                    "vae_bytes": e.vae,
-                    "peak_bytes": e.peak,
-                    "unet_by_phase": e.unet_by_phase,
-                    "unet_by_stage": e.unet_by_stage,
-                }
-            )
+            rows.append({"mode": label, "vae_tiling": tiled, **_estimate_fields(e)})
     return rows
+
+
+def _family_parts(layout: Any, factor: int) -> tuple[Any, int]:
+    """The family's VAE (SD's; SDXL's) and text encoders' parameter count; none for a pixel-space model."""
+    from ..core import memory
+
+    if factor == 1:
+        return None, 0
+    sdxl = layout.kind == "sdxl"
+    text = memory.TEXT_ENCODER_PARAMS.get(layout.family, memory.TEXT_ENCODER_PARAMS["sdxl" if sdxl else "sd1"])
+    return (memory.SDXL_VAE if sdxl else memory.SD_VAE), text
+
+
+def _estimate_fields(e: Any) -> dict[str, Any]:
+    return {
+        "weights_bytes": e.weights,
+        "unet_bytes": e.unet,
+        "vae_bytes": e.vae,
+        "peak_bytes": e.peak,
+        "unet_by_phase": e.unet_by_phase,
+        "unet_by_stage": e.unet_by_stage,
+    }
 
 
 def format_info(rows: list[dict[str, Any]], batch: int, dtype: str, attention: str) -> list[str]:

@@ -84,7 +84,7 @@ def progressive_images(request: Request, pipe: Any, images: dict) -> tuple[list,
     if start is None:
         start = default_start((request.height, request.width), native)
     strength = request.progressive_strength if request.progressive_strength is not None else DEFAULT_STRENGTH
-    sizes = schedule((request.height, request.width), 8 * factor, start=start, strength=strength)
+    passes = schedule((request.height, request.width), 8 * factor, start=start, strength=strength)
 
     def first(size: tuple[int, int]) -> dict:
         return call_kwargs(dataclasses.replace(request, height=size[0], width=size[1]), pipe, images)
@@ -110,5 +110,5 @@ def progressive_images(request: Request, pipe: Any, images: dict) -> tuple[list,
 
     cfgpp = (request.scheduler, request.cfgpp) if request.cfgpp is not None else None
     config = request.config if request.hidiff else None
-    pictures, preset = run_diffusers(pipe, sizes, first, refine, config, cfgpp)
-    return pictures, preset, sizes.to_dict()
+    pictures, preset = run_diffusers(pipe, passes, first, refine, config, cfgpp)
+    return pictures, preset, passes.to_dict()

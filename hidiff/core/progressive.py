@@ -6,7 +6,7 @@ sizes. The schedule (where it starts, how strongly each enlargement is re-noised
 chosen by measurement on the shipped toy model (docs/progressive.md: the sweep and the
 table it was chosen from), not guessed.
 
-:func:`schedule` plans the sizes and strengths; :func:`run_progressive` runs a plan through a
+:func:`schedule` plans the passes (sizes and strengths); :func:`run_progressive` runs them through a
 ``first(size)`` callable that makes the first picture and a ``refine(size, picture,
 strength)`` callable that enlarges and refines it, so any host can drive it: the diffusers
 host's :func:`hidiff.progressive` (hidiff/diffusers/progressive.py, also behind ``hidiff
@@ -87,15 +87,15 @@ def schedule(
 
 
 def run_progressive(
-    plan: Schedule,
+    passes: Schedule,
     first: Callable[[Size], Any],
     refine: Callable[[Size, Any, float], Any],
     log: Optional[Callable[[str], None]] = None,
 ) -> Any:
     """The picture(s) of a progressive run: ``first(sizes[0])``, then ``refine(size, previous, strength)``
     for each later size."""
-    picture = first(plan.sizes[0])
-    for size, strength in zip(plan.sizes[1:], plan.strengths):
+    picture = first(passes.sizes[0])
+    for size, strength in zip(passes.sizes[1:], passes.strengths):
         if log is not None:
             log(f"progressive: refining to {size[1]}x{size[0]} at strength {strength}")
         picture = refine(size, picture, strength)

@@ -27,7 +27,7 @@ def refiner_for(pipe: Any) -> Any:
 
 def run_diffusers(
     pipe: Any,
-    plan: Schedule,
+    passes: Schedule,
     first_kwargs: Callable[[Size], dict],
     refine_kwargs: Callable[[Any, Size, list, float], dict],
     config: Any,
@@ -38,7 +38,7 @@ def run_diffusers(
     enlarged bicubically, HiDiffusion (``config``) and CFG++ (``cfgpp``: sampler, lambda) on every pass.
     ``pipe`` is left as it was given: HiDiffusion and CFG++ are moved to the refiner and back.
     Returns the images and the HiDiffusion preset of the last refinement's last call."""
-    images = list(pipe(**first_kwargs(plan.sizes[0])).images)
+    images = list(pipe(**first_kwargs(passes.sizes[0])).images)
     patched = is_patched(pipe)
     moved = "Img2Img" not in type(pipe).__name__
     refiner = pipe
@@ -53,7 +53,7 @@ def run_diffusers(
             if cfgpp is not None:
                 enable_cfgpp(refiner, scheduler=cfgpp[0], guidance=cfgpp[1])
             apply_hidiffusion(refiner, config=config)
-        for size, strength in zip(plan.sizes[1:], plan.strengths):
+        for size, strength in zip(passes.sizes[1:], passes.strengths):
             big = [image.resize((size[1], size[0]), _bicubic()) for image in images]
             images = list(refiner(**refine_kwargs(refiner, size, big, strength)).images)
         record = last_call(refiner) if is_patched(refiner) else None
@@ -109,7 +109,7 @@ def progressive(
     if start is None:
         native = int(pipe.unet.config.sample_size) * factor
         start = default_start((height, width), (native, native))
-    plan = schedule((height, width), 8 * factor, start=start, strength=strength, levels=levels)
+    passes = schedule((height, width), 8 * factor, start=start, strength=strength, levels=levels)
 
     def generator() -> dict:
         return {"generator": torch.Generator().manual_seed(seed)} if seed is not None else {}
@@ -132,7 +132,7 @@ def progressive(
     if not patched:
         apply_hidiffusion(pipe, config=config)
     try:
-        images, _ = run_diffusers(pipe, plan, first, refine, config, cfgpp)
+        images, _ = run_diffusers(pipe, passes, first, refine, config, cfgpp)
     finally:
         if not patched and is_patched(pipe):
             remove_hidiffusion(pipe)

@@ -186,42 +186,19 @@ class ToyPipeline(DiffusionPipeline):
             image = _pil_to_tensor(image)
         if image is not None:
             image = image if image.ndim == 4 else image[None]
-            height, width = int(image.shape[-2]), int(image.shape[-1])
-        if latents is not None:
-            if image is not None:
-                raise ValueError("pass image (image-to-image) or latents (the starting noise), not both")
-            if latents.ndim != 4 or latents.shape[1] != 3 or latents.shape[0] not in (1, len(prompts)):
-                raise ValueError(f"latents must be 1 or {len(prompts)} x 3 x H x W, got {tuple(latents.shape)}")
-            height, width = int(latents.shape[-2]), int(latents.shape[-1])
-        height = height or self.native_size
-        width = width or self.native_size
-        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        height, width = self._size(height, width, image, latents, len(prompts))
         if output_type not in ("pil", "pt", "np"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
         if image is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        device, dtype = self.unet.device, self.unet.dtype
+        device = self.unet.device
         guided = guidance_scale > 1
         cond, negative = self.encode_prompt(texts, device, num_images_per_prompt, guided, negative_prompt)
         if negative is not None:
             cond = torch.cat([negative, cond])
-
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         shape = (len(prompts), 3, height, width)
-        if latents is not None:
-            noise = latents.to(device, dtype).expand(shape)
-        else:
-            noise = _noise(shape, generator).to(device, dtype)
-        if image is None:
-            x = noise * self.scheduler.init_noise_sigma
-        else:
-            keep = max(1, min(num_inference_steps, int(round(num_inference_steps * strength))))
-            timesteps = timesteps[num_inference_steps - keep :]
-            start = image.to(device, dtype).expand(len(prompts), -1, -1, -1) * 2 - 1
-            x = self.scheduler.add_noise(start, noise, timesteps[:1].repeat(len(prompts)))
+        x, timesteps = self._start(shape, generator, latents, image, strength, num_inference_steps)
         self._num_timesteps = len(timesteps)  # as diffusers' pipelines do; the published hidiffusion reads it
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -233,13 +210,56 @@ class ToyPipeline(DiffusionPipeline):
             x = self.scheduler.step(out, t, x, **extra).prev_sample
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {})
-        images = ((x.float() + 1) / 2).clamp(0, 1).cpu()
-        if output_type == "np":
-            images = images.permute(0, 2, 3, 1).numpy()
-        elif output_type == "pil":
-            images = [tensor_to_pil(img) for img in images]
+        images = _output(x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _size(
+        self, height: Optional[int], width: Optional[int], image: Any, latents: Any, count: int
+    ) -> tuple[int, int]:
+        """The picture's size: the input image's or the starting noise's, else as asked (default: native)."""
+        if image is not None:
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+        if latents is not None:
+            if image is not None:
+                raise ValueError("pass image (image-to-image) or latents (the starting noise), not both")
+            if latents.ndim != 4 or latents.shape[1] != 3 or latents.shape[0] not in (1, count):
+                raise ValueError(f"latents must be 1 or {count} x 3 x H x W, got {tuple(latents.shape)}")
+            height, width = int(latents.shape[-2]), int(latents.shape[-1])
+        height = height or self.native_size
+        width = width or self.native_size
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        return height, width
+
+    def _start(
+        self, shape: tuple[int, ...], generator: Any, latents: Any, image: Any, strength: float, steps: int
+    ) -> tuple[torch.Tensor, Any]:
+        """The first sample and the timesteps to run: noise (text-to-image), or the input image noised
+        to ``strength`` of the schedule (image-to-image)."""
+        device, dtype = self.unet.device, self.unet.dtype
+        timesteps = self.scheduler.timesteps
+        if latents is not None:
+            noise = latents.to(device, dtype).expand(shape)
+        else:
+            noise = _noise(shape, generator).to(device, dtype)
+        if image is None:
+            return noise * self.scheduler.init_noise_sigma, timesteps
+        keep = max(1, min(steps, int(round(steps * strength))))
+        timesteps = timesteps[steps - keep :]
+        start = image.to(device, dtype).expand(shape[0], -1, -1, -1) * 2 - 1
+        return self.scheduler.add_noise(start, noise, timesteps[:1].repeat(shape[0])), timesteps
+
+
+def _output(x: torch.Tensor, output_type: str) -> Any:
+    """The samples as pictures: ``pt`` tensors in [0, 1], ``np`` arrays or ``pil`` images."""
+    images = ((x.float() + 1) / 2).clamp(0, 1).cpu()
+    if output_type == "np":
+        return images.permute(0, 2, 3, 1).numpy()
+    if output_type == "pil":
+        return [tensor_to_pil(img) for img in images]
+    return images
 
 
 def _noise(shape: tuple[int, ...], generator: Any) -> torch.Tensor:
