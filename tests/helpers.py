@@ -27,6 +27,34 @@ ENVIRONMENTS = {
 }
 
 
+def pytest_in(environment, *args, timeout=2400):
+    """Run pytest with ``args`` in another environment's Python (a key of ENVIRONMENTS, e.g. a real
+    ComfyUI's or InvokeAI's), from the repository root; fail with its output unless it passed.
+    Returns pytest's summary line."""
+    import subprocess
+    import sys
+
+    python, how = ENVIRONMENTS[environment]
+    assert os.path.exists(python), how
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    sys.stdout.write(proc.stdout[-4000:])
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, (
+        f"pytest {' '.join(args)} failed in {python}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    )
+    assert " passed" in summary and "no tests ran" not in summary, summary
+    return summary
+
+
 def reference_python():
     """The Python with the published hidiffusion==0.1.10 (diffusers 0.27.2) that the tests compare against."""
     from pathlib import Path
