@@ -95,6 +95,7 @@ class HiDiffusionPatch:
         noise, _ = _argument(args, kwargs, 4, "noise")
         if isinstance(extra_args, dict):
             check_composition(extra_args.get("model_options") or {}, self.config)
+            self.check_window_masks(extra_args.get("model_options") or {}, noise)
             model_options = dict(extra_args.get("model_options", {}))
             transformer_options = dict(model_options.get("transformer_options", {}))
             transformer_options[_RUN_KEY] = {**transformer_options.get(_RUN_KEY, {}), self.key: _noise_seeds(noise)}
@@ -225,6 +226,31 @@ class HiDiffusionPatch:
         if factor > 1 and below in getattr(plan, "kv_stages", ()):
             layers += tuple(getattr(self.network.blocks, "kv_deep", ()))
         return layers
+
+    def check_window_masks(self, model_options: dict, noise: Any) -> None:
+        """Before a run: an odd-sized top map needs masked (padded) windows, which another patch's
+        attn1 replacement on a windowed layer cannot take; refuse that now, not at its first call."""
+        if not self.config.window_attn or not isinstance(noise, torch.Tensor) or noise.ndim != 4:
+            return
+        arch = self.network.architecture
+        h, w = int(noise.shape[-2]), int(noise.shape[-1])
+        if self.config.at_native == "skip" and h <= arch.native[0] and w <= arch.native[1]:
+            return
+        for _ in range(arch.window_stage):
+            h, w = -(-h // 2), -(-w // 2)
+        if h % 2 == 0 and w % 2 == 0:
+            return
+        replaces = ((model_options.get("transformer_options") or {}).get("patches_replace") or {}).get("attn1") or {}
+        found = (replaces.get(k) or replaces.get(k[:2]) for k in self.network.blocks.windowed)
+        others = [fn for fn in found if fn is not None]
+        if others:
+            names = _names(others)
+            raise CompositionError(
+                f"HiDiffusion: the windowed attention on this size's {h}x{w} top-stage map needs masked windows, "
+                f"which {names} (also replacing that self-attention) cannot take. Use a width and height whose "
+                f"top-stage latent sides are even (multiples of {16 * 2**arch.window_stage} px), remove {names}, "
+                "or turn window_attn off."
+            )
 
     def route_attention(self, transformer_options: dict, plan: Plan) -> dict:
         """``transformer_options`` for one U-Net call with this patch's ``attn1`` replacement on

@@ -104,3 +104,26 @@ def test_a_later_attn1_replacement_on_a_windowed_layer_runs_inside_the_windows()
     sample(model, "sd15", (64, 64), steps=1)
     assert shapes and all(s[0] == 4 for s in shapes)  # 2x2 windows of one image
     assert shapes[0][1] == (64 * 64) // 4  # a quarter of the 64x64 top-stage tokens each
+
+
+def test_another_attn1_replacement_at_an_odd_size_is_refused_before_sampling():
+    """An odd top-stage map needs masked windows, which another patch's attn1 replacement cannot
+    take: refused when sampling starts, before any U-Net call, naming the patch and the fix."""
+    from hidiff.comfy.patch import CompositionError
+
+    def other(q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    patcher, _ = build("sd15")
+    calls = []
+    patched = hidiffusion(patcher, calls.append)
+    model = patched.clone()
+    model.set_model_attn1_replace(other, *patched.hidiffusion.network.blocks.windowed[0])
+    with pytest.raises(CompositionError, match=r"65x65 top-stage map needs masked windows.*other.*even"):
+        sample(model, "sd15", (65, 65), steps=1)
+    assert calls == []
+    rec = Recorder()
+    sample(hidiffusion(patcher, rec), "sd15", (65, 65), steps=1)  # alone, masked windows run
+    assert rec[0].windows
