@@ -2,7 +2,7 @@
 # Run hidiff's ComfyUI tests (tests/comfy) against any ComfyUI installation.
 #
 #   HIDIFF_COMFY_ROOT=/path/to/ComfyUI HIDIFF_COMFY_PYTHON=/path/to/ComfyUI/venv/bin/python \
-#       bash scripts/test_comfy.sh [pytest arguments, e.g. -x -q -k compose]
+#       bash scripts/test_comfy.sh [pytest arguments, e.g. -x -q -k compose, or test files: tests/comfy/test_pack.py]
 #
 # Defaults: .comfy/ComfyUI and .comfy/bin/python (what scripts/install_comfy.sh makes; CI's ComfyUI 0.3.75).
 # The tests run in ComfyUI's own Python (so they use its torch and ComfyUI's dependencies) with this
@@ -34,5 +34,10 @@ echo "test_comfy.sh: ComfyUI $VERSION at $COMFY_ROOT, Python $PY"
 cd "$ROOT"
 export HIDIFF_COMFY_ROOT="$COMFY_ROOT" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The whole folder unless the arguments name test files or folders themselves.
+TARGET=tests/comfy
+for arg in "$@"; do
+  case "$arg" in tests/*) TARGET= ;; esac
+done
 # --confcutdir: tests/conftest.py (the diffusers tests' fixtures) is not needed here and imports the diffusers host
-exec "$PY" -m pytest tests/comfy -p no:cacheprovider --confcutdir=tests/comfy "$@"
+exec "$PY" -m pytest $TARGET -p no:cacheprovider --confcutdir=tests/comfy "$@"
