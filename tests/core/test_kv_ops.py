@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -164,8 +165,9 @@ def test_plan_says_where_kv_acts(attention, levels, stages):
 
 
 def test_a_missing_deeper_level_is_refused():
-    """An SDXL-layout network whose stage below the windows has no transformer blocks."""
-    arch = recognise(_network([False, True, False]))
+    """An SDXL-layout architecture whose stage below the windows has no transformer blocks
+    (recognise refuses such a network as a whole; kv_stages still guards any architecture)."""
+    arch = dataclasses.replace(recognise(_network([False, True, True])), network=_network([False, True, False]))
     assert arch.kv_stages(1) == (1,)
     with pytest.raises(ValueError, match="no transformer blocks at down stage 2 .* use kv_levels=1"):
         arch.kv_stages(2)
