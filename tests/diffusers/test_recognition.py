@@ -163,3 +163,62 @@ def test_the_toy_model_is_recognised_as_sd():
     from hidiff.app.toy import TOY_UNET_CONFIG
 
     assert detect_layout(build(TOY_UNET_CONFIG)).family == "sd1"
+
+
+@pytest.mark.parametrize(
+    "pipeline, channels, extra",
+    [("StableDiffusionInstructPix2PixPipeline", 8, {}), ("StableDiffusionDepth2ImgPipeline", 5, {"depth_map": True})],
+    ids=["instruct-pix2pix", "depth-to-image"],
+)
+def test_sd_input_variants_are_supported_on_purpose(pipeline, channels, extra):
+    """The extra input channels (the source image's latents, a depth map) do not touch what
+    HiDiffusion changes: it acts on these pipelines as on SD (the same steps as a 4-channel
+    img2img run of the same schedule), and removal gives the stock result bitwise."""
+    import diffusers
+    import numpy as np
+    from PIL import Image
+
+    import hidiff
+    from hidiff.diffusers.testing import tiny_components
+
+    components = tiny_components("sd15", sample_size=8, in_channels=channels)
+    keep = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    components = {k: v for k, v in components.items() if k in keep}
+    if channels == 5:
+        components.update(depth_estimator=None, feature_extractor=None)
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, pipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    kwargs = {"depth_map": torch.rand(1, 128, 128, generator=torch.Generator().manual_seed(2))} if extra else {}
+
+    def run():
+        records = []
+
+        def on_step_end(p, i, t, callback_kwargs):
+            r = hidiff.last_call(p)
+            records.append((r.step, r.total, r.conv, r.pool, r.window_calls > 0) if r is not None else None)
+            return callback_kwargs
+
+        out = pipe(
+            "one red circle",
+            image=image,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+            **kwargs,
+        )
+        return out.images, records
+
+    stock, _ = run()
+    hidiff.apply_hidiffusion(pipe, preset="sd-1024", t1_ratio=0.7, t2_ratio=0.7)
+    patched, records = run()
+    total = len(records)  # depth-to-image runs strength 0.8 of the steps
+    # T1 = T2 = int(total * 0.7): conv and pool in the steps before it, windows in every step
+    cut = int(total * 0.7)
+    assert records == [(i, total, i < cut, i < cut, True) for i in range(total)]
+    assert torch.isfinite(patched).all() and not torch.equal(patched, stock)
+    hidiff.remove_hidiffusion(pipe)
+    assert torch.equal(run()[0], stock)
