@@ -43,6 +43,39 @@ def tiny_unet_and_scheduler(native: int, seed: int = 0, widths: tuple[int, ...] 
     return parts["unet"], scheduler
 
 
+def tiny_sdxl_and_scheduler(native: int, seed: int = 0, widths: tuple[int, ...] = (32, 64, 96)):
+    """A random-weight U-Net with SDXL's layout and module names (widths growing at every stage,
+    as SDXL's do, so the built-in recognises it by its module keys), and InvokeAI's Euler."""
+    from diffusers import EulerDiscreteScheduler
+
+    from hidiff.diffusers.testing import tiny_components
+
+    parts = tiny_components("sdxl", seed=seed, sample_size=native, block_out_channels=widths)
+    scheduler = EulerDiscreteScheduler.from_config(parts["scheduler"].config, use_karras_sigmas=False)
+    return parts["unet"], scheduler
+
+
+def sdxl_conditioning(unet: torch.nn.Module, latent_hw: tuple[int, int], seed: int = 3) -> Any:
+    """InvokeAI's SDXL conditioning (token embeddings, pooled embedding, size ids) for ``unet``."""
+    from invokeai.backend.stable_diffusion.diffusion.conditioning_data import (
+        SDXLConditioningInfo,
+        TextConditioningData,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    size = [8 * latent_hw[0], 8 * latent_hw[1]]
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+
+    def info() -> Any:
+        return SDXLConditioningInfo(
+            embeds=torch.randn(1, 6, unet.config.cross_attention_dim, generator=g),
+            pooled_embeds=torch.randn(1, pooled, generator=g),
+            add_time_ids=torch.tensor([size + [0, 0] + size], dtype=torch.float32),
+        )
+
+    return TextConditioningData(info(), info(), None, None, guidance_scale=CFG)
+
+
 def conditioning(seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g)
@@ -127,7 +160,7 @@ def denoise(
     if mode == "builtin":
         with hidiffusion_patch(
             pipeline,
-            name_or_path="tiny-sd15",  # InvokeAI passes the model's source; unknown names fall back to module keys
+            name_or_path="tiny",  # InvokeAI passes the model's source; unknown names fall back to module keys
             apply_raunet=True,
             apply_window_attn=True,
             has_controlnet=bool(control_data),
@@ -199,6 +232,18 @@ def cases(native: int, steps: int) -> list[tuple[str, Callable[[], dict]]]:
     def txt2img() -> dict:
         ours, builtin, plain = run("hidiff"), run("builtin"), run("plain")
         return {"hidiff vs built-in": max_diff(ours, builtin), "built-in vs plain": max_diff(builtin, plain)}
+
+    def sdxl_txt2img() -> dict:
+        xl, xl_scheduler = tiny_sdxl_and_scheduler(native)
+        cond = sdxl_conditioning(xl, two_x)
+        out = {
+            m: denoise(m, xl, xl_scheduler, 1, two_x, steps, conditioning_data=cond)
+            for m in ("hidiff", "builtin", "plain")
+        }
+        return {
+            "hidiff vs built-in": max_diff(out["hidiff"], out["builtin"]),
+            "built-in vs plain": max_diff(out["builtin"], out["plain"]),
+        }
 
     def img2img() -> dict:
         image = noise_of(99, *two_x)
@@ -278,6 +323,7 @@ def cases(native: int, steps: int) -> list[tuple[str, Callable[[], dict]]]:
 
     return [
         ("text-to-image at 2x native", txt2img),
+        ("SDXL text-to-image at 2x native", sdxl_txt2img),
         ("image-to-image, denoising_start 0.5", img2img),
         ("denoising_end 0.5", img2img_end),
         ("interrupted after 2 steps, then a full run", few_steps_after_interrupt),

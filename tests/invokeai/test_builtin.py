@@ -36,10 +36,21 @@ def test_reference_mode_equals_the_builtin_at_2x_native(unet_and_scheduler, how)
     assert torch.allclose(ours, builtin, atol=1e-4, rtol=0), (ours - builtin).abs().max()
 
 
+def test_reference_mode_equals_the_builtin_on_sdxl_at_2x_native():
+    unet, scheduler = harness.tiny_sdxl_and_scheduler(NATIVE_LATENT)
+    cond = harness.sdxl_conditioning(unet, TWO_X)
+    builtin, ours, plain = (
+        harness.denoise(mode, unet, scheduler, 5, TWO_X, STEPS, conditioning_data=cond)
+        for mode in ("builtin", "hidiff", "plain")
+    )
+    assert (builtin - plain).abs().max() > 1e-2, "the built-in changed nothing: the comparison would prove little"
+    assert torch.allclose(ours, builtin, atol=1e-4, rtol=0), (ours - builtin).abs().max()
+
+
 def test_the_builtin_refuses_an_sd1_layout_hidiff_runs(unet_and_scheduler):
     """The built-in knows SD 1.5 by its module names; hidiff by its structure."""
     unet, scheduler = harness.tiny_unet_and_scheduler(NATIVE_LATENT, widths=(32, 64, 64, 64))
-    with pytest.raises(Exception, match="is not a supported model"):
+    with pytest.raises(Exception, match="tiny is not a supported model"):
         harness.denoise("builtin", unet, scheduler, 5, TWO_X, STEPS)
     before = harness.model_state(unet)
     out = harness.denoise("hidiff", unet, scheduler, 5, TWO_X, STEPS)

@@ -97,27 +97,8 @@ def test_inpainting_is_the_inpaint_task():
 
 
 def sdxl_parts():
-    from diffusers import EulerDiscreteScheduler
-    from invokeai.backend.stable_diffusion.diffusion.conditioning_data import (
-        SDXLConditioningInfo,
-        TextConditioningData,
-    )
-
-    from hidiff.diffusers.testing import TINY_POOLED_DIM, tiny_components
-
-    parts = tiny_components("sdxl", sample_size=NATIVE_LATENT)
-    scheduler = EulerDiscreteScheduler.from_config(parts["scheduler"].config, use_karras_sigmas=False)
-    g = torch.Generator().manual_seed(3)
-    size = [8 * TWO_X[0], 8 * TWO_X[1]]
-
-    def info():
-        return SDXLConditioningInfo(
-            embeds=torch.randn(1, 6, parts["unet"].config.cross_attention_dim, generator=g),
-            pooled_embeds=torch.randn(1, TINY_POOLED_DIM, generator=g),
-            add_time_ids=torch.tensor([size + [0, 0] + size], dtype=torch.float32),
-        )
-
-    return parts["unet"], scheduler, TextConditioningData(info(), info(), None, None, guidance_scale=5.0)
+    unet, scheduler = harness.tiny_sdxl_and_scheduler(NATIVE_LATENT)
+    return unet, scheduler, harness.sdxl_conditioning(unet, TWO_X)
 
 
 @pytest.mark.parametrize(
