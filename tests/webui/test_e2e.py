@@ -351,7 +351,10 @@ def test_accordion_renders_in_the_browser(server, tmp_path):
     print(f"[{server['kind']}] accordion line: {state['line']!r}; console errors: {errors}")
     ours = [e for e in errors if "hidiff" in e.lower()]
     assert not ours, ours
-    assert not errors, errors  # the page logs no error at all with the extension loaded
+    # No error at all, except resources the WebUI's page fetches from other hosts (fonts, ...):
+    # this machine resolves no other host.
+    offline = "net::ERR_NAME_NOT_RESOLVED"
+    assert not [e for e in errors if offline not in e], errors
     for name in ("enable", "raunet", "window_attn", "preset", "t1_ratio", "window_seed", "line"):
         assert any(i.startswith(f"hidiffusion_txt2img_{name}") for i in state["ids"]), (name, state["ids"])
     assert "nothing changes" in state["line"], state  # 512x512 on an SD 1.5 model: native size
