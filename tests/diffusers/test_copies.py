@@ -108,6 +108,7 @@ def test_a_unet_following_a_given_scheduler_or_deep_copied_alone_is_refused_too(
         torch.save(copy.deepcopy(pipe.unet), io.BytesIO())
 
 
+@pytest.mark.slow
 def test_the_fixes_the_refusal_names_give_the_original_result():
     """Save the state dict (or remove first), load, apply again through the new pipeline:
     bitwise the patched original's image, with RAU-Net at the same steps."""
@@ -200,6 +201,7 @@ def saved_stock(saver):
     )
 
 
+@pytest.mark.slow
 def test_save_pretrained_of_a_patched_pipeline_warns_and_loads_stock(tmp_path):
     pipe = sd_pipe()
     stock = call(pipe)
