@@ -35,8 +35,12 @@ def find_unet(obj: Any) -> tuple[Any, Any]:
 
 
 def unwrap(module: Any) -> Any:
-    # torch.compile wraps the module; hooks belong on the module itself.
-    return getattr(module, "_orig_mod", module)
+    # torch.compile wraps the module, and so do DataParallel / DistributedDataParallel (accelerate's
+    # prepare on several processes): hooks belong on the module itself, which the wrapper calls.
+    module = getattr(module, "_orig_mod", module)
+    if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        module = getattr(module.module, "_orig_mod", module.module)
+    return module
 
 
 def transformer_blocks(block: Any) -> list:

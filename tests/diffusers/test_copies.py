@@ -275,3 +275,41 @@ def test_accelerate_save_model_warns_it_saves_stock(tmp_path, fresh_accelerate):
     apply_hidiffusion(pipe)
     with pytest.warns(UserWarning, match=re.escape(saved_stock("accelerate save_model"))):
         Accelerator(cpu=True).save_model(pipe.unet, tmp_path)
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A gloo process group of one (what accelerate's prepare wraps models in across processes)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_wraps_the_patched_unet_exactly(one_process_group):
+    """accelerate's prepare on several processes wraps the U-Net in DistributedDataParallel: the
+    wrapped patched U-Net gives bitwise its own output, and apply / remove through the wrapper
+    act on the U-Net inside."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    pipe = sd_pipe()
+    apply_hidiffusion(pipe, **ACTING)
+    original = call(pipe)
+    wrapped = DistributedDataParallel(pipe.unet)
+    with torch.no_grad():
+        assert torch.equal(call(pipe, unet=wrapped), original)
+    assert last_call(pipe).conv
+    remove_hidiffusion(wrapped)
+    assert not is_patched(pipe.unet)
+    apply_hidiffusion(wrapped, scheduler=pipe.scheduler, **ACTING)
+    assert get_patch(wrapped) is get_patch(pipe.unet) and get_patch(pipe.unet).unet is pipe.unet
+    with torch.no_grad():
+        assert torch.equal(call(pipe, unet=wrapped), original)
