@@ -47,6 +47,11 @@ def main(argv=None) -> dict:
         "each implementation at the same schedule instead (per-step comparison, interleaved repetitions)",
     )
     ap.add_argument("--reps", type=int, default=2, help="with --jank: interleaved repetitions")
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="with --jank: whole --steps runs at each implementation's defaults (and hidiff with kv_downsample 2)",
+    )
     opts = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.abspath(opts.comfyui))
@@ -78,6 +83,8 @@ def main(argv=None) -> dict:
         )
         return time.perf_counter() - t
 
+    if opts.jank and opts.defaults:
+        return at_defaults(opts, patcher, run, apply_hidiffusion)
     if opts.jank:
         return per_step(opts, patcher, run_one_step(comfy.sample, noise, positive, negative, latent), apply_hidiffusion)
 
@@ -178,6 +185,41 @@ def per_step(opts, patcher, run, apply_hidiffusion) -> dict:
         print(f"{name:22s} median {median[name]:7.2f} s  ({median[name] / median['comfyui']:.2f}x plain ComfyUI)")
     for state, ratio in result["ratio_hidiff_to_jank"].items():
         print(f"hidiff / jank per step, {state}: {ratio:.2f}")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def at_defaults(opts, patcher, run, apply_hidiffusion) -> dict:
+    """Whole ``--steps`` runs, interleaved: plain ComfyUI, this node at its defaults and with
+    ``kv_downsample`` 2, and comfyui_jankhidiffusion's simple nodes at their defaults (RAU-Net
+    "high" preset, MSW-MSA SD 1.5 preset, as its nodes apply them)."""
+    import statistics
+
+    raunet, msw = load_jank(opts.jank)
+    sd15 = next(k for k in msw.SIMPLE_PRESETS if str(k).endswith("SD15"))
+    jank = raunet.ApplyRAUNet.patch(model=patcher, **raunet.SIMPLE_PRESETS["SD15_high"].as_dict)[0]
+    jank = msw.ApplyMSWMSAAttention.patch(model=jank, **msw.SIMPLE_PRESETS[sd15].as_dict)[0]
+    models = {
+        "comfyui": patcher,
+        "hidiff": apply_hidiffusion(patcher),
+        "hidiff kv2": apply_hidiffusion(patcher, kv_downsample=2),
+        "jank": jank,
+    }
+    times: dict = {name: [] for name in models}
+    for rep in range(opts.reps):
+        for name in list(models)[:: 1 if rep % 2 == 0 else -1]:
+            times[name].append(run(models[name]))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {"size": opts.size, "steps": opts.steps, "threads": opts.threads, "reps": opts.reps, "seconds": times}
+    result["ratio_to_comfyui"] = {name: median[name] / median["comfyui"] for name in models}
+    result["ratio_to_jank"] = {name: median[name] / median["jank"] for name in models}
+    for name in models:
+        print(
+            f"{name:12s} median {median[name]:8.1f} s  {result['ratio_to_comfyui'][name]:.2f}x plain ComfyUI, "
+            f"{result['ratio_to_jank'][name]:.2f}x jank"
+        )
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(result, f, indent=2)
