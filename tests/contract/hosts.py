@@ -258,3 +258,8 @@ def _level_at(levels: list[float], position: float, top: float) -> float:
 
 #: Every host under the contract. A new host: one Host subclass, added here.
 HOSTS: list[Host] = [DiffusersHost(), ComfyHost()]
+
+# The InvokeAI host's adapter is in its own module (it subclasses DiffusersHost above).
+from invokeai_host import InvokeAIHost  # noqa: E402
+
+HOSTS.append(InvokeAIHost())
