@@ -98,10 +98,26 @@ def main(argv=None) -> dict:
         f"ComfyUI {result['comfyui_s']:.1f} s, with HiDiffusion {result['hidiffusion_s']:.1f} s, "
         f"ratio {result['ratio']:.2f}"
     )
+    return _written(opts, result)
+
+
+def _written(opts, result: dict) -> dict:
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def interleaved(models: dict, run, reps: int) -> tuple[dict, dict]:
+    """({name: seconds of each repetition}, {name: median}): every repetition runs every model
+    once, in the reverse order every other time (drift over a repetition favours no model)."""
+    import statistics
+
+    times: dict = {name: [] for name in models}
+    for rep in range(reps):
+        for name in list(models)[:: 1 if rep % 2 == 0 else -1]:
+            times[name].append(run(models[name]))
+    return times, {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_one_step(sample, noise, positive, negative, latent):
@@ -142,8 +158,6 @@ def per_step(opts, patcher, run, apply_hidiffusion) -> dict:
     the conv from percent 0 to 1 and its cross-attention pooling off. Each repetition runs every
     model once, in the reverse order every other time; the ratios are of medians.
     """
-    import statistics
-
     raunet, msw = load_jank(opts.jank)
     sd15 = next(k for k in msw.SIMPLE_PRESETS if str(k).endswith("SD15"))
     windows = msw.SIMPLE_PRESETS[sd15]._replace(start_time=0.0, end_time=1.0).as_dict
@@ -165,11 +179,7 @@ def per_step(opts, patcher, run, apply_hidiffusion) -> dict:
     }
     for model in models.values():  # warm-up
         run(model)
-    times: dict = {name: [] for name in models}
-    for rep in range(opts.reps):
-        for name in list(models)[:: 1 if rep % 2 == 0 else -1]:
-            times[name].append(run(models[name]))
-    median = {name: statistics.median(t) for name, t in times.items()}
+    times, median = interleaved(models, run, opts.reps)
     result = {
         "size": opts.size,
         "threads": opts.threads,
@@ -185,18 +195,13 @@ def per_step(opts, patcher, run, apply_hidiffusion) -> dict:
         print(f"{name:22s} median {median[name]:7.2f} s  ({median[name] / median['comfyui']:.2f}x plain ComfyUI)")
     for state, ratio in result["ratio_hidiff_to_jank"].items():
         print(f"hidiff / jank per step, {state}: {ratio:.2f}")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return _written(opts, result)
 
 
 def at_defaults(opts, patcher, run, apply_hidiffusion) -> dict:
     """Whole ``--steps`` runs, interleaved: plain ComfyUI, this node at its defaults and with
     ``kv_downsample`` 2, and comfyui_jankhidiffusion's simple nodes at their defaults (RAU-Net
     "high" preset, MSW-MSA SD 1.5 preset, as its nodes apply them)."""
-    import statistics
-
     raunet, msw = load_jank(opts.jank)
     sd15 = next(k for k in msw.SIMPLE_PRESETS if str(k).endswith("SD15"))
     jank = raunet.ApplyRAUNet.patch(model=patcher, **raunet.SIMPLE_PRESETS["SD15_high"].as_dict)[0]
@@ -207,11 +212,7 @@ def at_defaults(opts, patcher, run, apply_hidiffusion) -> dict:
         "hidiff kv2": apply_hidiffusion(patcher, kv_downsample=2),
         "jank": jank,
     }
-    times: dict = {name: [] for name in models}
-    for rep in range(opts.reps):
-        for name in list(models)[:: 1 if rep % 2 == 0 else -1]:
-            times[name].append(run(models[name]))
-    median = {name: statistics.median(t) for name, t in times.items()}
+    times, median = interleaved(models, run, opts.reps)
     result = {"size": opts.size, "steps": opts.steps, "threads": opts.threads, "reps": opts.reps, "seconds": times}
     result["ratio_to_comfyui"] = {name: median[name] / median["comfyui"] for name in models}
     result["ratio_to_jank"] = {name: median[name] / median["jank"] for name in models}
@@ -220,10 +221,7 @@ def at_defaults(opts, patcher, run, apply_hidiffusion) -> dict:
             f"{name:12s} median {median[name]:8.1f} s  {result['ratio_to_comfyui'][name]:.2f}x plain ComfyUI, "
             f"{result['ratio_to_jank'][name]:.2f}x jank"
         )
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return _written(opts, result)
 
 
 if __name__ == "__main__":  # pragma: no cover
