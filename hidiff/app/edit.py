@@ -25,7 +25,6 @@ from .args import (
     DTYPES,
     UsageError,
     cfgpp_lambda,
-    check_value,
     finite,
     img2img_strength,
     positive,
@@ -34,7 +33,7 @@ from .args import (
 from .inputs import load_image, sha256
 from .metadata import read_request, save_png
 from .output import check_outputs, output_base
-from .request import typed_flag
+from .request import check_fields, typed_flag
 
 METADATA_KEY = "hidiff-edit"
 TOY = "toy"
@@ -131,12 +130,7 @@ def request_from_args(args: Any) -> EditRequest:
 
 def check_request(request: EditRequest) -> dict[str, Any]:
     """Refuse bad input before a model is loaded; returns the opened image (and mask)."""
-    for name, check in CHECKS.items():
-        if getattr(request, name) is not None:
-            check_value(f"--{name.replace('_', '-')}", getattr(request, name), check)
-    for name, choices in CHOICES.items():
-        if getattr(request, name) not in choices:
-            raise UsageError(f"--{name} {getattr(request, name)!r} is not one of {', '.join(choices)}")
+    check_fields(request, CHECKS, CHOICES)
     if request.cfgpp is not None and request.cfg_scale is not None:
         raise UsageError("--cfgpp (CFG++) and --cfg-scale (ordinary CFG) exclude each other; pass one")
     if request.cfg_scale is not None and request.cfg_scale < 1:

@@ -19,7 +19,9 @@ from .args import (
     DTYPES,
     SCHEDULERS,
     VAE_TILING,
+    UsageError,
     cfgpp_lambda,
+    check_value,
     finite,
     flag,
     image_side,
@@ -98,6 +100,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def flag_name(name: str) -> str:
     """The flag of a request field: ``--name-with-dashes``."""
     return "--" + name.replace("_", "-")
+
+
+def check_fields(request: Any, checks: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> None:
+    """Each set field of a request dataclass through its check in ``checks`` and its ``choices``: a
+    UsageError naming the field's flag otherwise."""
+    for name, check in checks.items():
+        if getattr(request, name) is not None:
+            check_value(flag_name(name), getattr(request, name), check)
+    for name, values in choices.items():
+        value = getattr(request, name)
+        if value is not None and value not in values:
+            raise UsageError(f"{flag_name(name)} {value!r} is not one of {', '.join(values)}")
 
 
 def typed_flag(kind: type, checks: dict[str, Any], name: str) -> Any:

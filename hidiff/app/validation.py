@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .args import CFGPP_SCHEDULERS, SEED_MAX, UsageError, check_value, denoising_steps, side_multiple_of
-from .request import CHECKS, CHOICES, Request, flag_name
+from .request import CHECKS, CHOICES, Request, check_fields
 
 
 def check_request(request: Request) -> None:
@@ -21,13 +21,7 @@ def check_request(request: Request) -> None:
 
 def _check_values(request: Request) -> None:
     """Each field's own check and choices, and the seeds of a batch."""
-    for name, check in CHECKS.items():
-        if getattr(request, name) is not None:
-            check_value(flag_name(name), getattr(request, name), check)
-    for name, choices in CHOICES.items():
-        value = getattr(request, name)
-        if value is not None and value not in choices:
-            raise UsageError(f"{flag_name(name)} {value!r} is not one of {', '.join(choices)}")
+    check_fields(request, CHECKS, CHOICES)
     if request.seed is not None and request.seed + request.batch - 1 > SEED_MAX:
         raise UsageError(
             f"--seed {request.seed} with --batch {request.batch}: image k uses seed + k, which must stay "
