@@ -357,4 +357,5 @@ def test_accordion_renders_in_the_browser(server, tmp_path):
     assert not [e for e in errors if offline not in e], errors
     for name in ("enable", "raunet", "window_attn", "preset", "t1_ratio", "window_seed", "line"):
         assert any(i.startswith(f"hidiffusion_txt2img_{name}") for i in state["ids"]), (name, state["ids"])
-    assert "nothing changes" in state["line"], state  # 512x512 on an SD 1.5 model: native size
+    # The line reads the loaded model and the tab's default size (512x512 in A1111 and reForge: native)
+    assert state["line"].startswith("At ") and "(sd1, native 512x512)" in state["line"], state
