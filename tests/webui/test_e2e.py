@@ -252,7 +252,8 @@ class Page:
             elif msg.get("method") == "Runtime.consoleAPICalled" and msg["params"].get("type") == "error":
                 self.errors.append(" ".join(str(a.get("value", a.get("description"))) for a in msg["params"]["args"]))
             elif msg.get("method") == "Log.entryAdded" and msg["params"]["entry"].get("level") == "error":
-                self.errors.append(msg["params"]["entry"].get("text", "")[:500])
+                entry = msg["params"]["entry"]
+                self.errors.append((entry.get("text", "") + " " + entry.get("url", "")).strip()[:500])
             if msg.get("id") == self.next_id:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
