@@ -6,7 +6,10 @@ them at an installation:
     HIDIFF_WEBUI_ROOT=/path/to/stable-diffusion-webui      # the WebUI's tree (launch.py)
     HIDIFF_WEBUI_PYTHON=/path/to/its/venv/bin/python        # a Python that runs it
     HIDIFF_WEBUI_CHECKPOINT=/path/to/sd15.safetensors       # an SD 1.5 checkpoint (random weights do)
-    .venv/bin/python -m pytest tests/webui/test_e2e.py -s
+    .comfy/bin/python -m pytest tests/webui/test_e2e.py -s     # (aiohttp, in .comfy, drives Chromium)
+
+``HIDIFF_WEBUI_SIZE`` (default 1024, 2x SD 1.5's native) sets the square size of the runs; a
+smaller one above 512 still runs HiDiffusion (768 was used for A1111 where 1024 ran out of memory).
 
 The test makes a data folder (``--data-dir``) with this repository as the extension
 ``extensions/hidiffusion`` (a link to a folder holding links to ``hidiff/`` and
