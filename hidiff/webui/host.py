@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..core.architecture import UnsupportedModelError
 from .options import Settings
@@ -70,7 +70,13 @@ def image_seeds_of(noise: Any) -> list[int]:
     return image_seeds(noise) if noise is not None and getattr(noise, "ndim", 0) == 4 else []
 
 
-def prepare_sampling(p: Any, settings: Settings, noise: Any, notify: Callable[[str], None]) -> bool:
+def prepare_sampling(
+    p: Any,
+    settings: Settings,
+    noise: Any,
+    notify: Callable[[str], None],
+    recorder: Optional[Callable[[Any], None]] = None,
+) -> bool:
     """Wrap this generation's sampling function so HiDiffusion runs inside it (True when it will).
 
     A model HiDiffusion is not for is announced through ``notify`` and left alone; a config the
@@ -118,8 +124,7 @@ def prepare_sampling(p: Any, settings: Settings, noise: Any, notify: Callable[[s
             [float(v) for v in _floats(schedule)],
             seeds,
             timesteps=timesteps is not None,
-            recorder=records.append if sink else None,
-            warn=LOG.warning,
+            recorder=_both(records.append if sink else None, recorder),
         )
         run.install()
         try:
@@ -132,6 +137,18 @@ def prepare_sampling(p: Any, settings: Settings, noise: Any, notify: Callable[[s
     sampling.__hidiff_original__ = original  # type: ignore[attr-defined]
     sampler.func = sampling
     return True
+
+
+def _both(*recorders: Optional[Callable[[Any], None]]) -> Optional[Callable[[Any], None]]:
+    active = [r for r in recorders if r is not None]
+    if not active:
+        return None
+
+    def record(call: Any) -> None:
+        for r in active:
+            r(call)
+
+    return record
 
 
 def refuse(p: Any, message: str) -> None:

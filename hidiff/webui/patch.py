@@ -27,6 +27,7 @@ it was. Nothing is set on a class and nothing outlives the run.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -62,7 +63,7 @@ class SamplingRun:
         image_seeds: Sequence[int],
         timesteps: bool = False,
         recorder: Optional[Callable[[rules.CallRecord], None]] = None,
-        warn: Callable[[str], None] = print,
+        warn: Callable[[str], None] = warnings.warn,
     ) -> None:
         self.unet = unet
         self.network = network
@@ -90,6 +91,8 @@ class SamplingRun:
         try:
             self._handles.append(unet.register_forward_pre_hook(self._start, with_kwargs=True))
             self._handles.append(unet.register_forward_hook(self._end))
+            for block, stage in net.downsample_blocks:  # the size each downsampler meets (recorded)
+                self._handles.append(inputs[block][0].register_forward_pre_hook(self._skip_size(stage)))
             if self.config.raunet:
                 self._override(inputs[net.conv_block][0], self._downsample)
                 # On the block's last layer: ComfyUI-derived U-Nets (reForge) run a block's layers
@@ -147,8 +150,9 @@ class SamplingRun:
             if not self._warned:
                 self._warned = True
                 self.warn(
-                    f"HiDiffusion: a U-Net call at noise level {self.level:g} is not in the sampled schedule; "
-                    "it is planned at the nearest sampled step."
+                    f"HiDiffusion: a U-Net call at noise level {self.level:g} is not in the sampled schedule; it is "
+                    "planned at the step whose interval of levels holds it (hidiff's rule for calls off the sampled "
+                    "schedule, docs/how-it-works.md)."
                 )
             return rules.off_schedule_progress(self.level, self.levels, steps)
         self._last = found.index
@@ -212,6 +216,14 @@ class SamplingRun:
             self.recorder(call.record)
 
     # ------------------------------------------------------------ RAU-Net
+    def _skip_size(self, stage: int) -> Callable[[torch.nn.Module, tuple], None]:
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            call = self.call
+            if call is not None and args and isinstance(args[0], torch.Tensor):
+                call.record.skip_sizes[stage] = _hw(args[0])
+
+        return record
+
     def _downsample(self, module: torch.nn.Module) -> Callable[..., Any]:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             call = self.call

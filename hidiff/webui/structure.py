@@ -36,6 +36,7 @@ class LdmNetwork:
     #: kv_levels 2) the next stage and its mirror. The position in this list is the layer ordinal.
     attentions: tuple[tuple[str, int, int, int], ...]
     upsample_blocks: tuple[tuple[int, int], ...]  # (output block holding an Upsample, down stage it mirrors)
+    downsample_blocks: tuple[tuple[int, int], ...] = ()  # (input block holding a Downsample, its down stage)
     v_prediction: bool = False
 
 
@@ -166,5 +167,6 @@ def describe(unet: Any, v_prediction: bool = False, name: str = "") -> LdmNetwor
         unpool_block=up_pool[arch.unpool_layer],
         attentions=tuple(attentions),
         upsample_blocks=tuple(upsamples),
+        downsample_blocks=tuple((block, k) for k, block in enumerate(downsample_at) if block is not None),
         v_prediction=v_prediction,
     )

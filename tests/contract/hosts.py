@@ -263,3 +263,8 @@ HOSTS: list[Host] = [DiffusersHost(), ComfyHost()]
 from invokeai_host import InvokeAIHost  # noqa: E402
 
 HOSTS.append(InvokeAIHost())
+
+# The WebUI host: the extension's glue on ComfyUI's ldm-layout U-Net (runs in .comfy).
+from webui_host import WebUIHost  # noqa: E402
+
+HOSTS.append(WebUIHost())

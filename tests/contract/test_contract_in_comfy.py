@@ -23,7 +23,7 @@ def test_comfyui_host_passes_the_contract_in_a_real_comfyui():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     contract = os.path.join(ROOT, "tests", "contract", "test_contract.py")
     proc = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", contract, "-k", "comfyui"],
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", contract, "-k", "comfyui or webui"],
         cwd=ROOT,
         capture_output=True,
         text=True,
