@@ -14,15 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENVIRONMENTS = {
     "reference": (
         os.environ.get("HIDIFF_REFERENCE_PYTHON") or os.path.join(ROOT, ".venv-ref", "bin", "python"),
-        "needs the published hidiffusion 0.1.10 environment .venv-ref: bash scripts/setup.sh",
+        "needs the published hidiffusion 0.1.10 environment .venv-ref: bash tools/setup.sh",
     ),
     "comfy": (
         os.path.join(ROOT, ".comfy", "bin", "python"),
-        "needs the ComfyUI environment .comfy: bash scripts/install_comfy.sh",
+        "needs the ComfyUI environment .comfy: bash tools/install_comfy.sh",
     ),
     "invokeai": (
         os.path.join(ROOT, ".invokeai", "bin", "python"),
-        "needs the InvokeAI environment .invokeai: bash scripts/install_invokeai.sh",
+        "needs the InvokeAI environment .invokeai: bash tools/install_invokeai.sh",
     ),
 }
 
@@ -63,7 +63,7 @@ def reference_python():
     path = os.environ.get("HIDIFF_REFERENCE_PYTHON") or str(root / ".venv-ref" / "bin" / "python")
     if not Path(path).exists():
         pytest.fail(
-            f"no reference Python at {path}: build it with `bash scripts/setup.sh` "
+            f"no reference Python at {path}: build it with `bash tools/setup.sh` "
             "(or point HIDIFF_REFERENCE_PYTHON at a Python with hidiffusion==0.1.10 and diffusers 0.27.2)"
         )
     return path

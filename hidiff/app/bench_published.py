@@ -93,7 +93,7 @@ class PublishedRunner:
         raise RuntimeError(
             f"the published hidiffusion run in {self._proc.args[0]} stopped (exit code {self._proc.returncode}); "
             f"--reference-python needs a Python with hidiffusion==0.1.10 and diffusers 0.27.x "
-            f"(bash scripts/setup.sh builds .venv-ref). Its output:\n{tail}"
+            f"(bash tools/setup.sh builds .venv-ref). Its output:\n{tail}"
         )
 
     def run(self, steps: int, per_phase: bool = False) -> dict:

@@ -2,7 +2,7 @@
 
 The command runs :func:`hidiff.edit` on a Stable Diffusion model (hub id, local folder or
 single file, as ``hidiff generate`` loads them) or on the shipped toy model (``--model toy``,
-or a folder written by scripts/train_toy.py). The PNG it writes carries a ``hidiff-edit``
+or a folder written by tools/train_toy.py). The PNG it writes carries a ``hidiff-edit``
 JSON chunk with the whole :class:`EditRequest` (input paths made absolute, their SHA-256),
 so ``hidiff edit --from-image OUT.png`` re-runs the edit (flags given override it).
 """

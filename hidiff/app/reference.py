@@ -24,5 +24,5 @@ def check_reference_python(reference_python: Optional[str], what: str) -> None:
     if subprocess.run([reference_python, "-c", probe], env=reference_env()).returncode != 0:
         raise ValueError(
             f"--reference-python {reference_python} has no hidiffusion package: give a Python with "
-            "hidiffusion==0.1.10 and diffusers 0.27.x (bash scripts/setup.sh builds .venv-ref)"
+            "hidiffusion==0.1.10 and diffusers 0.27.x (bash tools/setup.sh builds .venv-ref)"
         )

@@ -77,7 +77,7 @@ class HiDiffusionPatch:
         self.layer_of = {key: n for n, key in enumerate(network.blocks.windowed)}
         # kv_levels 2: the next stage's self-attentions, numbered on after the windowed ones
         count = len(network.blocks.windowed)
-        self.deep_of = {key: count + n for n, key in enumerate(getattr(network.blocks, "kv_deep", ()))}
+        self.deep_of = {key: count + n for n, key in enumerate(network.blocks.kv_deep)}
         self.layer_kwargs: dict = {}  # per-layer attention keywords (layer_attention_kwargs), set by apply_hidiffusion
         # ComfyUI deep-copies model_options (where the block patches live) on every clone but
         # not the wrappers: per-run and per-call state is found by this key, not by identity.
@@ -218,13 +218,12 @@ class HiDiffusionPatch:
     # ------------------------------------------------------------ MSW-MSA
     def attention_layers(self, plan: Plan) -> tuple:
         """The self-attention layers (ComfyUI's (block, id, index) keys) this call's plan changes."""
-        factor = int(getattr(plan, "kv", 1) or 1)
         layers: tuple = ()
-        if plan.windows or factor > 1:
+        if plan.windows or plan.kv > 1:
             layers += tuple(self.network.blocks.windowed)
         below = self.network.architecture.window_stage + 1
-        if factor > 1 and below in getattr(plan, "kv_stages", ()):
-            layers += tuple(getattr(self.network.blocks, "kv_deep", ()))
+        if plan.kv > 1 and below in plan.kv_stages:
+            layers += tuple(self.network.blocks.kv_deep)
         return layers
 
     def check_window_masks(self, model_options: dict, noise: Any) -> None:
@@ -512,7 +511,7 @@ def check_composition(model_options: dict, config: HiDiffusionConfig) -> None:
             f"layout at the model's native scale); together they shrink the same features twice. Remove {names}, "
             f"or turn raunet off on the HiDiffusion node to keep {names} with the windowed attention."
         )
-    kv = int(getattr(config, "kv_downsample", 1) or 1)
+    kv = config.kv_downsample
     if config.window_attn or kv > 1:
         tilers = [p for p in patches.get("attn1_patch") or () if _module_of(p) in TOKEN_LAYOUT_MODULES]
         if tilers:
@@ -666,9 +665,7 @@ def apply_hidiffusion(
 
     check_composition(model_patcher.model_options, cfg)
     patch = HiDiffusionPatch(network, cfg, recorder)
-    patch.layer_kwargs = layer_attention_kwargs(
-        model_patcher, (*network.blocks.windowed, *getattr(network.blocks, "kv_deep", ()))
-    )
+    patch.layer_kwargs = layer_attention_kwargs(model_patcher, (*network.blocks.windowed, *network.blocks.kv_deep))
     clone = model_patcher.clone()
     clone.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, WRAPPER_KEY, patch.sampler_sample)
     clone.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, patch.diffusion_model)

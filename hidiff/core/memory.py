@@ -21,7 +21,7 @@ Attention backends:
 * ``"sliced"``: diffusers' attention slicing, the scores of one head of one image at a time.
 
 The coefficients (maps held per layer kind) were fitted to, and are validated against,
-allocator peaks measured on CPU (``scripts/memory_validate.py``; docs/memory.md).
+allocator peaks measured on CPU (``tools/memory_validate.py``; docs/memory.md).
 """
 
 from __future__ import annotations

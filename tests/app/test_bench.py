@@ -162,7 +162,7 @@ def test_bench_refuses_a_reference_python_without_hidiffusion(capsys):
 
     assert main(["bench", "--tiny", "--reference-python", sys.executable]) == 2
     err = capsys.readouterr().err
-    assert "has no hidiffusion package" in err and "scripts/setup.sh" in err
+    assert "has no hidiffusion package" in err and "tools/setup.sh" in err
 
 
 def test_default_modes_are_the_comparison_and_all_adds_the_ablations():

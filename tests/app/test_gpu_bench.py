@@ -1,4 +1,4 @@
-"""scripts/gpu_bench.sh in its reduced CPU form: tiny widths, one step, every case and row written."""
+"""tools/gpu_bench.sh in its reduced CPU form: tiny widths, one step, every case and row written."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ CASES = "sd15:576,sdxl:1088"  # each above its tiny model's native size (512 and
 def test_gpu_bench_writes_every_case_and_row(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["PYTHON"] = sys.executable
-    argv = ["bash", os.path.join(ROOT, "scripts", "gpu_bench.sh"), "--out", str(tmp_path), "--tiny"]
+    argv = ["bash", os.path.join(ROOT, "tools", "gpu_bench.sh"), "--out", str(tmp_path), "--tiny"]
     argv += ["--device", "cpu", "--dtype", "float32", "--steps", "1", "--warmup", "0", "--threads", "1"]
     argv += ["--cases", CASES, "--reference-python", ""]  # the published rows: absent, with the reason
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
@@ -39,7 +39,7 @@ def test_gpu_bench_writes_every_case_and_row(tmp_path):
 
 
 def _script():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
         import gpu_bench
     finally:

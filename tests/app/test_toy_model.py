@@ -23,7 +23,7 @@ SIZE = ["--width", str(2 * NATIVE), "--height", str(3 * NATIVE), "--steps", "3"]
 
 @pytest.fixture(scope="module")
 def toy_copy(tmp_path_factory):
-    """The toy pipeline saved to a folder of the user's (as scripts/train_toy.py --export writes it)."""
+    """The toy pipeline saved to a folder of the user's (as tools/train_toy.py --export writes it)."""
     folder = tmp_path_factory.mktemp("toy") / "my-toy"
     load_toy_pipeline().save_pretrained(folder)
     return str(folder)

@@ -12,7 +12,7 @@ from hidiff.comfy.testing import TINY, build_patcher, unet_config
 from hidiff.comfy.testing import seed_weights as seed_weights  # re-exported: tests reseed other modules with it
 
 #: The ComfyUI root these tests run against: $HIDIFF_COMFY_ROOT (or its older name $HIDIFF_COMFYUI), else
-#: <venv>/ComfyUI (install_comfy.sh's layout). scripts/test_comfy.sh runs them with that ComfyUI's Python.
+#: <venv>/ComfyUI (install_comfy.sh's layout). tools/test_comfy.sh runs them with that ComfyUI's Python.
 COMFY_ROOT = os.path.abspath(
     os.environ.get("HIDIFF_COMFY_ROOT") or os.environ.get("HIDIFF_COMFYUI") or os.path.join(sys.prefix, "ComfyUI")
 )

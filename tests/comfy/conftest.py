@@ -1,8 +1,8 @@
-"""Tests of the ComfyUI nodes, run in the ComfyUI venv made by scripts/install_comfy.sh:
+"""Tests of the ComfyUI nodes, run in the ComfyUI venv made by tools/install_comfy.sh:
 
     .comfy/bin/python -m pytest tests/comfy
 
-or against any ComfyUI installation with ``scripts/test_comfy.sh`` (``HIDIFF_COMFY_ROOT``, its root,
+or against any ComfyUI installation with ``tools/test_comfy.sh`` (``HIDIFF_COMFY_ROOT``, its root,
 and ``HIDIFF_COMFY_PYTHON``, its Python). The ComfyUI root is ``$HIDIFF_COMFY_ROOT`` (older name
 ``$HIDIFF_COMFYUI``) or ``<venv>/ComfyUI``; without one (any other Python) the whole folder is
 skipped at collection.

@@ -1,7 +1,7 @@
 """The InvokeAI host under the contract: hidiff's node path (``hidiff.invokeai``) inside InvokeAI's
 own denoise (``StableDiffusionGeneratorPipeline.latents_from_embeddings``, InvokeAI's schedule
 slicing and step callback). Needs InvokeAI: the .invokeai environment
-(scripts/install_invokeai.sh); elsewhere it is skipped. To join the contract, hosts.py adds
+(tools/install_invokeai.sh); elsewhere it is skipped. To join the contract, hosts.py adds
 ``InvokeAIHost()`` to HOSTS (imported at its end: this module imports hosts).
 
 InvokeAI always evaluates both guidance branches in one U-Net call (a 2B batch: the
@@ -29,7 +29,7 @@ class InvokeAIHost(DiffusersHost):
         try:
             import invokeai.backend.stable_diffusion.diffusers_pipeline  # noqa: F401
         except ImportError:
-            return "needs InvokeAI: runs in the .invokeai environment (bash scripts/install_invokeai.sh)"
+            return "needs InvokeAI: runs in the .invokeai environment (bash tools/install_invokeai.sh)"
         return None
 
     def _use_torch_sdp(self) -> None:

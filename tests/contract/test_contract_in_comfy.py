@@ -1,5 +1,5 @@
 """The contract's ComfyUI host runs inside a real ComfyUI's environment (.comfy, made by
-scripts/install_comfy.sh), which this suite's Python does not have: this test runs the
+tools/install_comfy.sh), which this suite's Python does not have: this test runs the
 contract there (as tests/comfy_suite runs tests/comfy), so the README's one test command
 checks every host. Inside .comfy the contract runs directly and this test has nothing to do."""
 

@@ -1,5 +1,5 @@
 """The contract for the InvokeAI host runs in InvokeAI's environment (.invokeai, made by
-scripts/install_invokeai.sh), which this suite's Python does not have: this test runs it there."""
+tools/install_invokeai.sh), which this suite's Python does not have: this test runs it there."""
 
 import importlib.util
 import os

@@ -1,4 +1,4 @@
-"""Tests of the InvokeAI host, run in InvokeAI's environment made by scripts/install_invokeai.sh:
+"""Tests of the InvokeAI host, run in InvokeAI's environment made by tools/install_invokeai.sh:
 
     .invokeai/bin/python -m pytest tests/invokeai
 

@@ -1,7 +1,7 @@
 """What the InvokeAI tests share: a tiny random-weight SD 1.5-layout model saved as a diffusers
 folder, a real InvokeAI server on 127.0.0.1 with the node pack in its nodes/ folder, and the
 graphs the Invoke UI builds. Runs in InvokeAI's environment (.invokeai, made by
-scripts/install_invokeai.sh)."""
+tools/install_invokeai.sh)."""
 
 from __future__ import annotations
 

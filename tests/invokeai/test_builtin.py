@@ -1,6 +1,6 @@
 """hidiff's node in reference mode against InvokeAI's built-in HiDiffusion (denoise_latents'
 ``hidiffusion`` switch), on the same weights, noise and settings, in InvokeAI's own pipeline.
-The cases where they differ are measured by scripts/invokeai_builtin.py (docs/invokeai.md)."""
+The cases where they differ are measured by tools/invokeai_builtin.py (docs/invokeai.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from invoketest import NATIVE_LATENT, ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tools"))
 import invokeai_builtin as harness  # noqa: E402
 
 STEPS = 5

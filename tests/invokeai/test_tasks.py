@@ -12,7 +12,7 @@ from invoketest import NATIVE_LATENT, ROOT
 
 from hidiff.core.config import HiDiffusionConfig
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tools"))
 import invokeai_builtin as harness  # noqa: E402
 
 TWO_X = (2 * NATIVE_LATENT, 2 * NATIVE_LATENT)

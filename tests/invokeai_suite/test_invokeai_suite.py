@@ -1,5 +1,5 @@
 """The InvokeAI host's tests (tests/invokeai) run inside a real InvokeAI's environment
-(.invokeai, made by scripts/install_invokeai.sh), which this suite's Python does not have:
+(.invokeai, made by tools/install_invokeai.sh), which this suite's Python does not have:
 this test runs them there, so the one test command of the README covers that host too."""
 
 import os

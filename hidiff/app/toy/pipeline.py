@@ -277,7 +277,7 @@ def load_toy_pipeline(path: Optional[str] = None) -> Any:
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
             f"no toy model in {folder} (model_index.json missing); pass --model with a folder written by "
-            "scripts/train_toy.py --export, or reinstall hidiff with its package data"
+            "tools/train_toy.py --export, or reinstall hidiff with its package data"
         )
     # shipped in float16; diffusers loads it into float32 modules unless told otherwise
     pipe = ToyPipeline.from_pretrained(str(folder))

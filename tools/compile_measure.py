@@ -6,7 +6,7 @@ stock RAU-Net geometry; MSW-MSA throughout), through ``torch.compile(unet)``. Af
 call it reads torch._dynamo's counters (frames compiled, recompiles, graph breaks, unique
 graphs) and the call's time; then ``torch._dynamo.explain`` lists the graph-break reasons of one call.
 
-Run: .venv/bin/python scripts/compile_measure.py [--steps 6] [--backend inductor] [--options '{...}']
+Run: .venv/bin/python tools/compile_measure.py [--steps 6] [--backend inductor] [--options '{...}']
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ counterpart of CUDA's max_memory_allocated, which is what the estimate models) a
 the process's resident memory sampled every 20 ms over another call (peak minus the level before it;
 it includes allocator caching and misses peaks shorter than a sample). float32, one thread.
 
-    .venv/bin/python scripts/memory_validate.py            # every case, a table
-    .venv/bin/python scripts/memory_validate.py --json     # one JSON line per case
+    .venv/bin/python tools/memory_validate.py            # every case, a table
+    .venv/bin/python tools/memory_validate.py --json     # one JSON line per case
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ seconds per image, speed-up over baseline beside its FLOP bound, peak GPU memory
 ``--out``. A case that would start after ``--budget-s`` seconds is listed as skipped, so
 the run ends in time; a published row that cannot run says why.
 
-    bash scripts/gpu_bench.sh --out results            # on the GPU machine
-    python scripts/gpu_bench.py --tiny --device cpu --dtype float32 --steps 1 \\
+    bash tools/gpu_bench.sh --out results            # on the GPU machine
+    python tools/gpu_bench.py --tiny --device cpu --dtype float32 --steps 1 \\
         --cases sd15:640,sdxl:1024,sdxl:1536 --out /tmp/g   # the reduced CPU form (tests)
 """
 

@@ -2,9 +2,9 @@
 # Run hidiff's ComfyUI tests (tests/comfy) against any ComfyUI installation.
 #
 #   HIDIFF_COMFY_ROOT=/path/to/ComfyUI HIDIFF_COMFY_PYTHON=/path/to/ComfyUI/venv/bin/python \
-#       bash scripts/test_comfy.sh [pytest arguments, e.g. -x -q -k compose, or test files: tests/comfy/test_pack.py]
+#       bash tools/test_comfy.sh [pytest arguments, e.g. -x -q -k compose, or test files: tests/comfy/test_pack.py]
 #
-# Defaults: .comfy/ComfyUI and .comfy/bin/python (what scripts/install_comfy.sh makes; CI's ComfyUI 0.3.75).
+# Defaults: .comfy/ComfyUI and .comfy/bin/python (what tools/install_comfy.sh makes; CI's ComfyUI 0.3.75).
 # The tests run in ComfyUI's own Python (so they use its torch and ComfyUI's dependencies) with this
 # checkout first on the path; nothing is installed into that environment. They need pytest there
 # (the script stops and says how to add it); the cross-host tests also need diffusers and are

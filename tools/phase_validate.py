@@ -6,7 +6,7 @@ interleaved, ``--repeats`` times, on the same random-weight SD 1.5-layout U-Net;
 compared. ``--width-scale 1`` is the tiny width (32/64/64/64), ``2`` half of SD 1.5's
 widths (160/320/640/640, 8 heads), ``4`` a quarter.
 
-Run: .venv/bin/python scripts/phase_validate.py --width-scale tiny --size 1024 --steps 10 --repeats 3
+Run: .venv/bin/python tools/phase_validate.py --width-scale tiny --size 1024 --steps 10 --repeats 3
 """
 
 from __future__ import annotations

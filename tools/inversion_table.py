@@ -1,6 +1,6 @@
 """Invert-then-regenerate on the shipped toy model: reconstruction PSNR, ordinary CFG versus CFG++.
 
-    .venv/bin/python scripts/inversion_table.py          # the docs/cfgpp.md table (~3 min, 1 thread)
+    .venv/bin/python tools/inversion_table.py          # the docs/cfgpp.md table (~3 min, 1 thread)
 
 The 24 toy prompts' training pictures (one random scene each, 16 px, a function of --seed)
 are DDIM-inverted to noise under their own prompt and sampled back with the same guidance

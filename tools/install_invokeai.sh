@@ -2,7 +2,7 @@
 # Install a real, CPU-only InvokeAI 6.14.2 into .invokeai/ at the repository root, from the
 # package registry only, for hidiff's InvokeAI tests (tests/invokeai) and for trying the node pack.
 #
-#   bash scripts/install_invokeai.sh
+#   bash tools/install_invokeai.sh
 #
 # Result: .invokeai/ is a virtual environment with invokeai-web (.invokeai/bin/invokeai-web),
 # pytest, and this repository's hidiff installed editable without dependencies (the node pack
@@ -12,7 +12,7 @@
 # Environment: PYTHON (default python3.11), INVOKEAI_DIR (default .invokeai),
 # TORCH_SPEC (default torch==2.13.0+cpu), TORCHVISION_SPEC (default torchvision==0.28.0),
 # INVOKEAI_SPEC (default invokeai==6.14.2), INVOKEAI_NO_LOCK=1 (do not hold the other
-# dependencies to scripts/invokeai-lock.txt).
+# dependencies to tools/invokeai-lock.txt).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,7 +26,7 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu}
 TORCHVISION_SPEC=${TORCHVISION_SPEC:-torchvision==0.28.0}
 INVOKEAI_SPEC=${INVOKEAI_SPEC:-invokeai==6.14.2}
-LOCK=$ROOT/scripts/invokeai-lock.txt
+LOCK=$ROOT/tools/invokeai-lock.txt
 START=$(date +%s)
 
 say() { echo "[install_invokeai $(date +%H:%M:%S)] $*"; }

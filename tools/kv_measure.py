@@ -12,7 +12,7 @@
 3. Times one windowed self-attention at SD 1.5 1024x1024's top stage (128x128 tokens,
    320 channels, 8 heads, random weights) with keys/values shrunk 1x, 2x, 4x.
 
-Run: HIDIFF_TEST_THREADS=1 .venv/bin/python scripts/kv_measure.py [--threads N] [--json out.json]
+Run: HIDIFF_TEST_THREADS=1 .venv/bin/python tools/kv_measure.py [--threads N] [--json out.json]
 """
 
 from __future__ import annotations

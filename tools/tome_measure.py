@@ -2,9 +2,9 @@
 refusal under MSW-MSA (docs/speed.md).
 
 Interleaved modes on one random-weight SD 1.5-layout U-Net (``--width-scale`` as in
-scripts/phase_validate.py), ``--repeats`` times, medians of the whole loop (U-Net + DDIM step).
+tools/phase_validate.py), ``--repeats`` times, medians of the whole loop (U-Net + DDIM step).
 
-Run: .venv/bin/python scripts/tome_measure.py --width-scale tiny --size 1024 --steps 4 --repeats 3
+Run: .venv/bin/python tools/tome_measure.py --width-scale tiny --size 1024 --steps 4 --repeats 3
 """
 
 from __future__ import annotations

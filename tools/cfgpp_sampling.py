@@ -1,8 +1,8 @@
 """CFG versus CFG++ sampling on the toy model: prompt accuracy and an off-manifold measure.
 
-    .venv/bin/python scripts/cfgpp_sampling.py                       # the docs/cfgpp.md table (~20 min, 1 thread)
-    .venv/bin/python scripts/cfgpp_sampling.py --samplers ddim --steps 20 --scales 1,3,5,7.5   # one slice
-    .venv/bin/python scripts/cfgpp_sampling.py --model runs/x --checkpoint   # a training checkpoint (EMA)
+    .venv/bin/python tools/cfgpp_sampling.py                       # the docs/cfgpp.md table (~20 min, 1 thread)
+    .venv/bin/python tools/cfgpp_sampling.py --samplers ddim --steps 20 --scales 1,3,5,7.5   # one slice
+    .venv/bin/python tools/cfgpp_sampling.py --model runs/x --checkpoint   # a training checkpoint (EMA)
 
 For each sampler, number of steps and ordinary guidance scale w, the 24 toy prompts x
 --seeds seeds are sampled at native size (16 px) with ordinary CFG at w and with CFG++ at

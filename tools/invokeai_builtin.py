@@ -1,9 +1,9 @@
 """hidiff's InvokeAI node against InvokeAI 6.14.2's built-in HiDiffusion, on the same weights,
 noise and settings: where they agree and where they differ, with numbers.
 
-    OMP_NUM_THREADS=1 .invokeai/bin/python scripts/invokeai_builtin.py [--native 64] [--steps 10] [--json OUT]
+    OMP_NUM_THREADS=1 .invokeai/bin/python tools/invokeai_builtin.py [--native 64] [--steps 10] [--json OUT]
 
-Runs in InvokeAI's environment (scripts/install_invokeai.sh), in process: InvokeAI's own
+Runs in InvokeAI's environment (tools/install_invokeai.sh), in process: InvokeAI's own
 pipeline (``DenoiseLatentsInvocation.create_pipeline`` / ``init_scheduler`` /
 ``latents_from_embeddings``, Euler, CFG 5) on a random-weight U-Net of SD 1.5's layout, either
 plain, wrapped the way ``denoise_latents`` wraps it when ``hidiffusion`` is on

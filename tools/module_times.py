@@ -7,9 +7,9 @@ step of a ``--steps`` schedule, timed per block (resnets, attentions, samplers, 
 per transformer part (attn1, attn2, ff), ``--calls`` times after one warm-up call; medians.
 
 Run (docs/benchmarks.md, SDXL against the published package):
-    .venv/bin/python scripts/module_times.py hidiff --family sdxl --size 2048 --step 30 --out /tmp/mt
-    .venv-ref/bin/python scripts/module_times.py published --out /tmp/mt
-    .venv/bin/python scripts/module_times.py compare --out /tmp/mt
+    .venv/bin/python tools/module_times.py hidiff --family sdxl --size 2048 --step 30 --out /tmp/mt
+    .venv-ref/bin/python tools/module_times.py published --out /tmp/mt
+    .venv/bin/python tools/module_times.py compare --out /tmp/mt
 
 The hidiff side writes the config and inputs to ``--out``; the published side reads them there
 (and never imports hidiff), with the same step, size and threads.

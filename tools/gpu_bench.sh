@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 15 (scripts/gpu_bench.py; docs/benchmarks.md): SD 1.5 1024, SDXL 2048
+# The GPU benchmark of issue 15 (tools/gpu_bench.py; docs/benchmarks.md): SD 1.5 1024, SDXL 2048
 # and SDXL 4096 in fp16 with full-width random weights; baseline, published, hidiff, hidiff with
 # kv_downsample 2 (and one level deeper); seconds per image and peak GPU memory, as JSON and markdown.
 #
-#   bash scripts/gpu_bench.sh [--out DIR] [any scripts/gpu_bench.py flag]
+#   bash tools/gpu_bench.sh [--out DIR] [any tools/gpu_bench.py flag]
 #
 # On a machine without network (the lent GPU machine has torch and transformers, not diffusers),
 # carry wheels: .whl/ (diffusers 0.42.x for hidiff) is installed into /tmp/hidiff-site; .whl-ref/
@@ -34,4 +34,4 @@ if [ -x "$root/.venv-ref/bin/python" ] && [ ${#extra[@]} -eq 0 ]; then
     extra+=(--reference-python "$root/.venv-ref/bin/python")
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "$python" "$root/scripts/gpu_bench.py" ${extra[@]+"${extra[@]}"} "$@"
+exec "$python" "$root/tools/gpu_bench.py" ${extra[@]+"${extra[@]}"} "$@"

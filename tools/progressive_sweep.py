@@ -6,7 +6,7 @@ each group of strengths timed right after its own direct-hidiff reference, in wa
 this process's CPU time (one thread: what the run computed, far less sensitive to other jobs on
 the machine than wall time). Prints one JSON line per row.
 
-    .venv/bin/python scripts/progressive_sweep.py --scales 4,8 --threads 1
+    .venv/bin/python tools/progressive_sweep.py --scales 4,8 --threads 1
 """
 
 from __future__ import annotations

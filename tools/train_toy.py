@@ -1,7 +1,7 @@
 """Train the toy model (hidiff.app.toy) on CPU or GPU; resumable, reproducible from its seeds.
 
-    .venv/bin/python scripts/train_toy.py --out runs/toy --steps 12000          # train / resume
-    .venv/bin/python scripts/train_toy.py --out runs/toy --export hidiff/app/toy/weights   # ship the EMA weights
+    .venv/bin/python tools/train_toy.py --out runs/toy --steps 12000          # train / resume
+    .venv/bin/python tools/train_toy.py --out runs/toy --export hidiff/app/toy/weights   # ship the EMA weights
 
 Every step's pictures, timesteps and noise are a function of (--seed, step), so a run
 stopped and resumed from its checkpoint sees the same data as an uninterrupted one.

@@ -3,7 +3,7 @@
 fastest runs, in wall time and in this process's CPU time (with one thread, CPU time is what the run
 computed, and depends far less on other jobs sharing the machine than wall time).
 
-    .venv/bin/python scripts/progressive_time.py --scales 4,8 --repeats 3
+    .venv/bin/python tools/progressive_time.py --scales 4,8 --repeats 3
 """
 
 from __future__ import annotations

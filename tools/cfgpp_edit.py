@@ -1,6 +1,6 @@
 """Editing on the shipped toy model: CFG++ inversion editing against CFG inversion editing and img2img.
 
-    .venv/bin/python scripts/cfgpp_edit.py            # the docs/cfgpp.md table (~5 min, 1 thread)
+    .venv/bin/python tools/cfgpp_edit.py            # the docs/cfgpp.md table (~5 min, 1 thread)
 
 --pictures random training pictures (16 px, one object; a function of --seed) are each
 edited twice: a colour change (same shape, another object colour) and a shape change

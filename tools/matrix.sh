@@ -4,8 +4,8 @@
 # supports, each in its own environment .venv-matrix/<version> with the transformers,
 # huggingface_hub, peft and numpy of its time. The current release is what .venv tests.
 #
-#   bash scripts/matrix.sh                 # every version below
-#   bash scripts/matrix.sh 0.30.3          # only these
+#   bash tools/matrix.sh                 # every version below
+#   bash tools/matrix.sh 0.30.3          # only these
 #
 # Idempotent: an existing environment is reused and only brought to its pins.
 # Exits non-zero if any version fails (after running all of them).
@@ -21,7 +21,7 @@ pins() {
         0.27.2) echo "transformers==4.44.2 huggingface_hub==0.25.2 peft==0.12.0 numpy<2" ;;
         0.30.3) echo "transformers==4.45.2 huggingface_hub==0.25.2 peft==0.13.2 numpy<2" ;;
         0.35.2) echo "transformers==4.57.6 huggingface_hub==0.36.2 peft==0.17.1 numpy" ;;
-        *) echo "unknown diffusers version $1 (add its pins to scripts/matrix.sh)" >&2; return 1 ;;
+        *) echo "unknown diffusers version $1 (add its pins to tools/matrix.sh)" >&2; return 1 ;;
     esac
 }
 
