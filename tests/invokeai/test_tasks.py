@@ -185,3 +185,24 @@ def test_a_lora_on_the_strided_conv_acts_under_rau_net():
             conv.weight.sub_(diff)
     assert (patched - without).abs().max() > 1e-3, "the LoRA was ignored"
     assert torch.allclose(patched, merged, atol=1e-5, rtol=0), (patched - merged).abs().max()
+
+
+def test_sd2_v_prediction_runs_rau_net_and_windows_on_the_steps_of_its_preset():
+    """SD 2.x's layout (linear projections, per-stage head dims) with a v-prediction Euler, as
+    InvokeAI loads an SD 2.x-v model: the same schedule as the SD 1.x preset at 2x native, and the
+    cached U-Net as it was after the run."""
+    from diffusers import EulerDiscreteScheduler
+
+    from hidiff.diffusers.testing import tiny_components
+
+    parts = tiny_components("sd21-768", sample_size=NATIVE_LATENT)
+    unet = parts["unet"]
+    scheduler = EulerDiscreteScheduler.from_config(parts["scheduler"].config, use_karras_sigmas=False)
+    assert scheduler.config.prediction_type == "v_prediction" and unet.config.use_linear_projection
+    before = harness.model_state(unet)
+    out, report = run(unet, scheduler, steps=10, config=HiDiffusionConfig())
+    summary = report.summary()
+    # 10 steps at 2x native: the sd-1024 preset, T1 = int(10 x 0.4) = 4: conv on steps 0-3, windows on all
+    assert summary["preset"] == "sd-1024" and summary["conv_steps"] == [0, 1, 2, 3]
+    assert summary["window_steps"] == list(range(10)) and torch.isfinite(out).all()
+    assert harness.leftovers(before, harness.model_state(unet)) == {}
