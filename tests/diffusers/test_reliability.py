@@ -296,8 +296,13 @@ def test_two_threads_on_one_patched_pipeline_match_sequential_calls_bitwise():
     sequential = {name: run(pipe, *size, steps=steps, seed=seed) for name, (seed, size) in jobs.items()}
     barrier = threading.Barrier(len(jobs), timeout=60)
     results, records, errors, idents = {}, {name: [] for name in jobs}, [], set()
+    # A new thread starts with OpenMP's default thread count, not the one torch.set_num_threads
+    # gave this thread; with another count a kernel may sum in another order, so each thread
+    # takes this thread's count and the arithmetic is the sequential runs'.
+    intra_op = torch.get_num_threads()
 
     def work(name):
+        torch.set_num_threads(intra_op)
         seed, size = jobs[name]
 
         def on_step_end(p, i, t, callback_kwargs):
