@@ -21,10 +21,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.config import HiDiffusionConfig, OptionSpec, option_specs
+from ..core.config import HiDiffusionConfig, OptionSpec
+from ..core.ui import UIOption, ui_options
 
-#: Widget value meaning "None" (the library decides) for the optional numbers.
-UNSET = -1
 #: The node's inputs in the order saved workflows store them; later options follow.
 WIDGET_ORDER = (
     "raunet",
@@ -43,8 +42,6 @@ WIDGET_ORDER = (
 #: Library options the node does not offer: ComfyUI runs ControlNets in its own nodes, and
 #: the node always resizes their residuals (see docs/comfyui.md).
 NOT_OFFERED = ("controlnet", "controlnet_steps_ratio")
-#: What an optional switch's combo shows for None / True / False.
-SWITCH = {"auto": None, "on": True, "off": False}
 #: Where ComfyUI's own nodes of each kind live in menus that predate the detection below.
 FALLBACK_CATEGORIES = {"model_patch": "model_patches/unet", "sampler": "sampling/custom_sampling/samplers"}
 
@@ -59,17 +56,22 @@ OUTPUT_TOOLTIP = "The model with HiDiffusion (a patched copy; the input model is
 
 @dataclass(frozen=True)
 class Widget:
-    """One input of the node, host-neutral: enough to render it as V1 or V3 and to read it back."""
+    """One input of the node: the core's form description (:mod:`hidiff.core.ui`) in ComfyUI's
+    terms, enough to render it as V1 or V3 and to read it back."""
 
     name: str
     io: str  # "BOOLEAN", "FLOAT", "INT" or "COMBO"
     default: Any
     tooltip: str
-    spec: OptionSpec
+    ui: UIOption
     options: Optional[tuple[str, ...]] = None
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     step: Optional[float] = None
+
+    @property
+    def spec(self) -> OptionSpec:
+        return self.ui.spec
 
     @property
     def advanced(self) -> bool:
@@ -77,66 +79,18 @@ class Widget:
 
     def to_library(self, value: Any) -> Any:
         """The HiDiffusionConfig value of this widget's ``value``."""
-        spec = self.spec
-        if self.io == "BOOLEAN":
-            return bool(value)
-        if self.io == "COMBO":
-            if spec.kind == "bool":
-                if value not in SWITCH:
-                    raise ValueError(f"{self.name} must be one of {', '.join(SWITCH)}, got {value!r}")
-                return SWITCH[value]
-            if spec.optional and value == spec.none_label:
-                return None
-            if spec.kind == "int":
-                return int(value)
-            if spec.kind == "float":
-                return float(value)
-            return value
-        if value is None or (spec.optional and float(value) < 0):
-            return None
-        return int(value) if self.io == "INT" else float(value)
+        return self.ui.to_library(value)
 
 
-def _widget(spec: OptionSpec) -> Widget:
-    """The widget of one option (see the module docstring for the encodings)."""
-    tooltip = spec.help
-    if spec.kind == "bool" and spec.optional:
-        tooltip += " Here: auto is None, on is True, off is False."
-        default = next(label for label, v in SWITCH.items() if v == spec.default)
-        return Widget(spec.name, "COMBO", default, tooltip, spec, options=tuple(SWITCH))
-    if spec.kind == "bool":
-        return Widget(spec.name, "BOOLEAN", bool(spec.default), tooltip, spec)
-    if spec.choices is not None:
-        options = tuple(str(c) for c in spec.choices)
-        if spec.optional:
-            tooltip += f" Here: {spec.none_label} is None."
-            options = (spec.none_label, *options)
-        default = spec.none_label if spec.default is None else str(spec.default)
-        return Widget(spec.name, "COMBO", default, tooltip, spec, options=options)
-    io = "INT" if spec.kind == "int" else "FLOAT"
-    cast = int if io == "INT" else float
-    minimum = spec.minimum
-    default = spec.default
-    if spec.optional:
-        tooltip += f" Here: {UNSET} is None."
-        minimum, default = UNSET, UNSET if spec.default is None else spec.default
-    return Widget(
-        spec.name,
-        io,
-        cast(default),
-        tooltip,
-        spec,
-        minimum=None if minimum is None else cast(minimum),
-        maximum=None if spec.maximum is None else cast(spec.maximum),
-        step=spec.step,
-    )
+def _widget(ui: UIOption) -> Widget:
+    io = {"checkbox": "BOOLEAN", "dropdown": "COMBO"}.get(ui.kind) or ("INT" if ui.whole else "FLOAT")
+    tooltip = ui.spec.help + (f" Here: {ui.special}." if ui.special else "")
+    return Widget(ui.name, io, ui.default, tooltip, ui, ui.choices, ui.minimum, ui.maximum, ui.step)
 
 
 def widgets() -> tuple[Widget, ...]:
     """The node's widgets (every library option a ComfyUI user sets), in saved-workflow order."""
-    specs = {s.name: s for s in option_specs() if s.name not in NOT_OFFERED}
-    order = [n for n in WIDGET_ORDER if n in specs] + [n for n in specs if n not in WIDGET_ORDER]
-    return tuple(_widget(specs[n]) for n in order)
+    return tuple(_widget(ui) for ui in ui_options(WIDGET_ORDER, NOT_OFFERED))
 
 
 def widget_defaults() -> dict[str, Any]:

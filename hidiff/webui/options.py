@@ -18,13 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.config import HiDiffusionConfig, OptionSpec, option_specs
+from ..core.config import HiDiffusionConfig, OptionSpec
+from ..core.ui import UIOption, ui_option, ui_options
 
 TITLE = "HiDiffusion"
 #: The infotext key of the switch; every option's key is ``"HiDiffusion <option>"``.
 ENABLE_KEY = TITLE
-UNSET = -1
-SWITCH = {"auto": None, "on": True, "off": False}
 #: Options a WebUI user does not set: the WebUIs run ControlNets in their own extensions, and
 #: their residuals are always resized to the U-Net's features here (see docs/webui.md).
 NOT_OFFERED = ("controlnet", "controlnet_steps_ratio")
@@ -47,17 +46,22 @@ CONTROL_ORDER = (
 
 @dataclass(frozen=True)
 class Control:
-    """One control of the accordion: enough to render it and to read its value back."""
+    """One control of the accordion: the core's form description (:mod:`hidiff.core.ui`) in
+    gradio's terms, enough to render it and to read its value back."""
 
     name: str
     widget: str  # "checkbox", "dropdown", "slider" or "number"
     default: Any
     tooltip: str
-    spec: OptionSpec
+    ui: UIOption
     choices: Optional[tuple[str, ...]] = None
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     step: Optional[float] = None
+
+    @property
+    def spec(self) -> OptionSpec:
+        return self.ui.spec
 
     @property
     def label(self) -> str:
@@ -69,121 +73,25 @@ class Control:
 
     def to_library(self, value: Any) -> Any:
         """The HiDiffusionConfig value of the control's ``value`` (ValueError naming the option)."""
-        spec = self.spec
-        try:
-            if self.widget == "checkbox":
-                if isinstance(value, str):
-                    return _parse_bool(value)
-                return bool(value)
-            if self.widget == "dropdown":
-                text = str(value)
-                if spec.kind == "bool":
-                    if text not in SWITCH:
-                        raise ValueError(f"one of {', '.join(SWITCH)}")
-                    return SWITCH[text]
-                if spec.optional and text == spec.none_label:
-                    return None
-                allowed = [str(c) for c in spec.choices or ()]
-                if text not in allowed:
-                    raise ValueError(f"one of {', '.join(self.choices or ())}")
-                return spec.choices[allowed.index(text)] if spec.choices else text
-            if value is None or value == "":
-                return None if spec.optional else spec.default
-            if spec.kind == "int":
-                whole = _whole(value)
-                return None if spec.optional and whole < 0 else whole
-            number = float(value)
-            return None if spec.optional and number < 0 else number
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"HiDiffusion option {self.name}: {value!r} is not valid: it must be {_what(self, e)}"
-            ) from e
+        return self.ui.to_library(value)
 
     def to_control(self, value: Any) -> Any:
         """The control's value for the library value ``value`` (the inverse of :meth:`to_library`)."""
-        spec = self.spec
-        if self.widget == "checkbox":
-            return bool(value)
-        if self.widget == "dropdown":
-            if spec.kind == "bool":
-                return next(label for label, v in SWITCH.items() if v == value)
-            return spec.none_label if value is None else str(value)
-        if value is None:
-            return UNSET
-        return int(value) if spec.kind == "int" else float(value)
+        return self.ui.to_widget(value)
 
 
-def _what(control: Control, error: Exception) -> str:
-    if control.widget == "dropdown":
-        return f"one of {', '.join(control.choices or ())}"
-    if control.widget == "checkbox":
-        return "true or false"
-    text = "a whole number" if control.spec.kind == "int" else "a number"
-    if control.spec.optional:
-        text += f" ({UNSET} for {control.spec.none_label})"
-    return text
-
-
-def _whole(value: Any) -> int:
-    """An int from an int, a whole float or their text (exact for seeds above 2**53 given as ints)."""
-    if isinstance(value, bool):
-        raise ValueError("a whole number")
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    try:
-        return int(text)
-    except ValueError:
-        number = float(text)
-        if number != int(number):
-            raise ValueError("a whole number") from None
-        return int(number)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "on", "yes", "1"):
-        return True
-    if lowered in ("false", "off", "no", "0"):
-        return False
-    raise ValueError("true or false")
-
-
-def _control(spec: OptionSpec) -> Control:
-    tooltip = spec.help
-    if spec.kind == "bool" and spec.optional:
-        default = next(label for label, v in SWITCH.items() if v == spec.default)
-        return Control(spec.name, "dropdown", default, tooltip + " auto: None.", spec, choices=tuple(SWITCH))
-    if spec.kind == "bool":
-        return Control(spec.name, "checkbox", bool(spec.default), tooltip, spec)
-    if spec.choices is not None:
-        choices = tuple(str(c) for c in spec.choices)
-        if spec.optional:
-            tooltip += f" {spec.none_label}: None."
-            choices = (spec.none_label, *choices)
-        default = spec.none_label if spec.default is None else str(spec.default)
-        return Control(spec.name, "dropdown", default, tooltip, spec, choices=choices)
-    cast = int if spec.kind == "int" else float
-    if spec.optional:
-        default = UNSET if spec.default is None else cast(spec.default)
-        return Control(spec.name, "number", default, tooltip + f" {UNSET}: None ({spec.none_label}).", spec)
-    return Control(
-        spec.name,
-        "slider",
-        cast(spec.default),
-        tooltip,
-        spec,
-        minimum=spec.minimum,
-        maximum=spec.maximum,
-        step=spec.step,
-    )
+def _control(ui: UIOption) -> Control:
+    tooltip = ui.spec.help + (f" Here: {ui.special}." if ui.special else "")
+    if ui.kind != "number":
+        return Control(ui.name, ui.kind, ui.default, tooltip, ui, choices=ui.choices)
+    if ui.spec.optional:  # a number box: -1 for None lies outside a slider's range
+        return Control(ui.name, "number", ui.default, tooltip, ui)
+    return Control(ui.name, "slider", ui.default, tooltip, ui, minimum=ui.minimum, maximum=ui.maximum, step=ui.step)
 
 
 def controls() -> tuple[Control, ...]:
     """Every library option a WebUI user sets, in :data:`CONTROL_ORDER` (API argument order after ``enable``)."""
-    specs = {s.name: s for s in option_specs() if s.name not in NOT_OFFERED}
-    order = [n for n in CONTROL_ORDER if n in specs] + [n for n in specs if n not in CONTROL_ORDER]
-    return tuple(_control(specs[n]) for n in order)
+    return tuple(_control(ui) for ui in ui_options(CONTROL_ORDER, NOT_OFFERED))
 
 
 def api_args(enable: bool = True, **options: Any) -> list[Any]:
@@ -227,7 +135,8 @@ def read_args(args: Sequence[Any]) -> Settings:
     return Settings(True, config, changed)
 
 
-_ENABLE = Control("enable", "checkbox", False, "Run HiDiffusion on this generation.", option_specs()[0])
+#: The accordion's switch: not a library option, read with the same rules as one.
+_ENABLE = _control(ui_option(OptionSpec("enable", "bool", False, "Run HiDiffusion on this generation.")))
 
 
 def infotext(settings: Settings) -> dict[str, Any]:
