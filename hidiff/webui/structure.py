@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from ..core.architecture import Architecture, NetworkDescription, Stage, UnsupportedModelError, recognise
+from ..core.architecture import Architecture, UnsupportedModelError, recognise
+from ..core.ldm import context_width, read_ldm
 
 NOT_A_UNET = (
     "HiDiffusion is for Stable Diffusion U-Nets (SD 1.x, SD 2.x, SDXL and their fine-tunes); the loaded model "
@@ -40,133 +41,41 @@ class LdmNetwork:
     v_prediction: bool = False
 
 
-def _names(block: Any) -> list[str]:
-    return [type(layer).__name__ for layer in block]
-
-
-def _transformers(block: Any) -> list[Any]:
-    return [layer for layer in block if type(layer).__name__ in ("SpatialTransformer", "SpatialVideoTransformer")]
-
-
-def _depth(block: Any) -> int:
-    return sum(len(getattr(t, "transformer_blocks", ())) for t in _transformers(block))
-
-
-def _cross(block: Any) -> bool:
-    for t in _transformers(block):
-        for tb in getattr(t, "transformer_blocks", ()):
-            if getattr(tb, "attn2", None) is not None and not getattr(tb, "disable_self_attn", False):
-                return True
-    return False
-
-
-def _is_downsample(block: Any) -> bool:
-    if _names(block) != ["Downsample"]:
-        return False
-    op = getattr(block[0], "op", None)
-    return tuple(getattr(op, "stride", ()) or ()) == (2, 2) and tuple(getattr(op, "kernel_size", ()) or ()) == (3, 3)
-
-
-def _context_width(unet: Any, blocks: list[list[int]], inputs: Any) -> Optional[int]:
-    for ids in blocks:
-        for i in ids:
-            for t in _transformers(inputs[i]):
-                for tb in getattr(t, "transformer_blocks", ()):
-                    attn2 = getattr(tb, "attn2", None)
-                    to_k = getattr(attn2, "to_k", None)
-                    if to_k is not None and hasattr(to_k, "in_features"):
-                        return int(to_k.in_features)
-    return None
-
-
 def describe(unet: Any, v_prediction: bool = False, name: str = "") -> LdmNetwork:
     """The recognised network of an ldm-layout U-Net module; raises :class:`UnsupportedModelError`."""
-    inputs = getattr(unet, "input_blocks", None)
-    outputs = getattr(unet, "output_blocks", None)
-    if inputs is None or outputs is None:
+    if getattr(unet, "input_blocks", None) is None or getattr(unet, "output_blocks", None) is None:
         raise UnsupportedModelError(NOT_A_UNET.format(what=name or type(unet).__name__))
-    stage_blocks: list[list[int]] = []
-    downsample_at: list[Optional[int]] = []
-    current: list[int] = []
-    for i in range(1, len(inputs)):
-        block = inputs[i]
-        if _is_downsample(block):
-            stage_blocks.append(current)
-            downsample_at.append(i)
-            current = []
-        elif "ResBlock" in _names(block):
-            current.append(i)
-        else:
-            raise UnsupportedModelError(
-                f"HiDiffusion: input block {i} holds {_names(block)}, not a layer of a Stable Diffusion U-Net. "
-                + NOT_A_UNET.format(what=name or type(unet).__name__)
-            )
-    if current:
-        stage_blocks.append(current)
-        downsample_at.append(None)
-    stages = []
-    for k, ids in enumerate(stage_blocks):
-        first = inputs[ids[0]][0] if ids else None
-        plain = any(_depth(inputs[i]) and not _cross(inputs[i]) for i in ids)
-        values = dict(
-            channels=int(getattr(first, "out_channels", 0) or 0),
-            layers=len(ids),
-            cross_attention=any(_cross(inputs[i]) for i in ids),
-            downsample=downsample_at[k] is not None,
-            self_attention_only=plain,
-            other_attention="self-attention without cross-attention" if plain else "",
-        )
-        known = {f.name for f in dataclasses.fields(Stage)}
-        stages.append(Stage(**{key: v for key, v in values.items() if key in known}))
-    up_blocks: list[list[int]] = [[]]
-    for i, block in enumerate(outputs):
-        up_blocks[-1].append(i)
-        if "Upsample" in _names(block) and i != len(outputs) - 1:
-            up_blocks.append([])
-    in_channels = getattr(unet, "in_channels", None)
-    if in_channels is None:
-        conv_in = inputs[0][0]
-        in_channels = getattr(conv_in, "in_channels", 4)
     label_emb = getattr(unet, "label_emb", None)
     embedding = "" if label_emb is None else ("vector" if type(label_emb).__name__ == "Sequential" else "class")
-    fields = {f.name for f in dataclasses.fields(NetworkDescription)}
-    values = dict(
-        stages=tuple(stages),
-        up_layers=tuple(len(ids) for ids in up_blocks),
-        up_cross_attention=tuple(any(_cross(outputs[i]) for i in ids) for ids in up_blocks),
-        in_channels=int(in_channels),
-        cross_attention_dim=_context_width(unet, stage_blocks, inputs),
-        native=None,
-        name=name or type(unet).__name__,
+    network, layout = read_ldm(
+        unet,
+        name or type(unet).__name__,
+        in_channels=None,
+        cross_attention_dim=context_width(unet),
         embedding=embedding,
+        advice=" " + NOT_A_UNET.format(what=name or type(unet).__name__),
     )
-    arch = recognise(NetworkDescription(**{k: v for k, v in values.items() if k in fields}))
+    arch = recognise(network)
     if arch.family == "sd2" and v_prediction:
         arch = dataclasses.replace(arch, native=(96, 96))
 
     attentions: list[tuple[str, int, int, int]] = []
     for stage in (arch.window_stage, arch.window_stage + 1):
-        if stage >= len(stages) or not stages[stage].cross_attention:
-            continue
-        for i in stage_blocks[stage]:
-            attentions += [("input", i, j, stage) for j in range(_depth(inputs[i]))]
-        for i in up_blocks[arch.up_index(stage)]:
-            attentions += [("output", i, j, stage) for j in range(_depth(outputs[i]))]
-    upsamples = []
-    for k in range(arch.num_stages - 1):
-        ids = up_blocks[arch.up_index(k + 1)]
-        upsamples.append((ids[-1], k))
-    conv_block = downsample_at[arch.conv_stage]
+        if stage < len(network.stages) and network.stages[stage].cross_attention:
+            attentions += [(*layer, stage) for layer in layout.self_attentions(unet, arch, stage)]
+    # The output block ending each up stage holds its Upsample; up stage k + 1 mirrors down stage k + 1
+    # and lands on down stage k's skip.
+    upsamples = tuple((layout.up_blocks[arch.up_index(k + 1)][-1], k) for k in range(arch.num_stages - 1))
+    conv_block = layout.downsample_blocks[arch.conv_stage]
     if conv_block is None:  # recognise() checked the conv stage downsamples
-        raise UnsupportedModelError(f"HiDiffusion: stage {arch.conv_stage} of {values['name']} has no downsampler")
-    up_pool = up_blocks[arch.up_index(arch.pool_stage)]
+        raise UnsupportedModelError(f"HiDiffusion: stage {arch.conv_stage} of {network.name} has no downsampler")
     return LdmNetwork(
         architecture=arch,
         conv_block=conv_block,
-        pool_block=stage_blocks[arch.pool_stage][0],
-        unpool_block=up_pool[arch.unpool_layer],
+        pool_block=layout.stage_blocks[arch.pool_stage][0],
+        unpool_block=layout.up_blocks[arch.up_index(arch.pool_stage)][arch.unpool_layer],
         attentions=tuple(attentions),
-        upsample_blocks=tuple(upsamples),
-        downsample_blocks=tuple((block, k) for k, block in enumerate(downsample_at) if block is not None),
+        upsample_blocks=upsamples,
+        downsample_blocks=tuple((block, k) for k, block in enumerate(layout.downsample_blocks) if block is not None),
         v_prediction=v_prediction,
     )
