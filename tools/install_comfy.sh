@@ -56,23 +56,8 @@ if ! "$DIR/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is not
   say "installing $TORCH_SPEC $TORCHVISION_SPEC"
   pip_ install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
 fi
-# The registry's torchvision wheels are built against CUDA: with CPU torch their C ops do
-# not load and `import torchvision` fails in _meta_registrations.py ("operator
-# torchvision::nms does not exist"). ComfyUI imports torchvision, so register those two
-# fake kernels only when the ops exist. Idempotent (the pattern is gone once replaced).
-"$DIR/bin/python" - <<'PYEOF'
-import importlib.util, pathlib, re
-loc = importlib.util.find_spec("torchvision").submodule_search_locations[0]
-path = pathlib.Path(loc) / "_meta_registrations.py"
-text = path.read_text()
-pattern = re.compile(r'^@torch\.library\.register_fake\(("torchvision::q?nms")\)$', re.M)
-if pattern.search(text):
-    text = pattern.sub(
-        r'@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))  # hidiff install_comfy.sh',
-        text)
-    path.write_text(text)
-    print("guarded the nms fake registrations in", path)
-PYEOF
+# The registry's torchvision is a CUDA build; let it import beside CPU torch.
+"$DIR/bin/python" "$ROOT/tools/guard_torchvision.py"
 "$DIR/bin/python" -c 'import torch, torchvision; assert torch.version.cuda is None, torch.__version__; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 
 # 3. the ComfyUI tree out of the wheel

@@ -58,23 +58,8 @@ then
   pip_ install -q "${LOCKARGS[@]}" "$TORCH_SPEC" "$TORCHVISION_SPEC" "$INVOKEAI_SPEC" pytest
 fi
 
-# The registry's torchvision wheels are built against CUDA: with CPU torch their C ops do
-# not load and `import torchvision` fails in _meta_registrations.py ("operator
-# torchvision::nms does not exist"); InvokeAI imports torchvision through diffusers and
-# transformers. Register those two fake kernels only when the ops exist. Idempotent.
-"$DIR/bin/python" - <<'PYEOF'
-import importlib.util, pathlib, re
-loc = importlib.util.find_spec("torchvision").submodule_search_locations[0]
-path = pathlib.Path(loc) / "_meta_registrations.py"
-text = path.read_text()
-pattern = re.compile(r'^@torch\.library\.register_fake\(("torchvision::q?nms")\)$', re.M)
-if pattern.search(text):
-    text = pattern.sub(
-        r'@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))  # hidiff install_invokeai.sh',
-        text)
-    path.write_text(text)
-    print("guarded the nms fake registrations in", path)
-PYEOF
+# The registry's torchvision is a CUDA build; let it import beside CPU torch.
+"$DIR/bin/python" "$ROOT/tools/guard_torchvision.py"
 
 # 3. this repository's hidiff, editable and without dependencies (InvokeAI brings torch and
 #    diffusers; the node pack and the tests import hidiff from here).
