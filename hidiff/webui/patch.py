@@ -27,6 +27,7 @@ it was. Nothing is set on a class and nothing outlives the run.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class SamplingRun:
         self.call: Optional[CallState] = None
         self.maps: dict[int, Size] = {}  # id(transformer) -> (H, W) of the map it runs on, this call
         self._handles: list[Any] = []
-        self._overridden: list[torch.nn.Module] = []
+        self._overridden: list[tuple[torch.nn.Module, Optional[Callable[..., Any]]]] = []
+        self._token_warned: set[int] = set()
         self._last = -1
         self._warned = False
 
@@ -119,19 +121,35 @@ class SamplingRun:
         while self._handles:
             self._handles.pop().remove()
         while self._overridden:
-            module = self._overridden.pop()
-            module.__dict__.pop("forward", None)
+            module, previous = self._overridden.pop()
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:  # another extension's wrapper (A1111's HyperTile keeps one on every attention): put it back
+                module.forward = previous
         self.call = None
         self.maps.clear()
 
-    def _override(self, module: torch.nn.Module, make: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
-        if "forward" in module.__dict__:
+    def _override(
+        self, module: torch.nn.Module, make: Callable[[torch.nn.Module, Callable[..., Any]], Callable[..., Any]]
+    ) -> None:
+        """Replace ``module.forward`` for this run; ``make(module, own)`` gets what the layer ran before.
+
+        ``own`` is the forward the layer had: another extension's instance-level wrapper where
+        there is one (A1111's HyperTile wraps every attention and leaves its wrappers on the
+        model), else the class's. Calls HiDiffusion does not change go through it, so that
+        extension still acts there; :meth:`remove` puts it back.
+        """
+        previous = module.__dict__.get("forward")
+        if getattr(previous, "__hidiff_run__", False):
             raise RuntimeError(
-                f"HiDiffusion: {type(module).__name__}.forward is already replaced on this model (another "
-                "HiDiffusion run was not removed, or another extension patches the same layer)"
+                f"HiDiffusion: {type(module).__name__}.forward is already replaced by another HiDiffusion run that "
+                "was not removed; reload the model (Settings > Actions > Unload / reload the checkpoint)"
             )
-        module.forward = make(module)  # type: ignore[method-assign]
-        self._overridden.append(module)
+        own = previous if previous is not None else functools.partial(type(module).forward, module)
+        forward = make(module, own)
+        forward.__hidiff_run__ = True  # type: ignore[attr-defined]
+        module.forward = forward  # type: ignore[method-assign]
+        self._overridden.append((module, previous))
 
     # ------------------------------------------------------------ the denoiser and the U-Net call
     def denoiser(self, model: Any) -> Any:
@@ -224,12 +242,12 @@ class SamplingRun:
 
         return record
 
-    def _downsample(self, module: torch.nn.Module) -> Callable[..., Any]:
+    def _downsample(self, module: torch.nn.Module, own: Callable[..., Any]) -> Callable[..., Any]:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             call = self.call
             conv = getattr(module, "op", None)
             if call is None or not call.plan.conv or not isinstance(conv, torch.nn.Conv2d):
-                return type(module).forward(module, x, *args, **kwargs)
+                return own(x, *args, **kwargs)
             saved = conv.stride, conv.padding, conv.dilation
             g = ops.RAU_CONV_GEOMETRY
             conv.stride, conv.padding, conv.dilation = g["stride"], g["padding"], g["dilation"]
@@ -262,12 +280,12 @@ class SamplingRun:
         call.record.unpooled = (_hw(output), call.record.pooled_from)
         return ops.rau_unpool(output, call.record.pooled_from)
 
-    def _upsample(self, stage: int) -> Callable[[torch.nn.Module], Callable[..., Any]]:
-        def make(module: torch.nn.Module) -> Callable[..., Any]:
+    def _upsample(self, stage: int) -> Callable[[torch.nn.Module, Callable[..., Any]], Callable[..., Any]]:
+        def make(module: torch.nn.Module, own: Callable[..., Any]) -> Callable[..., Any]:
             def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 call = self.call
                 if call is None:
-                    return type(module).forward(module, x, *args, **kwargs)
+                    return own(x, *args, **kwargs)
                 # Land on the skip this upsampler meets (nearest, then the layer's conv), as
                 # diffusers and ComfyUI do; ldm's own Upsample doubles and A1111 resizes at the
                 # concatenation, which differs on odd sides.
@@ -286,17 +304,22 @@ class SamplingRun:
         if isinstance(x, torch.Tensor) and x.ndim == 4:
             self.maps[id(module)] = _hw(x)
 
-    def _attention(self, ordinal: int, stage: int, transformer: int) -> Callable[[torch.nn.Module], Callable[..., Any]]:
-        def make(module: torch.nn.Module) -> Callable[..., Any]:
+    def _attention(
+        self, ordinal: int, stage: int, transformer: int
+    ) -> Callable[[torch.nn.Module, Callable[..., Any]], Callable[..., Any]]:
+        def make(module: torch.nn.Module, own: Callable[..., Any]) -> Callable[..., Any]:
             def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 call = self.call
                 hw = self.maps.get(transformer)
-                own = kwargs.get("context") if not args else args[0]
-                if call is None or hw is None or own is not None or kwargs.get("value") is not None:
-                    return type(module).forward(module, x, *args, **kwargs)
+                context = kwargs.get("context") if not args else args[0]
+                if call is None or hw is None or context is not None or kwargs.get("value") is not None:
+                    return own(x, *args, **kwargs)
                 rule = rules.layer_rule(call.plan, self.arch, stage)
-                if not rule.acts or hw[0] * hw[1] != x.shape[1] or min(hw) < 2:
-                    return type(module).forward(module, x, *args, **kwargs)
+                if not rule.acts or min(hw) < 2:
+                    return own(x, *args, **kwargs)
+                if hw[0] * hw[1] != x.shape[1]:
+                    self._tokens_not_the_map(ordinal, int(x.shape[1]), hw)
+                    return own(x, *args, **kwargs)
                 shift = None
                 if rule.windowed:
                     shift = rules.window_shifts(self.config, call.seeds, call.plan.step, ordinal, hw)
@@ -309,6 +332,20 @@ class SamplingRun:
             return forward
 
         return make
+
+    def _tokens_not_the_map(self, ordinal: int, tokens: int, hw: Size) -> None:
+        """Another patch merged or tiled the tokens before this self-attention (token merging,
+        tiled attention run at the block level): windows need the whole map, so this layer
+        runs as it was; said once per layer and run."""
+        if ordinal in self._token_warned:
+            return
+        self._token_warned.add(ordinal)
+        self.warn(
+            f"HiDiffusion: self-attention layer {ordinal} received {tokens} tokens, not its {hw[0]}x{hw[1]} feature "
+            "map: another extension or setting merges or tiles tokens before it (token merging / ToMe, a tiled "
+            "attention). HiDiffusion's windowed attention is skipped on that layer (RAU-Net still runs); turn that "
+            "option off to get the windows."
+        )
 
 
 class _NotingDenoiser:

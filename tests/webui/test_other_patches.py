@@ -1,0 +1,161 @@
+"""The WebUI backend beside other extensions that patch the same U-Net layers.
+
+AUTOMATIC1111's built-in HyperTile wraps every attention's ``forward`` on the instance and
+leaves its wrappers on the model (it toggles them by a flag), and its token merging (ToMe)
+merges tokens inside the transformer blocks before self-attention. HiDiffusion must run
+beside both classes of patch: a layer's own instance wrapper keeps running wherever
+HiDiffusion does not change the call and is put back afterwards; tokens that are not the
+feature map's grid are left to the layer as it was, said once per layer. ComfyUI's ldm
+U-Net stands in for the WebUIs' (same layout and layer names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from comfytest import HAVE_COMFY, NATIVE, conds
+
+pytestmark = pytest.mark.skipif(not HAVE_COMFY, reason="needs the ComfyUI venv (.comfy) for an ldm-layout U-Net")
+
+
+def setup(seed=3):
+    from test_cross_host import scheduler, twin_models
+
+    _, patcher = twin_models("sd15")
+    noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(seed))
+    positive, _ = conds("sd15", 512, 512)
+    return patcher, noise, positive, [float(s) for s in scheduler(3).sigmas]
+
+
+def run(patcher, noise, positive, sigmas, **options):
+    """Euler over ``sigmas`` with a SamplingRun installed; (final latent, records, warnings)."""
+    from hidiff.core.config import HiDiffusionConfig
+    from hidiff.core.ops import image_seeds
+    from hidiff.webui.patch import SamplingRun
+    from hidiff.webui.structure import describe
+
+    model = patcher.model
+    unet = model.diffusion_model
+    network = describe(unet)
+    network = dataclasses.replace(
+        network, architecture=dataclasses.replace(network.architecture, native=(NATIVE, NATIVE))
+    )
+    records, said = [], []
+    sampling = SamplingRun(
+        unet,
+        network,
+        HiDiffusionConfig(window_seed=5, **options),
+        sigmas,
+        image_seeds(noise),
+        recorder=records.append,
+        warn=said.append,
+    )
+    denoise = sampling.denoiser(lambda x, s: model.apply_model(x, s, c_crossattn=positive[0][0]))
+    x = noise * sigmas[0]
+    sampling.install()
+    try:
+        with torch.no_grad():
+            for i in range(len(sigmas) - 1):
+                d = (x - denoise(x, torch.full((1,), sigmas[i]))) / sigmas[i]
+                x = x + d * (sigmas[i + 1] - sigmas[i])
+    finally:
+        sampling.remove()
+    return x, records, said
+
+
+def attention_layers(unet):
+    return [m for name, m in unet.named_modules() if name.endswith("attn1")]
+
+
+def test_an_instance_wrapper_on_the_layers_keeps_running_where_hidiffusion_does_not_act_and_is_put_back():
+    patcher, noise, positive, sigmas = setup()
+    unet = patcher.model.diffusion_model
+    expected, want_records, _ = run(patcher, noise, positive, sigmas)
+    # HyperTile's way: a pass-through wrapper set on each attention instance and on the
+    # conv stage's downsampler, counting its calls.
+    calls = {"attn": 0, "down": 0}
+
+    def wrap(module, kind):
+        bound = module.forward
+
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return bound(*args, **kwargs)
+
+        module.forward = wrapper
+        return wrapper
+
+    layers = attention_layers(unet)
+    downsampler = unet.input_blocks[3][0]
+    wrappers = [wrap(m, "attn") for m in layers] + [wrap(downsampler, "down")]
+    try:
+        got, records, said = run(patcher, noise, positive, sigmas)
+        # The same result as without the wrappers (they pass through), HiDiffusion acted as before...
+        assert torch.equal(got, expected)
+        assert [(r.conv, r.window_calls) for r in records] == [(r.conv, r.window_calls) for r in want_records]
+        assert records[0].conv and all(r.window_calls == 5 for r in records) and not said
+        # ... the wrappers ran on every call HiDiffusion left alone: the 16 attentions outside the
+        # window stage on each of the 3 calls, and the downsampler on the 2 calls without the strided conv.
+        assert calls == {"attn": (len(layers) - 5) * 3, "down": 2}
+        # ... and each layer has its own wrapper back, not ours.
+        assert [m.__dict__.get("forward") for m in layers + [downsampler]] == wrappers
+    finally:
+        for m in layers + [downsampler]:
+            m.__dict__.pop("forward", None)
+
+
+def test_tokens_merged_before_self_attention_leave_the_layer_as_it_was_and_say_so_once():
+    patcher, noise, positive, sigmas = setup()
+    unet = patcher.model.diffusion_model
+    stock, _, _ = run(patcher, noise, positive, sigmas, raunet=False, window_attn=False)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+
+    def merging(block):
+        # ToMe's way, simplified: pairs of neighbouring tokens averaged before the block, spread back after.
+        def forward(x, *args, **kwargs):
+            merged = x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2]).mean(2)
+            out = type(block).forward(block, merged, *args, **kwargs)
+            return out.repeat_interleave(2, dim=1)
+
+        return forward
+
+    for b in blocks:
+        b.forward = merging(b)
+    try:
+        got, records, said = run(patcher, noise, positive, sigmas)
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+    assert torch.isfinite(got).all()
+    assert records[0].conv  # RAU-Net still ran
+    assert all(r.window_calls == 0 for r in records)  # no window over tokens that are not the map
+    assert len(said) == 5, said  # once per windowed layer, not once per call
+    assert all("merges or tiles tokens" in s and "feature map" in s for s in said)
+    assert not torch.equal(got, stock)
+
+
+def test_a_run_left_installed_is_named_and_the_second_install_changes_nothing():
+    from hidiff.core.config import HiDiffusionConfig
+    from hidiff.core.ops import image_seeds
+    from hidiff.webui.patch import SamplingRun
+    from hidiff.webui.structure import describe
+
+    patcher, noise, _, sigmas = setup()
+    unet = patcher.model.diffusion_model
+    network = describe(unet)
+    first = SamplingRun(unet, network, HiDiffusionConfig(), sigmas, image_seeds(noise))
+    first.install()
+    try:
+        replaced = {id(m): m.__dict__.get("forward") for m in unet.modules()}
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+        second = SamplingRun(unet, network, HiDiffusionConfig(), sigmas, image_seeds(noise))
+        with pytest.raises(RuntimeError, match="another HiDiffusion run that was not removed"):
+            second.install()
+        assert {id(m): m.__dict__.get("forward") for m in unet.modules()} == replaced
+        assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules()) == hooks
+    finally:
+        first.remove()
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
