@@ -12,30 +12,12 @@ import os
 import sys
 
 import pytest
-from comfytest import COMFY_ROOT, HAVE_COMFY
+from comfytest import COMFY_ROOT, HAVE_COMFY, start_comfy
 
 if not HAVE_COMFY:
     collect_ignore_glob = ["test_*.py"]
 else:
-    if COMFY_ROOT not in sys.path:
-        sys.path.insert(0, COMFY_ROOT)
-    # ComfyUI reads its command line when comfy.cli_args is first imported: give it ours
-    # (CPU; PyTorch's SDPA, the attention diffusers uses, ~10x faster than the CPU default).
-    _argv = sys.argv
-    sys.argv = [_argv[0], "--cpu", "--use-pytorch-cross-attention"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = _argv
-
-    import torch
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    start_comfy()
 
     from comfy.model_patcher import ModelPatcher
 

@@ -17,22 +17,7 @@ COMFY_TESTS = os.path.join(os.path.dirname(HERE), "comfy")
 if COMFY_TESTS not in sys.path:
     sys.path.insert(0, COMFY_TESTS)
 
-from comfytest import COMFY_ROOT, HAVE_COMFY  # noqa: E402
+from comfytest import HAVE_COMFY, start_comfy  # noqa: E402
 
 if HAVE_COMFY:
-    if COMFY_ROOT not in sys.path:
-        sys.path.insert(0, COMFY_ROOT)
-    _argv = sys.argv
-    sys.argv = [_argv[0], "--cpu", "--use-pytorch-cross-attention"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = _argv
-    import torch
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    start_comfy()

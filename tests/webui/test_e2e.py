@@ -1,24 +1,35 @@
 """End to end in a real Stable Diffusion WebUI (AUTOMATIC1111 v1.10, Forge or reForge), by hand.
 
 No WebUI is on a package registry, so CI has none and these tests skip, saying why. Point
-them at an installation:
+them at an installation and run them in ``.comfy`` (ComfyUI's ldm classes build the test's
+checkpoint; aiohttp drives Chromium):
 
     HIDIFF_WEBUI_ROOT=/path/to/stable-diffusion-webui      # the WebUI's tree (launch.py)
     HIDIFF_WEBUI_PYTHON=/path/to/its/venv/bin/python        # a Python that runs it
-    HIDIFF_WEBUI_CHECKPOINT=/path/to/sd15.safetensors       # an SD 1.5 checkpoint (random weights do)
-    .comfy/bin/python -m pytest tests/webui/test_e2e.py -s     # (aiohttp, in .comfy, drives Chromium)
+    .comfy/bin/python -m pytest tests/webui/test_e2e.py -s
 
-``HIDIFF_WEBUI_SIZE`` (default 1024, 2x SD 1.5's native) sets the square size of the runs; a
-smaller one above 512 still runs HiDiffusion (768 was used for A1111 where 1024 ran out of memory).
+Optional:
+
+- ``HIDIFF_WEBUI_CHECKPOINT``: an SD 1.5 checkpoint to use instead of the one the test makes
+  (``tests/webui/checkpoint.py``: random weights, full width, original key layout, fp16, about
+  2 min and 2.1 GB in the test's temporary folder).
+- ``HIDIFF_WEBUI_HF_HOME``: a Hugging Face cache holding ``openai/clip-vit-large-patch14``'s
+  tokenizer and config, which AUTOMATIC1111 loads from the hub (no network here). Without it
+  the test writes one from ComfyUI's copy of that tokenizer (``checkpoint.make_clip_hub_cache``);
+  Forge and reForge carry their tokenizers.
+- ``HIDIFF_WEBUI_SIZE`` (default 1024, 2x SD 1.5's native): the square size of the runs; a
+  smaller one above 512 still runs HiDiffusion.
 
 The test makes a data folder (``--data-dir``) with this repository as the extension
 ``extensions/hidiffusion`` (a link to a folder holding links to ``hidiff/`` and
 ``scripts/hidiffusion.py``) and the checkpoint, starts the WebUI's server on 127.0.0.1 on
-CPU, and checks: the script is listed for txt2img and img2img with its arguments; a txt2img
-at 2x native (1024 px, 2 Euler steps) with HiDiffusion gives an image whose infotext holds
-the settings and whose run hidiff recorded (the step-0 call strided the conv, windows ran); the
-same request without HiDiffusion, before and after, gives bitwise the same image; a bad option
-is answered with an error naming it, and the server still serves; the server is stopped by its pid.
+CPU (the server's log is kept beside it), and checks: the script is listed for txt2img and
+img2img with its arguments; a txt2img at 2x native (1024 px, 2 Euler steps) with HiDiffusion
+gives an image whose infotext holds the settings and whose run hidiff recorded (the step-0 call
+strided the conv, windows ran); the same request without HiDiffusion, before and after, gives
+bitwise the same image; a bad option is answered with an error naming it, and the server still
+serves; the server is stopped by its pid. A second test opens the page in headless Chromium:
+the accordion renders, its line reads the loaded model, and the page logs no console error.
 """
 
 from __future__ import annotations
@@ -26,7 +37,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,19 +46,28 @@ import urllib.error
 import urllib.request
 
 import pytest
+from browser import CHROMIUM, NO_CHROMIUM, chromium, free_port, open_page
+from comfytest import HAVE_COMFY
 
 ROOT = os.environ.get("HIDIFF_WEBUI_ROOT")
 PYTHON = os.environ.get("HIDIFF_WEBUI_PYTHON")
 CHECKPOINT = os.environ.get("HIDIFF_WEBUI_CHECKPOINT")
+HF_HOME = os.environ.get("HIDIFF_WEBUI_HF_HOME")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = int(os.environ.get("HIDIFF_WEBUI_SIZE", "1024"))
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (ROOT and PYTHON and CHECKPOINT),
-        reason="no WebUI given: set HIDIFF_WEBUI_ROOT, HIDIFF_WEBUI_PYTHON and HIDIFF_WEBUI_CHECKPOINT "
-        "(see this file's docstring); no WebUI is on a package registry, so CI has none",
+        not (ROOT and PYTHON),
+        reason="no WebUI given: set HIDIFF_WEBUI_ROOT and HIDIFF_WEBUI_PYTHON (see this file's docstring); "
+        "no WebUI is on a package registry, so CI has none",
+    ),
+    pytest.mark.skipif(
+        not HAVE_COMFY and not (CHECKPOINT and HF_HOME),
+        reason="the test makes its checkpoint and A1111's tokenizer cache with ComfyUI's classes and files: "
+        "run it in .comfy, or give HIDIFF_WEBUI_CHECKPOINT and HIDIFF_WEBUI_HF_HOME",
     ),
 ]
 
@@ -59,12 +78,6 @@ def flavour(root: str) -> str:
     if os.path.isdir(os.path.join(root, "ldm_patched")):
         return "reforge"
     return "a1111"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(port: int, method: str, path: str, body=None, timeout: float = 1800):
@@ -81,7 +94,25 @@ def call(port: int, method: str, path: str, body=None, timeout: float = 1800):
         return e.code, json.loads(e.read() or b"{}")
 
 
-def make_data_dir(base: str) -> str:
+def made_inputs(base: str) -> tuple[str, str]:
+    """(checkpoint, HF_HOME): the given ones, else made under ``base`` by checkpoint.py in a child
+    process (its 4 GB peak is given back before the WebUI starts)."""
+    checkpoint = CHECKPOINT and os.path.abspath(CHECKPOINT)
+    hf_home = HF_HOME and os.path.abspath(HF_HOME)
+    if checkpoint and hf_home:
+        return checkpoint, hf_home
+    made = os.path.join(base, "sd15-random.safetensors")
+    command = [sys.executable, os.path.join(HERE, "checkpoint.py")] + ([] if checkpoint else [made])
+    if not hf_home:
+        hf_home = os.path.join(base, "hf")
+        command += ["--hf-home", hf_home]
+    t0 = time.time()
+    subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    print(f"made {'the tokenizer cache' if checkpoint else 'the checkpoint'} in {time.time() - t0:.0f} s")
+    return checkpoint or made, hf_home
+
+
+def make_data_dir(base: str, checkpoint: str) -> str:
     data = os.path.join(base, "data")
     ext = os.path.join(base, "extension")
     os.makedirs(os.path.join(ext, "scripts"))
@@ -91,7 +122,7 @@ def make_data_dir(base: str) -> str:
     os.symlink(ext, os.path.join(data, "extensions", "hidiffusion"))
     models = os.path.join(data, "models", "Stable-diffusion")
     os.makedirs(models)
-    os.symlink(os.path.abspath(CHECKPOINT), os.path.join(models, "model.safetensors"))
+    os.symlink(checkpoint, os.path.join(models, "model.safetensors"))
     # No live previews: A1111/reForge would try to download a preview model on the first txt2img.
     with open(os.path.join(data, "config.json"), "w") as f:
         json.dump({"live_previews_enable": False, "samples_save": False, "grid_save": False}, f)
@@ -101,7 +132,8 @@ def make_data_dir(base: str) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("webui"))
-    data = make_data_dir(base)
+    checkpoint, hf_home = made_inputs(base)
+    data = make_data_dir(base, checkpoint)
     record = os.path.join(base, "records.jsonl")
     port = free_port()
     kind = flavour(ROOT)
@@ -129,7 +161,7 @@ def server(tmp_path_factory):
         args += ["--always-cpu", "--attention-pytorch", "--no-half", "--precision", "full"]
     else:
         args += ["--use-cpu", "all", "--no-half", "--precision", "full", "--opt-sdp-attention"]
-    env = dict(os.environ, HIDIFF_WEBUI_RECORD=record, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HIDIFF_WEBUI_RECORD=record, HF_HOME=hf_home, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log_path = os.path.join(base, "server.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -222,6 +254,7 @@ def test_webui_end_to_end(server):
         runs = [json.loads(line)["run"] for line in f]
     assert len(runs) == 1, runs  # one sampling ran with HiDiffusion, the plain ones not
     calls = runs[0]
+    print(f"[{kind}] recorded run: {json.dumps(calls)}")
     assert calls[0]["family"] == "sd1" and calls[0]["latent"] == [SIZE // 8, SIZE // 8]
     assert [c["step"] for c in calls] == [0, 1] and all(c["total"] == 2 for c in calls)
     assert calls[0]["preset"] == "sd-1024" and calls[0]["conv"] and calls[0]["conv_out"] == [SIZE // 32, SIZE // 32]
@@ -235,119 +268,48 @@ def test_webui_end_to_end(server):
     assert call(port, "GET", "/sdapi/v1/scripts")[0] == 200  # still serving
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class Page:
-    """The few DevTools-protocol calls the browser check needs (aiohttp's websocket), keeping
-    the console errors and uncaught exceptions the page reports."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id, self.errors = ws, 0, []
-
-    async def call(self, method, **params):
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            msg = await self.ws.receive_json(timeout=120)
-            if msg.get("method") == "Runtime.exceptionThrown":
-                self.errors.append(json.dumps(msg["params"]["exceptionDetails"])[:500])
-            elif msg.get("method") == "Runtime.consoleAPICalled" and msg["params"].get("type") == "error":
-                self.errors.append(" ".join(str(a.get("value", a.get("description"))) for a in msg["params"]["args"]))
-            elif msg.get("method") == "Log.entryAdded" and msg["params"]["entry"].get("level") == "error":
-                entry = msg["params"]["entry"]
-                self.errors.append((entry.get("text", "") + " " + entry.get("url", "")).strip()[:500])
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    async def evaluate(self, expression):
-        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
-        return result["result"].get("value")
-
-
 async def _look(debug_port: int, url: str):
     import asyncio
 
-    import aiohttp
-
-    targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=10).read())
-    page_info = next(t for t in targets if t.get("type") == "page")
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(page_info["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            page = Page(ws)
-            for domain in ("Runtime", "Log", "Page"):
-                await page.call(f"{domain}.enable")
-            await page.call("Page.navigate", url=url)
-            deadline = time.time() + 240
-            while not await page.evaluate(
-                "!!document.querySelector('gradio-app') && !!(document.querySelector('gradio-app').shadowRoot || document).querySelector('#hidiffusion_txt2img')"
-            ):
-                if time.time() > deadline:
-                    raise TimeoutError("the WebUI page did not show the HiDiffusion accordion")
-                await asyncio.sleep(2)
-            root = "(document.querySelector('gradio-app').shadowRoot || document)"
-            await asyncio.sleep(5)
-            await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img .label-wrap').click()")
+    async with open_page(debug_port) as page:
+        await page.enable_error_reports()
+        await page.call("Page.navigate", url=url)
+        deadline = time.time() + 240
+        while not await page.evaluate(
+            "!!document.querySelector('gradio-app') && !!(document.querySelector('gradio-app').shadowRoot || document).querySelector('#hidiffusion_txt2img')"
+        ):
+            if time.time() > deadline:
+                raise TimeoutError("the WebUI page did not show the HiDiffusion accordion")
             await asyncio.sleep(2)
-            await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img_enable input').click()")
-            await asyncio.sleep(6)
-            state = await page.evaluate(
-                f"""(() => {{
-                    const r = {root};
-                    const acc = r.querySelector('#hidiffusion_txt2img');
-                    acc.scrollIntoView();
-                    window.scrollBy(0, -60);
-                    const ids = [...acc.querySelectorAll('[id^=hidiffusion_txt2img_]')].map(e => e.id);
-                    const titles = [...acc.querySelectorAll('[title]')].map(e => e.title).filter(t => t);
-                    return {{ids, titles, line: (r.querySelector('#hidiffusion_txt2img_line') || {{}}).innerText || '',
-                             text: acc.innerText.slice(0, 3000)}};
-                }})()"""
-            )
-            await asyncio.sleep(1)
-            shot = await page.call("Page.captureScreenshot", format="png")
-            return state, base64.b64decode(shot["data"]), page.errors
+        root = "(document.querySelector('gradio-app').shadowRoot || document)"
+        await asyncio.sleep(5)
+        await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img .label-wrap').click()")
+        await asyncio.sleep(2)
+        await page.evaluate(f"{root}.querySelector('#hidiffusion_txt2img_enable input').click()")
+        await asyncio.sleep(6)
+        state = await page.evaluate(
+            f"""(() => {{
+                const r = {root};
+                const acc = r.querySelector('#hidiffusion_txt2img');
+                acc.scrollIntoView();
+                window.scrollBy(0, -60);
+                const ids = [...acc.querySelectorAll('[id^=hidiffusion_txt2img_]')].map(e => e.id);
+                const titles = [...acc.querySelectorAll('[title]')].map(e => e.title).filter(t => t);
+                return {{ids, titles, line: (r.querySelector('#hidiffusion_txt2img_line') || {{}}).innerText || '',
+                         text: acc.innerText.slice(0, 3000)}};
+            }})()"""
+        )
+        await asyncio.sleep(1)
+        return state, await page.screenshot(), page.errors
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_accordion_renders_in_the_browser(server, tmp_path):
     import asyncio
 
     pytest.importorskip("aiohttp", reason="the browser check talks to Chromium with aiohttp (in .comfy)")
-    debug_port = free_port()
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1400,1000",
-            f"--remote-debugging-port={debug_port}",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("chromium's DevTools endpoint did not come up")
-                time.sleep(0.5)
+    with chromium(str(tmp_path / "profile"), window="1400,1000") as debug_port:
         state, png, errors = asyncio.run(_look(debug_port, f"http://127.0.0.1:{server['port']}/"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     (tmp_path / "webui-accordion.png").write_bytes(png)
     if os.environ.get("HIDIFF_SCREENSHOT"):
         with open(os.environ["HIDIFF_SCREENSHOT"], "wb") as f:
