@@ -187,6 +187,8 @@ def _write_records(path: str, records: list[Any], family: str, latent: tuple[int
             "pool": r.pool,
             "windows": r.window_calls,
             "kv": r.kv_calls,
+            # ControlNet residuals handed to the U-Net, as resized to the features they met
+            "residuals": {kind: [list(hw) if hw else None for hw in sizes] for kind, sizes in r.residual_sizes.items()},
         }
         for r in records
     ]
