@@ -16,7 +16,7 @@ import os
 import sys
 
 import gradio as gr
-from modules import script_callbacks, scripts
+from modules import script_callbacks, scripts, shared
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -123,7 +123,9 @@ class Script(scripts.Script):
             host.refuse(p, str(e))
             return
         if settings.enable:
-            host.prepare_sampling(p, settings, kwargs.get("noise"), lambda message: _notify(p, message))
+            host.prepare_sampling(
+                p, settings, kwargs.get("noise"), lambda message: _notify(p, message), opts=shared.opts
+            )
 
 
 def _settings(p, args):
@@ -157,8 +159,6 @@ def _line(width, height, steps, *values):
         settings = options.read_args(values)
     except ValueError as e:
         return str(e)
-    from modules import shared
-
     return host.what_happens(settings, int(width), int(height), int(steps), getattr(shared, "sd_model", None))
 
 

@@ -39,8 +39,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core import ops, rules
+from ..core import compose, ops, rules
 from ..core.architecture import UnsupportedModelError
+from ..core.compose import CompositionError, names
 from ..core.config import HiDiffusionConfig
 from ..core.planner import Plan, Progress, Task, plan_call
 from ..core.progress import progress_from_sigmas
@@ -457,10 +458,6 @@ def _attn1_module(diffusion_model: Any, key: tuple) -> Any:
     return None
 
 
-class CompositionError(ValueError):
-    """HiDiffusion and another model patch on the same model cannot work together."""
-
-
 #: ComfyUI's own patches by module, for messages; patches of other modules are named by their function.
 KNOWN_PATCHES = {
     "comfy_extras.nodes_hypertile": "HyperTile",
@@ -486,42 +483,23 @@ def patch_name(fn: Any) -> str:
 
 
 def _names(fns: list) -> str:
-    return " and ".join(dict.fromkeys(patch_name(f) for f in fns))
+    return names([patch_name(f) for f in fns])
 
 
 def check_composition(model_options: dict, config: HiDiffusionConfig) -> None:
     """Refuse, before anything runs, another patch on the model that HiDiffusion cannot work with
-    (naming both and what to do); patches that compose pass. Called when the node is applied (for
+    (the rule and its messages: :mod:`hidiff.core.compose`). Called when the node is applied (for
     patches already on its input) and at the start of every sampling run (patches added after it).
 
-    * Patches that resize the U-Net's features between blocks (``input_block_patch_after_skip``:
-      Deep Shrink) shrink the same early-step features RAU-Net shrinks, to the same end, and the
-      feature sizes RAU-Net plans (ControlNet residuals, the unpool) would no longer hold.
-    * Patches that change the token layout of the self-attention (``attn1_patch`` that tiles or
-      merges tokens: HyperTile, ToMe) hand the windowed / key-value-shrunk attention tokens that are
-      not the feature map. Known ones are refused here; any other is refused at its first windowed
-      call by the token check in the attention (:func:`_check_token_layout`).
+    Here the feature resizers are the ``input_block_patch_after_skip`` patches (Deep Shrink) and the
+    token patches the known ``attn1_patch`` modules that tile or merge tokens (HyperTile, ToMe); any
+    other ``attn1_patch`` that changes a windowed layer's tokens is refused at its first windowed call
+    by the token check in the attention (:func:`_check_token_layout`).
     """
     patches = (model_options.get("transformer_options") or {}).get("patches") or {}
-    resizers = list(patches.get("input_block_patch_after_skip") or ())
-    if config.raunet and resizers:
-        names = _names(resizers)
-        raise CompositionError(
-            f"HiDiffusion's RAU-Net and {names} both resize the U-Net's features in the early steps (to keep the "
-            f"layout at the model's native scale); together they shrink the same features twice. Remove {names}, "
-            f"or turn raunet off on the HiDiffusion node to keep {names} with the windowed attention."
-        )
-    kv = config.kv_downsample
-    if config.window_attn or kv > 1:
-        tilers = [p for p in patches.get("attn1_patch") or () if _module_of(p) in TOKEN_LAYOUT_MODULES]
-        if tilers:
-            names = _names(tilers)
-            what = "windowed attention (MSW-MSA)" if config.window_attn else "key/value downsampling"
-            raise CompositionError(
-                f"HiDiffusion's {what} and {names} both rearrange the self-attention's tokens (into windows, "
-                f"tiles or merged tokens), so one would run on the other's layout. Remove {names}, or set "
-                f"window_attn off and kv_downsample 1 on the HiDiffusion node to keep {names} with RAU-Net."
-            )
+    resizers = [patch_name(p) for p in patches.get("input_block_patch_after_skip") or ()]
+    tilers = [patch_name(p) for p in patches.get("attn1_patch") or () if _module_of(p) in TOKEN_LAYOUT_MODULES]
+    compose.check_composition(config, resizers=resizers, token_patches=tilers)
 
 
 def _module_of(fn: Any) -> str:

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 from ..core.architecture import UnsupportedModelError
-from .options import Settings
+from ..core.compose import check_composition
+from .options import WHERE, Settings
 
 LOG = logging.getLogger("hidiff.webui")
 #: Set to a file path to have each sampling run's per-call records appended there as JSON lines
@@ -76,11 +77,14 @@ def prepare_sampling(
     noise: Any,
     notify: Callable[[str], None],
     recorder: Optional[Callable[[Any], None]] = None,
+    opts: Any = None,
 ) -> bool:
     """Wrap this generation's sampling function so HiDiffusion runs inside it (True when it will).
 
     A model HiDiffusion is not for is announced through ``notify`` and left alone; a config the
-    library refuses makes the sampling raise its message (the WebUI answers with that error).
+    library refuses, or another patch it cannot run beside (:func:`other_patches`, read when the
+    sampling starts, after every script has patched), makes the sampling raise its message (the
+    WebUI answers with that error). ``opts``: the WebUI's settings (``modules.shared.opts``).
     """
     sampler = getattr(p, "sampler", None)
     func = getattr(sampler, "func", None)
@@ -116,6 +120,8 @@ def prepare_sampling(
         if schedule is None:
             notify("HiDiffusion: this sampler does not say which sigmas it samples; generating without HiDiffusion.")
             return original(model, x, *args, **kwargs)
+        resizers, token_patches = other_patches(p, opts)
+        check_composition(config, resizers=resizers, token_patches=token_patches, where=WHERE)
         records: list[Any] = []
         run = SamplingRun(
             unet,
@@ -137,6 +143,39 @@ def prepare_sampling(
     sampling.__hidiff_original__ = original  # type: ignore[attr-defined]
     sampler.func = sampling
     return True
+
+
+def other_patches(p: Any, opts: Any = None) -> tuple[list[str], list[str]]:
+    """(feature resizers, token patches) active for this sampling, as the user knows them.
+
+    Forge's and reForge's patchers keep ComfyUI's ``input_block_patch_after_skip`` (their Kohya
+    hires fix / Deep Shrink); every WebUI has token merging (``p.get_token_merging_ratio``), and
+    AUTOMATIC1111 HyperTile for the U-Net (its settings). Resizers set any other way are caught
+    when they act (:class:`hidiff.webui.patch.SamplingRun` checks the sizes the downsamplers meet).
+    """
+    unet = getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
+    model_options = getattr(unet, "model_options", None)
+    transformer_options = model_options.get("transformer_options") if isinstance(model_options, dict) else None
+    patches = (transformer_options or {}).get("patches") or {}
+    resizers = [_patch_name(f) for f in patches.get("input_block_patch_after_skip") or ()]
+    second_pass = bool(getattr(p, "is_hr_pass", False))
+    token_patches = []
+    ratio_of = getattr(p, "get_token_merging_ratio", None)
+    ratio = ratio_of(for_hr=second_pass) if callable(ratio_of) else 0
+    if isinstance(ratio, (int, float)) and ratio > 0:
+        token_patches.append(f"token merging (ratio {ratio:g}, Settings > Optimizations)")
+    hypertile = "hypertile_enable_unet_secondpass" if second_pass else "hypertile_enable_unet"
+    if opts is not None and getattr(opts, hypertile, False) is True:
+        token_patches.append("HyperTile for the U-Net (Settings > HyperTile)")
+    return resizers, token_patches
+
+
+def _patch_name(fn: Any) -> str:
+    """A patch function as its extension: the module (a WebUI script file) and the function."""
+    target = getattr(fn, "__func__", fn)
+    module = (getattr(target, "__module__", "") or "").rsplit(".", 1)[-1]
+    name = (getattr(target, "__qualname__", "") or type(fn).__qualname__).split(".<locals>")[0]
+    return f"{module}.{name}" if module else name
 
 
 def _both(*recorders: Optional[Callable[[Any], None]]) -> Optional[Callable[[Any], None]]:

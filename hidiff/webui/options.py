@@ -24,6 +24,8 @@ from ..core.ui import UIOption, ui_option, ui_options
 TITLE = "HiDiffusion"
 #: The infotext key of the switch; every option's key is ``"HiDiffusion <option>"``.
 ENABLE_KEY = TITLE
+#: Where a WebUI user turns an option off, for the messages that name what to do.
+WHERE = "in the HiDiffusion accordion"
 #: Options a WebUI user does not set: the WebUIs run ControlNets in their own extensions, and
 #: their residuals are always resized to the U-Net's features here (see docs/webui.md).
 NOT_OFFERED = ("controlnet", "controlnet_steps_ratio")

@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core import ops, rules
+from ..core.compose import CompositionError, resizing_message
 from ..core.config import HiDiffusionConfig
 from ..core.planner import Plan, Progress, Task, plan_call
 from ..core.progress import progress_from_sigmas
+from .options import WHERE
 from .structure import LdmNetwork
 
 Size = tuple[int, int]
@@ -238,7 +240,19 @@ class SamplingRun:
         def record(module: torch.nn.Module, args: tuple) -> None:
             call = self.call
             if call is not None and args and isinstance(args[0], torch.Tensor):
-                call.record.skip_sizes[stage] = _hw(args[0])
+                size = call.record.skip_sizes[stage] = _hw(args[0])
+                planned = call.plan.downsample_inputs[stage] if stage < len(call.plan.downsample_inputs) else None
+                if self.config.raunet and planned is not None and size != tuple(planned):
+                    # Another patch resized the features between blocks (Deep Shrink, Kohya's hires
+                    # fix, found here whatever its mechanism): RAU-Net's sizes no longer hold.
+                    raise CompositionError(
+                        resizing_message(
+                            f"another patch on this U-Net (it handed stage {stage}'s downsampler a "
+                            f"{size[0]}x{size[1]} map where the U-Net makes {planned[0]}x{planned[1]}: "
+                            "Deep Shrink / Kohya hires fix or similar)",
+                            WHERE,
+                        )
+                    )
 
         return record
 

@@ -12,6 +12,7 @@ U-Net stands in for the WebUIs' (same layout and layer names).
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -159,3 +160,107 @@ def test_a_run_left_installed_is_named_and_the_second_install_changes_nothing():
         first.remove()
     assert not any("forward" in m.__dict__ for m in unet.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+
+
+# ---------------------------------------------------------------- refused, naming both, before the U-Net runs
+
+
+def forge_generation(model_options=None, **p_fields):
+    """A Forge/reForge-like generation on the tiny ldm U-Net: the patcher holds the U-Net and its model options."""
+    from comfytest import build
+    from test_host import euler
+
+    patcher, _ = build("sd15", seed=2)
+    unet = patcher.model.diffusion_model
+    positive, _ = conds("sd15", 512, 512)
+    calls = []
+
+    def denoiser(x, sigma):
+        calls.append(float(sigma.max()))
+        return patcher.model.apply_model(x, sigma, c_crossattn=positive[0][0].expand(x.shape[0], -1, -1))
+
+    forge_unet = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), model_options=model_options or {})
+    p = SimpleNamespace(
+        sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=forge_unet)),
+        sampler=SimpleNamespace(func=euler),
+        extra_generation_params={},
+        **p_fields,
+    )
+    return p, denoiser, calls, unet
+
+
+def sample_with(p, denoiser, opts=None, **options_given):
+    from hidiff.webui import host, options
+
+    # The tiny U-Net's native latent is 64x64: at_native "apply" makes HiDiffusion act on it.
+    settings = options.read_args(options.api_args(True, **{"at_native": "apply", **options_given}))
+    assert host.prepare_sampling(p, settings, None, print, opts=opts)
+    sigmas = torch.tensor([14.6, 4.0, 1.5, 0.0])
+    noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return p.sampler.func(denoiser, noise * sigmas[0], sigmas=sigmas, extra_args={})
+
+
+def kohya_input_block_patch(h, transformer_options):
+    return h
+
+
+def stock(unet):
+    return not any("forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+
+
+def test_a_feature_resizer_in_the_patcher_is_refused_with_raunet_naming_it_before_any_unet_call():
+    from hidiff.core.compose import CompositionError
+
+    patches = {"transformer_options": {"patches": {"input_block_patch_after_skip": [kohya_input_block_patch]}}}
+    p, denoiser, calls, unet = forge_generation(patches)
+    with pytest.raises(CompositionError) as refused:
+        sample_with(p, denoiser)
+    message = str(refused.value)
+    assert "RAU-Net and test_other_patches.kohya_input_block_patch both resize" in message
+    assert "turn raunet off in the HiDiffusion accordion" in message
+    assert calls == [] and stock(unet)
+    # With raunet off the two compose (the windows act on whatever map the other patch leaves).
+    p, denoiser, calls, unet = forge_generation(patches)
+    assert torch.isfinite(sample_with(p, denoiser, raunet=False)).all()
+    assert len(calls) == 3 and stock(unet)
+
+
+@pytest.mark.parametrize("source", ["token merging", "HyperTile"])
+def test_token_merging_and_hypertile_are_refused_with_the_windows_naming_the_setting(source):
+    from hidiff.core.compose import CompositionError
+
+    fields, opts = {}, None
+    if source == "token merging":
+        fields["get_token_merging_ratio"] = lambda for_hr=False: 0.0 if for_hr else 0.3
+    else:
+        opts = SimpleNamespace(hypertile_enable_unet=True, hypertile_enable_unet_secondpass=False)
+    p, denoiser, calls, unet = forge_generation(**fields)
+    with pytest.raises(CompositionError, match=rf"windowed attention \(MSW-MSA\) and {source}.*in the HiDiffusion"):
+        sample_with(p, denoiser, opts=opts)
+    assert calls == [] and stock(unet)
+    # RAU-Net alone composes with it; and a hires-fix pass where it is off runs with the windows.
+    p, denoiser, calls, unet = forge_generation(**fields)
+    assert torch.isfinite(sample_with(p, denoiser, opts=opts, window_attn=False, kv_downsample=1)).all()
+    p, denoiser, calls, unet = forge_generation(is_hr_pass=True, **fields)
+    assert torch.isfinite(sample_with(p, denoiser, opts=opts)).all() and len(calls) == 3 and stock(unet)
+
+
+def test_a_resizer_outside_any_patcher_is_caught_when_it_acts_and_the_model_is_left_stock():
+    """An extension that resizes features its own way (a hook, a replaced forward): the size the
+    next downsampler meets is not the planned one, so RAU-Net refuses at that call."""
+    from hidiff.core.compose import CompositionError
+    from hidiff.webui.structure import describe
+
+    p, denoiser, calls, unet = forge_generation()
+    block, stage = describe(unet).downsample_blocks[1]
+    # (on the block's last layer: ComfyUI's U-Net runs a block's layers one by one, never the block itself)
+    shrink = unet.input_blocks[block - 1][-1].register_forward_hook(
+        lambda module, args, out: torch.nn.functional.interpolate(out, scale_factor=0.5, mode="bicubic")
+    )
+    try:
+        with pytest.raises(CompositionError, match=rf"stage {stage}'s downsampler a \d+x\d+ map where the U-Net"):
+            sample_with(p, denoiser)
+    finally:
+        shrink.remove()
+    assert len(calls) == 1 and stock(unet)
