@@ -164,8 +164,9 @@ def other_patches(p: Any, opts: Any = None) -> tuple[list[str], list[str]]:
     ratio = ratio_of(for_hr=second_pass) if callable(ratio_of) else 0
     if isinstance(ratio, (int, float)) and ratio > 0:
         token_patches.append(f"token merging (ratio {ratio:g}, Settings > Optimizations)")
-    hypertile = "hypertile_enable_unet_secondpass" if second_pass else "hypertile_enable_unet"
-    if opts is not None and getattr(opts, hypertile, False) is True:
+    # A1111's HyperTile tiles the U-Net with its first setting, and the hires-fix pass also with its second.
+    flags = ("hypertile_enable_unet", "hypertile_enable_unet_secondpass") if second_pass else ("hypertile_enable_unet",)
+    if opts is not None and any(getattr(opts, flag, False) is True for flag in flags):
         token_patches.append("HyperTile for the U-Net (Settings > HyperTile)")
     return resizers, token_patches
 

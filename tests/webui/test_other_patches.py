@@ -239,11 +239,19 @@ def test_token_merging_and_hypertile_are_refused_with_the_windows_naming_the_set
     with pytest.raises(CompositionError, match=rf"windowed attention \(MSW-MSA\) and {source}.*in the HiDiffusion"):
         sample_with(p, denoiser, opts=opts)
     assert calls == [] and stock(unet)
-    # RAU-Net alone composes with it; and a hires-fix pass where it is off runs with the windows.
+    # RAU-Net alone composes with it.
     p, denoiser, calls, unet = forge_generation(**fields)
     assert torch.isfinite(sample_with(p, denoiser, opts=opts, window_attn=False, kv_downsample=1)).all()
-    p, denoiser, calls, unet = forge_generation(is_hr_pass=True, **fields)
-    assert torch.isfinite(sample_with(p, denoiser, opts=opts)).all() and len(calls) == 3 and stock(unet)
+    if opts is None:  # token merging's hires-fix ratio is 0 here: that pass runs with the windows
+        p, denoiser, calls, unet = forge_generation(is_hr_pass=True, **fields)
+        assert torch.isfinite(sample_with(p, denoiser)).all() and len(calls) == 3 and stock(unet)
+    else:  # HyperTile's second-pass setting tiles only the hires-fix pass
+        opts = SimpleNamespace(hypertile_enable_unet=False, hypertile_enable_unet_secondpass=True)
+        p, denoiser, calls, unet = forge_generation(**fields)
+        assert torch.isfinite(sample_with(p, denoiser, opts=opts)).all()
+        p, denoiser, calls, unet = forge_generation(is_hr_pass=True, **fields)
+        with pytest.raises(CompositionError, match="HyperTile"):
+            sample_with(p, denoiser, opts=opts)
 
 
 def test_a_resizer_outside_any_patcher_is_caught_when_it_acts_and_the_model_is_left_stock():
