@@ -174,10 +174,22 @@ class HiDiffusionPatch:
     ) -> torch.Tensor:
         state = self._state(transformer_options)
         block = tuple(transformer_options.get("block", ()))
-        if state is not None and state.record is not None and len(block) == 2 and block[0] == "input":
+        if state is not None and len(block) == 2 and block[0] == "input":
             stages = rules.input_block_stages(self.network.architecture)
             if block[1] < len(stages) and stages[block[1]][1] == "downsample":
-                state.record.skip_sizes[stages[block[1]][0]] = (int(x.shape[-2]), int(x.shape[-1]))
+                stage, size = stages[block[1]][0], (int(x.shape[-2]), int(x.shape[-1]))
+                if state.record is not None:
+                    state.record.skip_sizes[stage] = size
+                planned = state.plan.downsample_inputs
+                # Deep Shrink before the skip (input_block_patch) and any other resizer, found when it acts.
+                others = ((transformer_options.get("patches") or {}).get("input_block_patch")) or ()
+                compose.check_planned_size(
+                    self.config,
+                    stage,
+                    size,
+                    planned[stage] if stage < len(planned) else None,
+                    _names([p for p in others if getattr(p, "__self__", None) is not self]),
+                )
         if state is None or not state.plan.conv or block != ("input", self.network.blocks.conv_block):
             return layer(x)
         out = strided_conv(layer.op, x)

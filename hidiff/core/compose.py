@@ -18,6 +18,7 @@ message, with what to do, are made here once. ``where`` says where the user turn
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 from .config import HiDiffusionConfig
 
@@ -55,10 +56,31 @@ def check_composition(
         )
 
 
-def resizing_message(patch: str, where: str = "on the HiDiffusion node") -> str:
-    """The refusal for ``patch``, which resizes the U-Net's features between blocks, beside RAU-Net."""
+def resizing_message(patch: str, where: str = "on the HiDiffusion node", seen: str = "") -> str:
+    """The refusal for ``patch``, which resizes the U-Net's features between blocks, beside RAU-Net
+    (``seen``: what showed it, when it was found acting)."""
     return (
         f"HiDiffusion's RAU-Net and {patch} both resize the U-Net's features in the early steps (to keep the "
-        f"layout at the model's native scale); together they shrink the same features twice. Remove {patch}, "
-        f"or turn raunet off {where} to keep {patch} with the windowed attention."
+        f"layout at the model's native scale); together they shrink the same features twice{seen}. Remove "
+        f"{patch}, or turn raunet off {where} to keep {patch} with the windowed attention."
     )
+
+
+def check_planned_size(
+    config: HiDiffusionConfig,
+    stage: int,
+    size: Sequence[int],
+    planned: Optional[Sequence[int]],
+    suspects: str = "",
+    where: str = "on the HiDiffusion node",
+) -> None:
+    """Refuse when, with RAU-Net on, stage ``stage``'s downsampler meets a map of ``size`` where the
+    call's plan says ``planned``: another patch resized the features between blocks, whatever its
+    mechanism (``suspects`` names the patches that could have, when the host knows them)."""
+    if not config.raunet or planned is None or tuple(size) == tuple(planned):
+        return
+    who = suspects or "another patch on this U-Net (Deep Shrink, Kohya's hires fix or similar)"
+    seen = (
+        f" (stage {stage}'s downsampler met a {size[0]}x{size[1]} map where the U-Net makes {planned[0]}x{planned[1]})"
+    )
+    raise CompositionError(resizing_message(who, where, seen))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import ops, rules
-from ..core.compose import CompositionError, resizing_message
+from ..core.compose import check_planned_size
 from ..core.config import HiDiffusionConfig
 from ..core.planner import Plan, Progress, Task, plan_call
 from ..core.progress import progress_from_sigmas
@@ -242,17 +242,7 @@ class SamplingRun:
             if call is not None and args and isinstance(args[0], torch.Tensor):
                 size = call.record.skip_sizes[stage] = _hw(args[0])
                 planned = call.plan.downsample_inputs[stage] if stage < len(call.plan.downsample_inputs) else None
-                if self.config.raunet and planned is not None and size != tuple(planned):
-                    # Another patch resized the features between blocks (Deep Shrink, Kohya's hires
-                    # fix, found here whatever its mechanism): RAU-Net's sizes no longer hold.
-                    raise CompositionError(
-                        resizing_message(
-                            f"another patch on this U-Net (it handed stage {stage}'s downsampler a "
-                            f"{size[0]}x{size[1]} map where the U-Net makes {planned[0]}x{planned[1]}: "
-                            "Deep Shrink / Kohya hires fix or similar)",
-                            WHERE,
-                        )
-                    )
+                check_planned_size(self.config, stage, size, planned, where=WHERE)
 
         return record
 

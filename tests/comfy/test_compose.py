@@ -165,6 +165,34 @@ def test_deep_shrink_with_raunet_is_refused_before_sampling_and_composes_without
     assert rec[0].windows and float((out - plain).abs().max()) > 1e-4
 
 
+def deep_shrink_before_skip(model):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    return run_node(PatchModelAddDownscale, model, 3, 2.0, 0.0, 0.35, False, "bicubic", "bicubic")
+
+
+@pytest.mark.parametrize("order", ["other-first", "hidiff-first"])
+def test_a_resizer_the_options_do_not_show_is_refused_at_its_first_call_naming_it(order):
+    """Deep Shrink with "downscale after skip" off resizes through ``input_block_patch`` (which other
+    patches use too, so it is not refused up front): the first call where a downsampler meets a map
+    of another size than the plan's is refused, naming the patch, before that downsampler runs."""
+    from hidiff.core.compose import CompositionError
+
+    patcher, _ = build("sd15")
+    calls = []
+    with pytest.raises(
+        CompositionError,
+        match=r"RAU-Net and Deep Shrink \(PatchModelAddDownscale\) both resize.*stage 1's downsampler met a 8x8 map "
+        r"where the U-Net makes 16x16.*turn raunet off on the HiDiffusion node",
+    ):
+        sample(in_order(deep_shrink_before_skip, patcher, order, calls.append), "sd15", (64, 64), steps=3)
+    assert calls == []  # the first call's record never completed: refused inside it
+    rec = Recorder()
+    plain = sample(hidiffusion(patcher, raunet=False), "sd15", (64, 64), steps=3)
+    out = sample(in_order(deep_shrink_before_skip, patcher, order, rec, raunet=False), "sd15", (64, 64), steps=3)
+    assert rec[0].windows and float((out - plain).abs().max()) > 1e-4
+
+
 @pytest.mark.parametrize("order", ["other-first", "hidiff-first"])
 @pytest.mark.parametrize("other,name", [(hypertile, "HyperTile"), (tome, r"ToMe \(TomePatchModel\)")])
 def test_token_layout_patches_are_refused_with_windows_and_compose_with_raunet_alone(other, name, order):

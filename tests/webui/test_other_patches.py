@@ -267,7 +267,7 @@ def test_a_resizer_outside_any_patcher_is_caught_when_it_acts_and_the_model_is_l
         lambda module, args, out: torch.nn.functional.interpolate(out, scale_factor=0.5, mode="bicubic")
     )
     try:
-        with pytest.raises(CompositionError, match=rf"stage {stage}'s downsampler a \d+x\d+ map where the U-Net"):
+        with pytest.raises(CompositionError, match=rf"stage {stage}'s downsampler met a \d+x\d+ map where the U-Net"):
             sample_with(p, denoiser)
     finally:
         shrink.remove()
