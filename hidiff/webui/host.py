@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -118,6 +119,8 @@ def prepare_sampling(
         timesteps = kwargs.get("timesteps")
         schedule = kwargs.get("sigmas") if timesteps is None else timesteps
         if schedule is None:
+            schedule = solver_levels(kwargs, getattr(p, "steps", None))
+        if schedule is None:
             notify("HiDiffusion: this sampler does not say which sigmas it samples; generating without HiDiffusion.")
             return original(model, x, *args, **kwargs)
         resizers, token_patches = other_patches(p, opts)
@@ -143,6 +146,23 @@ def prepare_sampling(
     sampling.__hidiff_original__ = original  # type: ignore[attr-defined]
     sampler.func = sampling
     return True
+
+
+def solver_levels(kwargs: dict, steps: Optional[int]) -> Optional[list[float]]:
+    """The schedule of a sampler handed only its noise range (DPM fast: sigma_min, sigma_max and its
+    model-call budget n; DPM adaptive: the range alone, its steps its own): the n steps (else the
+    generation's step count) evenly spaced in log sigma from sigma_max to sigma_min, as k-diffusion's
+    DPM-Solver spaces its steps. Calls between two levels belong to the step they fall in."""
+    low, high = kwargs.get("sigma_min"), kwargs.get("sigma_max")
+    count = kwargs.get("n") or steps
+    try:
+        low, high, count = float(low), float(high), int(count)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if count < 1 or not 0 < low < high:
+        return None
+    a, b = math.log(high), math.log(low)
+    return [math.exp(a + (b - a) * i / count) for i in range(count + 1)]
 
 
 def other_patches(p: Any, opts: Any = None) -> tuple[list[str], list[str]]:
