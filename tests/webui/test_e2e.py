@@ -156,7 +156,9 @@ def server(tmp_path_factory):
         "--no-download-sd-model",
     ]
     if kind == "forge":
-        args += ["--always-cpu", "--attention-pytorch"]
+        # Forge lets Gradio serve files only from the data folder (its default is the tree): with
+        # --data-dir elsewhere, the page's own javascript/ and style files would answer 403.
+        args += ["--always-cpu", "--attention-pytorch", "--gradio-allowed-path", ROOT]
     elif kind == "reforge":
         args += ["--always-cpu", "--attention-pytorch", "--no-half", "--precision", "full"]
     else:
