@@ -263,8 +263,11 @@ def what_happens(settings: Settings, width: int, height: int, steps: int, sd_mod
     from ..core.planner import Progress, Task, plan_call
     from .structure import describe
 
-    if sd_model is None:
-        return "HiDiffusion: load a model to see what it does at this size."
+    if sd_model is None or (
+        getattr(sd_model, "forge_objects", None) is None and getattr(sd_model, "model", None) is None
+    ):
+        # Forge holds a placeholder (FakeInitialModel) until the first generation loads the checkpoint.
+        return "HiDiffusion: no model is loaded yet (the WebUI loads it at the first generation); this line then says what HiDiffusion does at this size."
     try:
         unet, v_prediction, name = find_unet(sd_model)
         arch = describe(unet, v_prediction, name).architecture

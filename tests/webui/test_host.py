@@ -108,3 +108,12 @@ def test_the_line_says_what_happens_at_the_size(monkeypatch):
     # (the tiny model's family is "sd": its context width is no real model's)
     assert line.startswith("At 1024x1024 (sd, native 512x512), preset sd-1024: strided conv on steps 1-"), line
     assert host.what_happens(options.read_args([False]), 1024, 1024, 20, p.sd_model) == "HiDiffusion is off."
+
+
+def test_the_line_waits_for_a_model_where_the_webui_holds_a_placeholder():
+    """Forge starts with a placeholder model object (no U-Net, no patcher) until the first generation."""
+    on = options.read_args(options.api_args(True))
+    placeholder = SimpleNamespace(cond_stage_model=None, chunk_length=75)
+    for loaded in (None, placeholder):
+        line = host.what_happens(on, 1024, 1024, 20, loaded)
+        assert line.startswith("HiDiffusion: no model is loaded yet") and "no U-Net" not in line
