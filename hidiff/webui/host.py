@@ -134,6 +134,10 @@ def prepare_sampling(
             seeds,
             timesteps=timesteps is not None,
             recorder=_both(records.append if sink else None, recorder),
+            # Forge / reForge hand ControlNet residuals to the U-Net (read per call); A1111's
+            # sd-webui-controlnet adds them inside its own forward, so its units say it.
+            controlnet=a1111_controlnet(p) if which_webui(p.sd_model) == "a1111" else None,
+            img2img=getattr(p, "init_images", None) is not None,
         )
         run.install()
         try:
@@ -189,6 +193,24 @@ def other_patches(p: Any, opts: Any = None) -> tuple[list[str], list[str]]:
     if opts is not None and any(getattr(opts, flag, False) is True for flag in flags):
         token_patches.append("HyperTile for the U-Net (Settings > HyperTile)")
     return resizers, token_patches
+
+
+def a1111_controlnet(p: Any) -> bool:
+    """Whether an enabled ControlNet unit with a model guides this generation in AUTOMATIC1111's
+    sd-webui-controlnet: its units are its script's arguments in ``p.script_args`` (what its
+    ``external_code.get_all_units_in_processing`` reads; units are dicts from the API, objects
+    from the UI), read duck-typed so nothing of the extension is imported."""
+    runner = getattr(p, "scripts", None)
+    values = list(getattr(p, "script_args", None) or ())
+    for script in getattr(runner, "alwayson_scripts", None) or ():
+        title = getattr(script, "title", None)
+        if not callable(title) or str(title()).lower() != "controlnet":
+            continue
+        for unit in values[getattr(script, "args_from", 0) : getattr(script, "args_to", 0)]:
+            fields = unit if isinstance(unit, dict) else getattr(unit, "__dict__", {})
+            if fields.get("enabled") and str(fields.get("model") or "None") != "None":
+                return True
+    return False
 
 
 def _patch_name(fn: Any) -> str:

@@ -67,8 +67,15 @@ class SamplingRun:
         timesteps: bool = False,
         recorder: Optional[Callable[[rules.CallRecord], None]] = None,
         warn: Callable[[str], None] = warnings.warn,
+        controlnet: Optional[bool] = None,
+        img2img: bool = False,
     ) -> None:
         self.unet = unet
+        # Whether a ControlNet guides this run (the published schedule has its own SDXL text-to-image
+        # ControlNet preset): None reads it per call from the U-Net's ``control`` argument (Forge,
+        # reForge); AUTOMATIC1111's sd-webui-controlnet adds its residuals itself, so its host says so.
+        self.controlnet = controlnet
+        self.img2img = img2img
         self.network = network
         self.arch = network.architecture
         self.config = config
@@ -185,7 +192,10 @@ class SamplingRun:
             self.call = None
             return None
         latent = (int(x.shape[-2]), int(x.shape[-1]))
-        plan = plan_call(self.arch, latent, self.config, self.progress(), Task(inpainting=self.arch.inpainting))
+        control = kwargs.get("control")
+        guided = self.controlnet if self.controlnet is not None else isinstance(control, dict)
+        task = Task(inpainting=self.arch.inpainting, text2img_controlnet=guided and not self.img2img)
+        plan = plan_call(self.arch, latent, self.config, self.progress(), task)
         if not plan.active:
             self.call = None
             return None
@@ -193,7 +203,6 @@ class SamplingRun:
         self.call = CallState(
             plan, rules.row_seeds(self.config, rows, self.image_seeds), rules.CallRecord.of(plan, rows)
         )
-        control = kwargs.get("control")
         if isinstance(control, dict):  # Forge / reForge: ControlNet residuals made at the stock sizes
             return args, {**kwargs, "control": self._fit_control(control, self.call)}
         return None

@@ -120,3 +120,77 @@ def test_a_forward_replaced_by_another_extension_still_gets_hidiffusion():
     # Nothing left on the model.
     assert not any("forward" in m.__dict__ for m in unet.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+
+
+def test_sdxl_with_a_controlnet_gets_the_published_controlnet_preset():
+    """The published schedule has its own preset for SDXL text-to-image with a ControlNet
+    (``sdxl-2048-controlnet``), as the diffusers and ComfyUI hosts choose it: Forge and reForge
+    say per call (the U-Net's ``control`` argument), A1111's host per run (``controlnet=True``);
+    img2img keeps the plain preset."""
+    from test_cross_host import scheduler, twin_models
+
+    from hidiff.core.config import HiDiffusionConfig
+    from hidiff.core.ops import image_seeds
+    from hidiff.webui.patch import SamplingRun
+    from hidiff.webui.structure import describe
+
+    _, patcher = twin_models("sdxl")
+    model = patcher.model
+    unet = model.diffusion_model
+    x = torch.randn(1, 4, 2 * NATIVE, 2 * NATIVE, generator=torch.Generator().manual_seed(6))
+    positive, _ = conds("sdxl", 16 * NATIVE, 16 * NATIVE)
+    y = model.encode_adm(**positive[0][1])
+    network = describe(unet)
+    network = dataclasses.replace(
+        network, architecture=dataclasses.replace(network.architecture, native=(NATIVE, NATIVE))
+    )
+    sigmas = [float(s) for s in scheduler(8).sigmas]  # more steps than the few-step (Turbo) preset's
+
+    def preset(control, **run_options):
+        records = []
+        run = SamplingRun(
+            unet, network, HiDiffusionConfig(), sigmas, image_seeds(x), recorder=records.append, **run_options
+        )
+        run.install()
+        try:
+            run.level = sigmas[0]
+            kwargs = {"c_crossattn": positive[0][0], "y": y}
+            if control is not None:
+                kwargs["control"] = control
+            with torch.no_grad():
+                model.apply_model(x, torch.tensor([sigmas[0]]), **kwargs)
+        finally:
+            run.remove()
+        return records[0].preset
+
+    control = {"input": [], "middle": [], "output": []}  # a ControlNet's residual lists (here empty)
+    assert preset(None) == "sdxl-2048"
+    assert preset(control) == "sdxl-2048-controlnet"  # Forge / reForge
+    assert preset(None, controlnet=True) == "sdxl-2048-controlnet"  # A1111 + sd-webui-controlnet
+    assert preset(control, controlnet=False) == "sdxl-2048"
+    assert preset(control, img2img=True) == "sdxl-2048"
+
+
+def test_a1111_controlnet_units_are_read_from_the_script_arguments():
+    from types import SimpleNamespace
+
+    from hidiff.webui.host import a1111_controlnet
+
+    class Script:
+        def __init__(self, title, args_from, args_to):
+            self._title, self.args_from, self.args_to = title, args_from, args_to
+
+        def title(self):
+            return self._title
+
+    def p(units, title="ControlNet"):
+        scripts = [Script("HiDiffusion", 0, 2), Script(title, 2, 2 + len(units))]
+        return SimpleNamespace(scripts=SimpleNamespace(alwayson_scripts=scripts), script_args=[True, True, *units])
+
+    model = "control_sd15_canny [fef5e48e]"
+    assert a1111_controlnet(p([{"enabled": True, "model": model}]))  # from the API: dicts
+    assert a1111_controlnet(p([{"enabled": False, "model": model}, SimpleNamespace(enabled=True, model=model)]))
+    assert not a1111_controlnet(p([{"enabled": True, "model": "None"}]))  # a unit without a model
+    assert not a1111_controlnet(p([{"model": model}]))  # the extension's units default to disabled
+    assert not a1111_controlnet(p([{"enabled": True, "model": model}], title="Other"))
+    assert not a1111_controlnet(SimpleNamespace())  # no scripts at all
