@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from comfytest import HAVE_COMFY, NATIVE, conds
 
-pytestmark = pytest.mark.skipif(not HAVE_COMFY, reason="needs the ComfyUI venv (.comfy) for an ldm-layout U-Net")
+needs_comfy = pytest.mark.skipif(not HAVE_COMFY, reason="needs the ComfyUI venv (.comfy) for an ldm-layout U-Net")
 
 NOT_APPLIED = "control could not be applied"
 
@@ -108,6 +108,7 @@ def residuals_like(sizes, seed: int) -> list:
     return [0.5 * torch.randn(s, generator=g) for s in sizes]
 
 
+@needs_comfy
 def test_controlnet_residuals_are_resized_to_the_features(caplog):
     """Forge / reForge: ``control["output"]`` / ``["middle"]`` resized to the call's features, all applied."""
     bench = Bench("sd15", seed=4)
@@ -127,6 +128,7 @@ def test_controlnet_residuals_are_resized_to_the_features(caplog):
     assert bench.left_stock()
 
 
+@needs_comfy
 def test_t2i_adapter_residuals_are_resized_to_the_blocks_they_meet(caplog):
     """Forge / reForge T2I-Adapters: ``control["input"]`` is popped from the end after each input
     block (the last entry meets block 0); each is resized to the output of the block it meets."""
@@ -178,6 +180,7 @@ def block_driving_forward(residuals: list, added: list):
     return forward
 
 
+@needs_comfy
 def test_a_forward_replaced_by_another_extension_still_gets_hidiffusion():
     """A1111's sd-webui-controlnet: its own forward adds the residuals; HiDiffusion acts under it."""
     bench = Bench("sd15", seed=5)
@@ -203,6 +206,7 @@ def test_a_forward_replaced_by_another_extension_still_gets_hidiffusion():
     assert bench.left_stock()
 
 
+@needs_comfy
 def test_sdxl_with_a_controlnet_gets_the_published_controlnet_preset():
     """The published schedule has its own preset for SDXL text-to-image with a ControlNet
     (``sdxl-2048-controlnet``), as the diffusers and ComfyUI hosts choose it: Forge and reForge
