@@ -30,6 +30,9 @@ strided the conv, windows ran); the same request without HiDiffusion, before and
 bitwise the same image; a bad option is answered with an error naming it, and the server still
 serves; the server is stopped by its pid. A second test opens the page in headless Chromium:
 the accordion renders, its line reads the loaded model, and the page logs no console error.
+A third runs the hires fix (512 px, then 2x with denoising strength 0.5 of 4 steps) and an
+img2img (the same strength) with HiDiffusion: each second pass is a run of its own, planned over
+the 2 steps it really samples at its size.
 """
 
 from __future__ import annotations
@@ -218,6 +221,11 @@ def png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def recorded_runs(server) -> list:
+    with open(server["record"]) as f:
+        return [json.loads(line)["run"] for line in f]
+
+
 def test_webui_end_to_end(server):
     sys.path.insert(0, REPO)
     from hidiff.webui.options import api_args
@@ -252,8 +260,7 @@ def test_webui_end_to_end(server):
     assert "HiDiffusion t1_ratio: 0.5" in infotext, infotext
     assert "HiDiffusion" not in json.loads(plain_after["info"])["infotexts"][0]
 
-    with open(server["record"]) as f:
-        runs = [json.loads(line)["run"] for line in f]
+    runs = recorded_runs(server)
     assert len(runs) == 1, runs  # one sampling ran with HiDiffusion, the plain ones not
     calls = runs[0]
     print(f"[{kind}] recorded run: {json.dumps(calls)}")
@@ -268,6 +275,72 @@ def test_webui_end_to_end(server):
     message = json.dumps(bad)
     assert "HiDiffusion option preset" in message and "sd-2048" in message, message
     assert call(port, "GET", "/sdapi/v1/scripts")[0] == 200  # still serving
+
+
+def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(server):
+    """The hires-fix second pass and img2img are sampling runs of their own: HiDiffusion plans
+    each over the steps it really samples (denoising strength 0.5 of 4 steps: 2), at its size."""
+    sys.path.insert(0, REPO)
+    from hidiff.webui.options import api_args
+
+    port, kind = server["port"], server["kind"]
+    native = SIZE // 2
+    hidiffusion = {"HiDiffusion": {"args": api_args(True, window_seed=5, t1_ratio=0.5)}}
+    before = len(recorded_runs(server))
+    hires = {
+        "prompt": "a photo of a cat",
+        "steps": 2,
+        "cfg_scale": 1.0,
+        "width": native,
+        "height": native,
+        "seed": 7,
+        "sampler_name": "Euler",
+        "scheduler": "Automatic",
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 4,
+        "denoising_strength": 0.5,
+        "send_images": True,
+        "save_images": False,
+        "alwayson_scripts": hidiffusion,
+    }
+    status, answer = call(port, "POST", "/sdapi/v1/txt2img", hires)
+    assert status == 200, answer
+    image = answer["images"][0]
+    assert png_size(base64.b64decode(image)) == (SIZE, SIZE)
+    runs = recorded_runs(server)[before:]
+    print(f"[{kind}] hires fix, recorded runs: {json.dumps(runs)}")
+    # The first pass at native size: nothing to do; the second at 2x over the 2 steps it samples.
+    assert len(runs) == 2 and runs[0] == []
+    second = runs[1]
+    assert all(c["latent"] == [SIZE // 8, SIZE // 8] and c["total"] == 2 for c in second)
+    assert [c["step"] for c in second] == [0, 1] and second[0]["conv"] and not second[1]["conv"]
+
+    body = {
+        "prompt": "a photo of a cat",
+        "init_images": [image],
+        "steps": 4,
+        "denoising_strength": 0.5,
+        "cfg_scale": 1.0,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": 7,
+        "sampler_name": "Euler",
+        "scheduler": "Automatic",
+        "send_images": True,
+        "save_images": False,
+        "alwayson_scripts": hidiffusion,
+    }
+    before = len(recorded_runs(server))
+    status, answer = call(port, "POST", "/sdapi/v1/img2img", body)
+    assert status == 200, answer
+    assert png_size(base64.b64decode(answer["images"][0])) == (SIZE, SIZE)
+    assert "HiDiffusion: True" in json.loads(answer["info"])["infotexts"][0]
+    runs = recorded_runs(server)[before:]
+    print(f"[{kind}] img2img, recorded runs: {json.dumps(runs)}")
+    assert len(runs) == 1 and [c["step"] for c in runs[0]] == [0, 1] and all(c["total"] == 2 for c in runs[0])
+    assert runs[0][0]["conv"] and runs[0][0]["conv_out"] == [SIZE // 32, SIZE // 32]
 
 
 async def _look(debug_port: int, url: str):
