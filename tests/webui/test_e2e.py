@@ -30,9 +30,9 @@ strided the conv, windows ran); the same request without HiDiffusion, before and
 bitwise the same image; a bad option is answered with an error naming it, and the server still
 serves; the server is stopped by its pid. A second test opens the page in headless Chromium:
 the accordion renders, its line reads the loaded model, and the page logs no console error.
-A third runs the hires fix (512 px, then 2x with denoising strength 0.5 of 4 steps) and an
-img2img (the same strength) with HiDiffusion: each second pass is a run of its own, planned over
-the 2 steps it really samples at its size.
+A third runs the hires fix (512 px, then 2x: 4 hires steps at denoising strength 0.5) and an
+img2img (4 steps at strength 0.5) with HiDiffusion: each is a run of its own, planned over the
+steps it really samples at its size (4 and 3).
 """
 
 from __future__ import annotations
@@ -176,7 +176,11 @@ def server(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"the WebUI exited ({proc.returncode}); log {log_path}:\n" + open(log_path).read()[-3000:])
             try:
-                if call(port, "GET", "/sdapi/v1/scripts", timeout=10)[0] == 200:
+                # Ready when the scripts' controls are built: until then the WebUIs' API sizes its
+                # script arguments without them (Forge keeps that size: a request with this
+                # extension's arguments then fails with an IndexError in its init_script_args).
+                status, info = call(port, "GET", "/sdapi/v1/script-info", timeout=10)
+                if status == 200 and any(s.get("name") == "hidiffusion" and s.get("args") for s in info):
                     break
             except (urllib.error.URLError, ConnectionError, socket.timeout):
                 pass
@@ -222,6 +226,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def recorded_runs(server) -> list:
+    if not os.path.exists(server["record"]):  # written at the first HiDiffusion sampling
+        return []
     with open(server["record"]) as f:
         return [json.loads(line)["run"] for line in f]
 
@@ -279,7 +285,7 @@ def test_webui_end_to_end(server):
 
 def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(server):
     """The hires-fix second pass and img2img are sampling runs of their own: HiDiffusion plans
-    each over the steps it really samples (denoising strength 0.5 of 4 steps: 2), at its size."""
+    each over the steps it really samples, at its size."""
     sys.path.insert(0, REPO)
     from hidiff.webui.options import api_args
 
@@ -305,17 +311,22 @@ def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(serv
         "save_images": False,
         "alwayson_scripts": hidiffusion,
     }
+    if kind == "forge":  # Forge's hires pass reads its module choices and has no default for them
+        hires["hr_additional_modules"] = ["Use same choices"]
     status, answer = call(port, "POST", "/sdapi/v1/txt2img", hires)
     assert status == 200, answer
     image = answer["images"][0]
     assert png_size(base64.b64decode(image)) == (SIZE, SIZE)
     runs = recorded_runs(server)[before:]
     print(f"[{kind}] hires fix, recorded runs: {json.dumps(runs)}")
-    # The first pass at native size: nothing to do; the second at 2x over the 2 steps it samples.
+    # The first pass at native size: nothing to do. The second at 2x: the WebUIs sample the
+    # hires steps asked for (4) as the last 4 of a schedule of int(4 / 0.5) = 8, and HiDiffusion
+    # plans over those 4 (t1_ratio 0.5: the strided conv on the first 2).
     assert len(runs) == 2 and runs[0] == []
     second = runs[1]
-    assert all(c["latent"] == [SIZE // 8, SIZE // 8] and c["total"] == 2 for c in second)
-    assert [c["step"] for c in second] == [0, 1] and second[0]["conv"] and not second[1]["conv"]
+    assert all(c["latent"] == [SIZE // 8, SIZE // 8] and c["total"] == 4 for c in second)
+    assert [c["step"] for c in second] == [0, 1, 2, 3]
+    assert [c["conv"] for c in second] == [True, True, False, False]
 
     body = {
         "prompt": "a photo of a cat",
@@ -339,8 +350,10 @@ def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(serv
     assert "HiDiffusion: True" in json.loads(answer["info"])["infotexts"][0]
     runs = recorded_runs(server)[before:]
     print(f"[{kind}] img2img, recorded runs: {json.dumps(runs)}")
-    assert len(runs) == 1 and [c["step"] for c in runs[0]] == [0, 1] and all(c["total"] == 2 for c in runs[0])
-    assert runs[0][0]["conv"] and runs[0][0]["conv_out"] == [SIZE // 32, SIZE // 32]
+    # The WebUIs' img2img samples int(strength x steps) + 1 = 3 of its 4 steps' sigmas (t_enc + 1):
+    # HiDiffusion plans over those 3 (t1_ratio 0.5: the strided conv on the first, int(1.5) = 1).
+    assert len(runs) == 1 and [c["step"] for c in runs[0]] == [0, 1, 2] and all(c["total"] == 3 for c in runs[0])
+    assert [c["conv"] for c in runs[0]] == [True, False, False] and runs[0][0]["conv_out"] == [SIZE // 32, SIZE // 32]
 
 
 async def _look(debug_port: int, url: str):
