@@ -199,7 +199,8 @@ def server(tmp_path_factory):
         print(f"[{kind}] server log: {log_path}")
 
 
-def txt2img(port: int, alwayson=None):
+def request(**changes) -> dict:
+    """The tests' generation request: a 2-step Euler txt2img at SIZE, CFG 1, seed 7, with ``changes``."""
     body = {
         "prompt": "a photo of a cat",
         "negative_prompt": "",
@@ -215,8 +216,11 @@ def txt2img(port: int, alwayson=None):
         "send_images": True,
         "save_images": False,
     }
-    if alwayson is not None:
-        body["alwayson_scripts"] = alwayson
+    return {**body, **changes}
+
+
+def txt2img(port: int, alwayson=None):
+    body = request() if alwayson is None else request(alwayson_scripts=alwayson)
     return call(port, "POST", "/sdapi/v1/txt2img", body)
 
 
@@ -293,24 +297,16 @@ def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(serv
     native = SIZE // 2
     hidiffusion = {"HiDiffusion": {"args": api_args(True, window_seed=5, t1_ratio=0.5)}}
     before = len(recorded_runs(server))
-    hires = {
-        "prompt": "a photo of a cat",
-        "steps": 2,
-        "cfg_scale": 1.0,
-        "width": native,
-        "height": native,
-        "seed": 7,
-        "sampler_name": "Euler",
-        "scheduler": "Automatic",
-        "enable_hr": True,
-        "hr_scale": 2,
-        "hr_upscaler": "Latent",
-        "hr_second_pass_steps": 4,
-        "denoising_strength": 0.5,
-        "send_images": True,
-        "save_images": False,
-        "alwayson_scripts": hidiffusion,
-    }
+    hires = request(
+        width=native,
+        height=native,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="Latent",
+        hr_second_pass_steps=4,
+        denoising_strength=0.5,
+        alwayson_scripts=hidiffusion,
+    )
     if kind == "forge":  # Forge's hires pass reads its module choices and has no default for them
         hires["hr_additional_modules"] = ["Use same choices"]
     status, answer = call(port, "POST", "/sdapi/v1/txt2img", hires)
@@ -328,21 +324,7 @@ def test_hires_fix_and_img2img_run_hidiffusion_on_the_steps_that_really_run(serv
     assert [c["step"] for c in second] == [0, 1, 2, 3]
     assert [c["conv"] for c in second] == [True, True, False, False]
 
-    body = {
-        "prompt": "a photo of a cat",
-        "init_images": [image],
-        "steps": 4,
-        "denoising_strength": 0.5,
-        "cfg_scale": 1.0,
-        "width": SIZE,
-        "height": SIZE,
-        "seed": 7,
-        "sampler_name": "Euler",
-        "scheduler": "Automatic",
-        "send_images": True,
-        "save_images": False,
-        "alwayson_scripts": hidiffusion,
-    }
+    body = request(init_images=[image], steps=4, denoising_strength=0.5, alwayson_scripts=hidiffusion)
     before = len(recorded_runs(server))
     status, answer = call(port, "POST", "/sdapi/v1/img2img", body)
     assert status == 200, answer
